@@ -1,0 +1,35 @@
+"""The `boot` and `clients` sections: what each PC boots, shared by DHCP (root-path) and TFTP (scripts)."""
+
+from __future__ import annotations
+
+from pydantic import Field
+
+from shared.config.base import IPv4, IscsiName, Mac, StrictModel
+
+
+class Loaders(StrictModel):
+    """Loader file names on the TFTP root, chosen by DHCP option 93 (client architecture)."""
+
+    bios: str = Field("undionly.kpxe", description="loader for option 93 = 0 (x86 BIOS)")
+    efi: str = Field("snponly.efi", description="loader for option 93 = 6, 7, 9 (UEFI)")
+
+
+class BootConfig(StrictModel):
+    server: IPv4 | None = Field(
+        None,
+        description="address put in root-path and next-server; default: the address of the interface "
+        "the DHCP request arrived on",
+    )
+    default_target: IscsiName | None = Field(None, description="target booted by clients with no assignment")
+    default_lun: int = Field(0, ge=0, le=16383)
+    script: str = Field("boot.ipxe", description="file name of the iPXE script handed to iPXE clients")
+    loaders: Loaders = Field(default_factory=Loaders)
+    keep_san: bool = Field(True, description="iPXE `set keep-san 1`: keep the SAN disk attached after boot")
+
+
+class ClientAssignment(StrictModel):
+    mac: Mac
+    name: str | None = Field(None, description="a name for people; shown by `bootfleet clients`")
+    target: IscsiName | None = Field(None, description="IQN of the target this client boots")
+    lun: int = Field(0, ge=0, le=16383)
+    ip: IPv4 | None = Field(None, description="address this client is known by (TFTP matches by IP too)")

@@ -1,0 +1,7 @@
+"""The `dhcp` section of the configuration (placeholder until the dhcp service lands)."""
+
+from shared.config.base import StrictModel
+
+
+class DhcpConfig(StrictModel):
+    pass

@@ -1,0 +1,62 @@
+"""The whole Bootfleet configuration: one YAML document for the boot chain."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field, model_validator
+
+from shared.config.base import StrictModel
+from shared.config.boot import BootConfig, ClientAssignment
+from shared.config.dhcp import DhcpConfig
+from shared.config.iscsi import IscsiConfig
+from shared.config.tftp import TftpConfig
+
+SERVICES = ("dhcp", "tftp", "iscsi_target")
+
+
+class BusConfig(StrictModel):
+    transport: Literal["ipc", "tcp"] = Field("ipc", description="ipc: sockets in <state_dir>/bus (mode 0700)")
+    host: str = Field("127.0.0.1", description="tcp only: address the controller binds")
+    port_base: int = Field(5560, ge=1024, le=65530, description="tcp only: first of four ports")
+    curve: bool = Field(True, description="tcp only: authenticate and encrypt with CURVE keys")
+    heartbeat_interval: float = Field(1.0, gt=0, le=60, description="seconds between heartbeats")
+    heartbeat_timeout: float = Field(5.0, gt=0, le=600, description="seconds of silence before a peer is away")
+    event_queue: int = Field(10000, ge=10, description="events a service buffers before it drops (counted)")
+
+
+class LoggingConfig(StrictModel):
+    level: Literal["debug", "info", "warning", "error"] = "info"
+
+
+class ScaleConfig(StrictModel):
+    dhcp: int = Field(1, ge=0, le=8, description="processes of the DHCP service")
+    tftp: int = Field(1, ge=0, le=8, description="processes of the TFTP service (share port 69)")
+    iscsi_target: int = Field(1, ge=0, le=8, description="processes of the iSCSI target (share port 3260)")
+
+
+class EventsConfig(StrictModel):
+    retention_days: float = Field(7.0, gt=0, description="events older than this are deleted")
+    max_rows: int = Field(1_000_000, ge=1000, description="the event store keeps at most this many events")
+
+
+class BootfleetConfig(StrictModel):
+    version: Literal[1] = 1
+    logging: LoggingConfig = Field(default_factory=LoggingConfig)
+    bus: BusConfig = Field(default_factory=BusConfig)
+    scale: ScaleConfig = Field(default_factory=ScaleConfig)
+    events: EventsConfig = Field(default_factory=EventsConfig)
+    boot: BootConfig = Field(default_factory=BootConfig)
+    clients: list[ClientAssignment] = Field(default_factory=list)
+    iscsi: IscsiConfig = Field(default_factory=IscsiConfig)
+    dhcp: DhcpConfig = Field(default_factory=DhcpConfig)
+    tftp: TftpConfig = Field(default_factory=TftpConfig)
+
+    @model_validator(mode="after")
+    def _unique_clients(self) -> "BootfleetConfig":
+        seen: dict[str, int] = {}
+        for i, client in enumerate(self.clients):
+            if client.mac in seen:
+                raise ValueError(f"clients[{i}].mac: {client.mac} is already assigned by clients[{seen[client.mac]}]")
+            seen[client.mac] = i
+        return self

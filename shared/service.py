@@ -1,0 +1,135 @@
+"""The common life of a Bootfleet service process: configuration in, events out.
+
+A service is a subclass of `BaseService` with a protocol core and an I/O layer of its own. This module
+runs it in one of two modes:
+
+- standalone: `python -m services.<name> --config FILE`: the file is validated and applied once; events
+  go to the log only.
+- managed (the default under supervisord): the process subscribes to the controller's bus
+  (shared/bus/), applies each configuration revision it receives, reports the revision it applied,
+  pushes its events, and keeps serving on its cached revision while the controller is away.
+
+Life of a service object: `start(config)` once (bind sockets), `apply(config)` for each later revision
+(existing work goes on), `stop()` on SIGTERM, bounded by `STOP_TIMEOUT` seconds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import signal
+import sys
+from pathlib import Path
+from typing import Any, Callable
+
+from shared.config.loader import ConfigError, load_config_file
+from shared.config.model import BootfleetConfig
+
+STOP_TIMEOUT = 10.0
+
+log = logging.getLogger("bootfleet")
+
+
+class ServiceContext:
+    """What the runtime hands a service: identity, event emission and facts learned from the bus."""
+
+    def __init__(self, name: str, instance: int, state_dir: Path, emitter: Callable[[str, dict], None]):
+        self.name = name
+        self.instance = instance  # process_num under supervisord, 0..instances-1
+        self.instances = 1  # processes of this service in the current config (scale.<name>)
+        self.state_dir = state_dir
+        self.log = logging.getLogger(f"bootfleet.{name}")
+        self._emitter = emitter
+        self.leases: dict[str, str] = {}  # ip -> mac, from DHCP lease events relayed by the controller
+
+    def emit(self, type: str, **fields: Any) -> None:
+        """Queue an event for the controller. Thread-safe, never blocks; drops are counted."""
+        self._emitter(type, fields)
+
+    def mac_for_ip(self, ip: str) -> str | None:
+        return self.leases.get(ip)
+
+
+class BaseService:
+    name = "service"
+
+    def __init__(self, ctx: ServiceContext):
+        self.ctx = ctx
+        self.log = ctx.log
+
+    async def start(self, config: BootfleetConfig) -> None:
+        raise NotImplementedError
+
+    async def apply(self, config: BootfleetConfig) -> None:
+        raise NotImplementedError
+
+    async def stop(self) -> None:
+        raise NotImplementedError
+
+    def counters(self) -> dict[str, float]:
+        """Key counters shown by `bootfleet status` (requests, bytes, sessions...)."""
+        return {}
+
+
+def setup_logging(level: str, name: str, instance: int) -> None:
+    logging.basicConfig(
+        stream=sys.stderr,
+        level=getattr(logging, level.upper()),
+        format=f"%(asctime)s %(levelname)s {name}[{instance}] %(name)s: %(message)s",
+        force=True,
+    )
+
+
+def parse_args(name: str, argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog=f"python -m services.{name}")
+    parser.add_argument("--config", help="standalone: serve this config file, with no controller")
+    parser.add_argument("--state-dir", default=os.environ.get("BOOTFLEET_STATE_DIR", "var"))
+    parser.add_argument("--instance", type=int, default=int(os.environ.get("BOOTFLEET_INSTANCE", "0")))
+    return parser.parse_args(argv)
+
+
+def main(service_cls: type[BaseService], argv: list[str] | None = None) -> None:
+    args = parse_args(service_cls.name, argv)
+    state_dir = Path(args.state_dir).resolve()
+    if args.config:
+        try:
+            config = load_config_file(args.config)
+        except ConfigError as exc:
+            print(f"{args.config}: {exc}", file=sys.stderr)
+            sys.exit(1)
+        setup_logging(config.logging.level, service_cls.name, args.instance)
+        sys.exit(asyncio.run(_run_standalone(service_cls, config, args.instance, state_dir)))
+    from shared.managed import run_managed  # the bus client; not needed standalone
+
+    setup_logging("info", service_cls.name, args.instance)
+    sys.exit(asyncio.run(run_managed(service_cls, args.instance, state_dir)))
+
+
+async def wait_for_signal() -> None:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+
+
+async def stop_within_bound(service: BaseService) -> None:
+    try:
+        await asyncio.wait_for(service.stop(), STOP_TIMEOUT)
+    except asyncio.TimeoutError:
+        log.warning("%s: stop took longer than %.0f s; exiting with work in flight", service.name, STOP_TIMEOUT)
+
+
+async def _run_standalone(service_cls: type[BaseService], config: BootfleetConfig, instance: int, state_dir: Path) -> int:
+    def emitter(type: str, fields: dict) -> None:
+        log.info("event %s %s", type, " ".join(f"{k}={v}" for k, v in fields.items()))
+
+    ctx = ServiceContext(service_cls.name, instance, state_dir, emitter)
+    ctx.instances = getattr(config.scale, service_cls.name, 1)
+    service = service_cls(ctx)
+    await service.start(config)
+    await wait_for_signal()
+    await stop_within_bound(service)
+    return 0
