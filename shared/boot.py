@@ -1,0 +1,78 @@
+"""What a given PC boots: its target, the root-path DHCP hands it and the iPXE script TFTP renders.
+
+Both the DHCP and TFTP services call these, so a client gets the same answer from either.
+"""
+
+from __future__ import annotations
+
+from shared.config.boot import ClientAssignment
+from shared.config.model import BootfleetConfig
+
+ISCSI_DEFAULT_PORT = 3260
+
+
+def assignment_for(config: BootfleetConfig, mac: str | None = None, ip: str | None = None) -> ClientAssignment | None:
+    """The `clients[]` entry for this MAC (first) or this IP, if any."""
+    if mac:
+        mac = mac.lower()
+        for client in config.clients:
+            if client.mac == mac:
+                return client
+    if ip:
+        for client in config.clients:
+            if client.ip == ip:
+                return client
+    return None
+
+
+def target_for(config: BootfleetConfig, mac: str | None = None, ip: str | None = None) -> tuple[str, int] | None:
+    """(IQN, LUN) this client boots: its assignment, else `boot.default_target`, else None."""
+    client = assignment_for(config, mac, ip)
+    if client and client.target:
+        return client.target, client.lun
+    if config.boot.default_target:
+        return config.boot.default_target, config.boot.default_lun
+    return None
+
+
+def iscsi_port(config: BootfleetConfig) -> int:
+    portals = getattr(config.iscsi, "portals", None) or []
+    return portals[0].port if portals else ISCSI_DEFAULT_PORT
+
+
+def root_path(config: BootfleetConfig, server_ip: str, mac: str | None = None, ip: str | None = None) -> str | None:
+    """iPXE's `iscsi:<server>:<protocol>:<port>:<lun>:<iqn>`; empty fields take iPXE's defaults."""
+    target = target_for(config, mac, ip)
+    if target is None:
+        return None
+    iqn, lun = target
+    server = config.boot.server or server_ip
+    port = iscsi_port(config)
+    port_field = "" if port == ISCSI_DEFAULT_PORT else str(port)
+    lun_field = "" if lun == 0 else str(lun)
+    return f"iscsi:{server}::{port_field}:{lun_field}:{iqn}"
+
+
+def chap_for(config: BootfleetConfig, iqn: str) -> tuple[str, str] | None:
+    """CHAP (username, secret) an initiator must present to this target, or None when anonymous works."""
+    lookup = getattr(config.iscsi, "boot_credentials", None)
+    return lookup(iqn) if lookup else None
+
+
+def ipxe_script(config: BootfleetConfig, server_ip: str, mac: str | None = None, ip: str | None = None) -> str:
+    """The per-client iPXE script. A client with no target gets a script that says so and stops."""
+    path = root_path(config, server_ip, mac, ip)
+    lines = ["#!ipxe"]
+    if path is None:
+        lines.append(f"echo Bootfleet: no iSCSI target is assigned to ${{net0/mac}} ({mac or ip})")
+        lines.append("shell")
+        return "\n".join(lines) + "\n"
+    if config.boot.keep_san:
+        lines.append("set keep-san 1")
+    target = target_for(config, mac, ip)
+    creds = chap_for(config, target[0]) if target else None
+    if creds:
+        lines.append(f"set username {creds[0]}")
+        lines.append(f"set password {creds[1]}")
+    lines.append(f"sanboot {path}")
+    return "\n".join(lines) + "\n"
