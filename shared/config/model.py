@@ -18,7 +18,7 @@ SERVICES = ("dhcp", "tftp", "iscsi_target")
 class BusConfig(StrictModel):
     transport: Literal["ipc", "tcp"] = Field("ipc", description="ipc: sockets in <state_dir>/bus (mode 0700)")
     host: str = Field("127.0.0.1", description="tcp only: address the controller binds")
-    port_base: int = Field(5560, ge=1024, le=65530, description="tcp only: first of four ports")
+    port_base: int = Field(5560, ge=1024, le=65530, description="tcp only: first of three ports (publish, snapshot, events)")
     curve: bool = Field(True, description="tcp only: authenticate and encrypt with CURVE keys")
     heartbeat_interval: float = Field(1.0, gt=0, le=60, description="seconds between heartbeats")
     heartbeat_timeout: float = Field(5.0, gt=0, le=600, description="seconds of silence before a peer is away")

@@ -1,0 +1,196 @@
+"""The controller's live picture of the fleet, built from heartbeats and events (sans-IO: time is passed in).
+
+- `ServiceTable`: one row per service process (service, instance, pid): applied revision, last heartbeat,
+  counters, and events emitted/dropped (from its heartbeats) against events received here.
+- `ClientTable`: one row per PC seen on the bus or named in `clients[]`: IP, state, last boot. A PC's IP
+  links its iSCSI and TFTP events (which know only the address) to its MAC.
+- `timeline()`: one PC's last boot, step by step, with the time since power-on (its first DHCP discover
+  after a quiet spell).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from shared import events as ev
+
+BOOT_GAP = 60.0  # seconds of silence from a PC that separate two boots
+
+
+@dataclass
+class ServiceRow:
+    service: str
+    instance: int
+    pid: int
+    started: float
+    revision: int = -1
+    last_beat: float = 0.0
+    emitted: int = 0
+    dropped: int = 0
+    received: int = 0
+    controller: bool = True
+    counters: dict[str, Any] = field(default_factory=dict)
+
+
+class ServiceTable:
+    def __init__(self) -> None:
+        self.rows: dict[tuple[str, int], ServiceRow] = {}
+
+    def _row(self, service: str, instance: int, pid: int, started: float = 0.0) -> ServiceRow:
+        row = self.rows.get((service, instance))
+        if row is None or row.pid != pid:  # a new process replaced the old one
+            row = ServiceRow(service, instance, pid, started)
+            self.rows[(service, instance)] = row
+        return row
+
+    def beat(self, msg: dict[str, Any], now: float) -> ServiceRow:
+        row = self._row(msg["service"], msg["instance"], msg["pid"], msg.get("started", now))
+        row.revision = msg["revision"]
+        row.last_beat = now
+        row.emitted = msg["emitted"]
+        row.dropped = msg["dropped"]
+        row.counters = msg.get("counters") or {}
+        row.controller = bool(msg.get("controller", True))
+        return row
+
+    def event(self, msg: dict[str, Any]) -> None:
+        row = self._row(msg["service"], msg["instance"], msg.get("pid", 0), msg["ts"])
+        row.received += 1
+
+    def forget(self, service: str, keep: int) -> None:
+        """Drop rows of instances scaled away (instance >= keep)."""
+        for key in [k for k in self.rows if k[0] == service and k[1] >= keep]:
+            del self.rows[key]
+
+    def healthy(self, row: ServiceRow, now: float, timeout: float) -> bool:
+        return now - row.last_beat <= timeout
+
+
+# What each event says about the state of a PC.
+_STATE = {
+    ev.DHCP_DISCOVER: "dhcp",
+    ev.LEASE_OFFERED: "dhcp",
+    ev.LEASE_GRANTED: "address",
+    ev.LEASE_RENEWED: "address",
+    ev.TFTP_STARTED: "loading",
+    ev.TFTP_FINISHED: "loaded",
+    ev.TFTP_FAILED: "tftp failed",
+    ev.ISCSI_LOGIN: "booting",
+    ev.ISCSI_FIRST_READ: "booting",
+    ev.ISCSI_LOGIN_FAILED: "login failed",
+    ev.LEASE_RELEASED: "off",
+    ev.LEASE_EXPIRED: "off",
+    ev.DHCP_NAK: "nak",
+}
+
+
+@dataclass
+class ClientRow:
+    mac: str
+    ip: str | None = None
+    state: str = "never seen"
+    last_event: float = 0.0
+    last_boot: float | None = None
+    logins: int = 0  # iSCSI logins since the last boot: 1 = firmware, 2 = the OS took over
+
+    def as_dict(self) -> dict[str, Any]:
+        return dict(
+            mac=self.mac, ip=self.ip, state=self.state, last_event=self.last_event, last_boot=self.last_boot
+        )
+
+
+class ClientTable:
+    def __init__(self) -> None:
+        self.by_mac: dict[str, ClientRow] = {}
+        self.mac_by_ip: dict[str, str] = {}
+
+    def mac_of(self, fields: dict[str, Any]) -> str | None:
+        mac = fields.get("mac")
+        if mac:
+            return str(mac).lower()
+        ip = fields.get("ip")
+        return self.mac_by_ip.get(ip) if ip else None
+
+    def observe(self, type: str, fields: dict[str, Any], ts: float) -> ClientRow | None:
+        mac = self.mac_of(fields)
+        if mac is None:
+            return None
+        row = self.by_mac.get(mac)
+        if row is None:
+            row = self.by_mac[mac] = ClientRow(mac)
+        if type in (ev.DHCP_DISCOVER, ev.LEASE_OFFERED) and (
+            row.last_boot is None or ts - row.last_event > BOOT_GAP or row.state in ("off", "never seen")
+        ):
+            row.last_boot = ts
+            row.logins = 0
+        ip = fields.get("ip")
+        if type in (ev.LEASE_GRANTED, ev.LEASE_RENEWED, ev.LEASE_OFFERED) and ip:
+            row.ip = ip
+            self.mac_by_ip[ip] = mac
+        elif type in (ev.LEASE_RELEASED, ev.LEASE_EXPIRED) and ip:
+            self.mac_by_ip.pop(ip, None)
+        if type == ev.ISCSI_LOGIN and fields.get("session_type", "normal") == "normal":
+            row.logins += 1
+        state = _STATE.get(type)
+        if state:
+            row.state = "running" if state == "booting" and row.logins >= 2 else state
+        row.last_event = ts
+        return row
+
+    def ensure(self, mac: str) -> ClientRow:
+        return self.by_mac.setdefault(mac, ClientRow(mac))
+
+
+# Steps of a boot timeline, in the words people use, by event type.
+_STEP = {
+    ev.DHCP_DISCOVER: "DHCP discover",
+    ev.LEASE_OFFERED: "DHCP offer",
+    ev.LEASE_GRANTED: "DHCP ack",
+    ev.LEASE_RENEWED: "DHCP renew",
+    ev.TFTP_STARTED: "TFTP start",
+    ev.TFTP_FINISHED: "TFTP file",
+    ev.TFTP_FAILED: "TFTP failed",
+    ev.ISCSI_LOGIN: "iSCSI login",
+    ev.ISCSI_FIRST_READ: "first READ",
+    ev.ISCSI_LOGIN_FAILED: "iSCSI login failed",
+    ev.ISCSI_LOGOUT: "iSCSI logout",
+}
+
+
+def timeline(events: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The last boot among `events` (one PC's, oldest first): steps with seconds since power-on.
+
+    Power-on is taken as the first DHCP discover after BOOT_GAP seconds of silence; the second iSCSI login
+    of a boot is the OS's own initiator taking over from the firmware's.
+    """
+    relevant = [e for e in events if e["type"] in _STEP]
+    if not relevant:
+        return []
+    start_index = 0
+    for i, e in enumerate(relevant):
+        if e["type"] in (ev.DHCP_DISCOVER, ev.LEASE_OFFERED) and (i == 0 or e["ts"] - relevant[i - 1]["ts"] > BOOT_GAP):
+            start_index = i
+    boot = relevant[start_index:]
+    t0 = boot[0]["ts"]
+    steps, logins = [], 0
+    for e in boot:
+        step = _STEP[e["type"]]
+        detail = ""
+        f = e["fields"]
+        if e["type"] == ev.ISCSI_LOGIN:
+            if f.get("session_type", "normal") != "normal":
+                continue  # discovery sessions are not part of the boot
+            logins += 1
+            step = "iSCSI login (firmware)" if logins == 1 else "iSCSI login (OS)"
+            detail = f.get("initiator", "")
+        elif e["type"] in (ev.TFTP_STARTED, ev.TFTP_FINISHED, ev.TFTP_FAILED):
+            detail = f.get("file", "")
+            if e["type"] == ev.TFTP_FAILED:
+                detail += f" ({f.get('reason', '')})"
+        elif e["type"] in (ev.LEASE_GRANTED, ev.LEASE_OFFERED):
+            detail = f.get("ip", "")
+        elif e["type"] == ev.ISCSI_FIRST_READ:
+            detail = f"{f.get('target', '')} lun {f.get('lun', 0)}"
+        steps.append({"t": round(e["ts"] - t0, 3), "ts": e["ts"], "step": step, "detail": detail, "type": e["type"]})
+    return steps

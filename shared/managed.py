@@ -1,0 +1,164 @@
+"""A service under the controller: configuration from the bus, events to it, a cached revision when it is away.
+
+Start-up: if `<state_dir>/cache/<service>.msgpack` holds a revision this service applied before, start on it
+at once (the controller may be down); then follow the controller's store. Each new `config` revision is
+validated and applied in the asyncio loop, cached atomically, and reported (`service.applied` event and the
+revision in every heartbeat). A revision that fails to apply is reported and the previous one stays.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlparse
+
+import msgpack
+
+from shared import events
+from shared.bus.clone_client import CloneClient
+from shared.bus.endpoints import endpoints
+from shared.bus.event_sender import EventSender
+from shared.config.loader import ConfigError, config_from_dict
+from shared.config.model import BootfleetConfig, BusConfig
+from shared.service import BaseService, ServiceContext, setup_logging, stop_within_bound, wait_for_signal
+
+log = logging.getLogger("bootfleet")
+
+
+def bus_from_env() -> BusConfig:
+    """BOOTFLEET_BUS: unset or `ipc` (sockets in the state dir), or `tcp://HOST:PORT_BASE[?curve=0]`."""
+    url = os.environ.get("BOOTFLEET_BUS", "ipc")
+    if url == "ipc":
+        return BusConfig()
+    parsed = urlparse(url)
+    if parsed.scheme != "tcp" or not parsed.hostname or not parsed.port:
+        raise SystemExit(f"BOOTFLEET_BUS={url}: expected ipc or tcp://HOST:PORT")
+    return BusConfig(transport="tcp", host=parsed.hostname, port_base=parsed.port, curve="curve=0" not in parsed.query)
+
+
+def _write_atomic(path: Path, data: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+class ManagedRuntime:
+    def __init__(self, service_cls: type[BaseService], instance: int, state_dir: Path):
+        self.service_cls = service_cls
+        self.name = service_cls.name
+        self.state_dir = state_dir
+        self.bus = bus_from_env()
+        self.endpoints = endpoints(state_dir, self.bus)
+        curve_dir = state_dir if self.endpoints.curve else None
+        self.sender = EventSender(
+            self.endpoints.events, self.name, instance, beat_info=self._beat_info, curve_state_dir=curve_dir
+        )
+        self.ctx = ServiceContext(self.name, instance, state_dir, self.sender.emit)
+        self.service: BaseService | None = None
+        self.revision = -1
+        self.cache_path = state_dir / "cache" / f"{self.name}-{instance}.msgpack"
+        self.loop: asyncio.AbstractEventLoop | None = None
+        self._apply_lock = asyncio.Lock()
+        self.client = CloneClient(
+            self.endpoints,
+            self._on_snapshot,
+            self._on_update,
+            self._on_presence,
+            timeout=self.bus.heartbeat_timeout,
+            state_dir=curve_dir,
+        )
+
+    def _beat_info(self) -> dict[str, Any]:
+        counters = self.service.counters() if self.service else {}
+        return {"revision": self.revision, "counters": counters, "controller": self.client.present}
+
+    # Callbacks from the bus thread: hand over to the asyncio loop.
+    def _on_snapshot(self, store: dict[str, Any]) -> None:
+        leases = {k[len("lease/") :]: v["mac"] for k, v in store.items() if k.startswith("lease/") and v}
+        self.loop.call_soon_threadsafe(self._replace_leases, leases)
+        if "config" in store:
+            self._schedule(store["config"])
+
+    def _on_update(self, key: str, val: Any) -> None:
+        if key == "config" and val:
+            self._schedule(val)
+        elif key.startswith("lease/"):
+            ip = key[len("lease/") :]
+            self.loop.call_soon_threadsafe(self._set_lease, ip, val["mac"] if val else None)
+
+    def _on_presence(self, up: bool) -> None:
+        log.info("controller %s", "reachable" if up else "away: serving on revision %d" % self.revision)
+
+    def _replace_leases(self, leases: dict[str, str]) -> None:
+        self.ctx.leases = leases
+
+    def _set_lease(self, ip: str, mac: str | None) -> None:
+        if mac:
+            self.ctx.leases[ip] = mac
+        else:
+            self.ctx.leases.pop(ip, None)
+
+    def _schedule(self, doc: dict) -> None:
+        asyncio.run_coroutine_threadsafe(self.apply(doc["revision"], doc["config"]), self.loop)
+
+    async def apply(self, revision: int, data: dict, *, from_cache: bool = False) -> bool:
+        async with self._apply_lock:
+            if revision == self.revision:
+                return True
+            try:
+                config = config_from_dict(data)
+            except ConfigError as exc:
+                log.error("revision %d rejected: %s", revision, exc)
+                self.ctx.emit(events.SERVICE_APPLY_FAILED, revision=revision, reason=str(exc))
+                return False
+            setup_logging(config.logging.level, self.name, self.ctx.instance)
+            self.ctx.instances = getattr(config.scale, self.name, 1)
+            self.sender.interval = config.bus.heartbeat_interval
+            self.client.timeout = config.bus.heartbeat_timeout
+            try:
+                if self.service is None:
+                    service = self.service_cls(self.ctx)
+                    await service.start(config)
+                    self.service = service
+                else:
+                    await self.service.apply(config)
+            except Exception as exc:
+                log.exception("revision %d failed to apply", revision)
+                self.ctx.emit(events.SERVICE_APPLY_FAILED, revision=revision, reason=f"{type(exc).__name__}: {exc}")
+                return False
+            self.revision = revision
+            if not from_cache:
+                _write_atomic(self.cache_path, msgpack.packb({"revision": revision, "config": data}))
+            log.info("applied revision %d%s", revision, " (cached)" if from_cache else "")
+            self.ctx.emit(events.SERVICE_APPLIED, revision=revision, cached=from_cache)
+            return True
+
+    async def run(self) -> int:
+        self.loop = asyncio.get_running_loop()
+        self.sender.start()
+        self.ctx.emit(events.SERVICE_STARTED, pid=os.getpid())
+        if self.cache_path.exists():
+            try:
+                cached = msgpack.unpackb(self.cache_path.read_bytes())
+                await self.apply(cached["revision"], cached["config"], from_cache=True)
+            except Exception as exc:
+                log.warning("cached configuration %s unusable: %s", self.cache_path, exc)
+        self.client.start()
+        await wait_for_signal()
+        self.ctx.emit(events.SERVICE_STOPPING, pid=os.getpid())
+        if self.service:
+            await stop_within_bound(self.service)
+        self.client.stop()
+        self.sender.stop()
+        return 0
+
+
+async def run_managed(service_cls: type[BaseService], instance: int, state_dir: Path) -> int:
+    return await ManagedRuntime(service_cls, instance, state_dir).run()
