@@ -77,6 +77,7 @@ class EventStore:
         since: float | None = None,
         type: str | None = None,
         mac: str | None = None,
+        ips: list[str] | None = None,
         limit: int = 1000,
     ) -> list[dict[str, Any]]:
         where, args = ["id > ?"], [after_id]
@@ -87,7 +88,12 @@ class EventStore:
             # a prefix selects a family: `dhcp` or `dhcp.lease` match dhcp.lease.granted
             where.append("(type = ? OR type LIKE ?)")
             args += [type, type + ".%"]
-        if mac:
+        if mac and ips:
+            # a PC's events: those naming its MAC, and those that know only one of its addresses
+            marks = ",".join("?" * len(ips))
+            where.append(f"(mac = ? OR (mac IS NULL AND ip IN ({marks})))")
+            args += [mac, *ips]
+        elif mac:
             where.append("mac = ?")
             args.append(mac)
         order = "ASC" if after_id or since is not None else "DESC"

@@ -1,0 +1,3 @@
+from services.controller.server import main
+
+main()
