@@ -237,6 +237,9 @@ class Controller:
     def commit(self, data: Any) -> int:
         """Validate, persist and publish a new revision; raises ConfigError and changes nothing if invalid."""
         before = self.config.scale.model_dump()
+        _, normalised = self.store.stage(data)
+        if normalised == self.store.data:
+            return self.store.revision  # unchanged: no new revision (`make up` twice is harmless)
         revision = self.store.commit(data)
         self.clone.set("config", self.store.document())
         for client in self.config.clients:

@@ -45,8 +45,8 @@ class BadMessage(ValueError):
     pass
 
 
-def pack(type: str, **body: Any) -> bytes:
-    body["t"] = type
+def pack(kind: str, /, **body: Any) -> bytes:
+    body["t"] = kind
     body["v"] = VERSION
     return msgpack.packb(body, use_bin_type=True)
 

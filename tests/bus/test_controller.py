@@ -1,0 +1,141 @@
+"""The controller and real service processes on the bus: revisions, restarts, rejections, event floods."""
+
+import json
+import os
+import signal
+import subprocess
+from pathlib import Path
+
+import pytest
+import yaml
+
+from support import PYTHON, ROOT, wait_for
+
+BOOTFLEET = str(Path(PYTHON).parent / "bootfleet")
+PROBE = str(ROOT / "tests" / "bus" / "probe_service.py")
+
+
+class Stack:
+    def __init__(self, procs, tmp_path):
+        self.procs = procs
+        self.dir = tmp_path / "state"
+        self.dir.mkdir()
+        self.config = tmp_path / "bootfleet.yaml"
+        self.config.write_text(yaml.safe_dump({"bus": {"heartbeat_interval": 0.2, "heartbeat_timeout": 1.0}}))
+        self.controller = None
+
+    def start_controller(self):
+        self.controller = self.procs.start(
+            [PYTHON, "-m", "services.controller", "--config", str(self.config), "--state-dir", str(self.dir)],
+            log=self.dir / "controller.log",
+        )
+        wait_for(lambda: self.cli_ok("status"), what="controller answering")
+
+    def start_probe(self, instance, env=None):
+        return self.procs.start(
+            [PYTHON, PROBE, "--state-dir", str(self.dir), "--instance", str(instance)],
+            log=self.dir / f"probe-{instance}.log",
+            env=env,
+        )
+
+    def cli(self, *args):
+        return subprocess.run([BOOTFLEET, "--state-dir", str(self.dir), "--timeout", "3", *args], capture_output=True, text=True)
+
+    def cli_ok(self, *args):
+        return self.cli(*args).returncode == 0
+
+    def status(self):
+        out = self.cli("--json", "status")
+        assert out.returncode == 0, out.stderr
+        return json.loads(out.stdout)
+
+    def revisions(self):
+        return {p["instance"]: p.get("revision") for p in self.status()["processes"] if p["service"] == "probe"}
+
+    def applied(self, instance):
+        path = self.dir / f"probe-{instance}.applied"
+        return path.read_text().split() if path.exists() else []
+
+
+@pytest.fixture
+def stack(procs, tmp_path):
+    return Stack(procs, tmp_path)
+
+
+def test_revisions_reach_every_service_including_late_joiners(stack):
+    stack.start_controller()
+    stack.start_probe(0)
+    stack.start_probe(1)
+    wait_for(lambda: stack.revisions() == {0: 1, 1: 1}, what="revision 1 everywhere")
+    assert stack.cli("config", "set", "boot.default_lun", "5").returncode == 0
+    assert stack.cli("config", "set", "boot.default_lun", "6").returncode == 0
+    stack.start_probe(2)  # joins at revision 3: snapshot, then updates
+    wait_for(lambda: stack.revisions() == {0: 3, 1: 3, 2: 3}, what="revision 3 everywhere")
+    assert stack.applied(0) == ["0", "5", "6"]
+    assert stack.applied(2) == ["6"]
+    # applying the same configuration again is not a new revision
+    same = stack.cli("config", "set", "boot.default_lun", "6")
+    assert same.returncode == 0 and stack.status()["controller"]["revision"] == 3
+
+
+def test_invalid_config_is_rejected_and_old_revision_stays(stack, tmp_path):
+    stack.start_controller()
+    stack.start_probe(0)
+    wait_for(lambda: stack.revisions() == {0: 1}, what="revision 1")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(yaml.safe_dump({"clients": [{"mac": "52:54:00:12:34:56", "ip": "192.168.1.300"}]}))
+    out = stack.cli("config", "apply", str(bad))
+    assert out.returncode == 1
+    assert "clients[0].ip: 192.168.1.300 is not an IPv4 address" in out.stderr
+    assert "revision 1 stays" in out.stderr
+    test = stack.cli("config", "test", str(bad))
+    assert test.returncode == 1 and "clients[0].ip" in test.stderr
+    out = stack.cli("config", "set", "scale.tftp", "99")
+    assert out.returncode == 1 and "scale.tftp" in out.stderr
+    assert stack.status()["controller"]["revision"] == 1
+    assert stack.revisions() == {0: 1} and stack.applied(0) == ["0"]
+    # usage errors exit 2
+    assert stack.cli("config", "frobnicate").returncode == 2
+
+
+def test_controller_killed_services_keep_serving_then_resync(stack):
+    stack.start_controller()
+    probe = stack.start_probe(0)
+    wait_for(lambda: stack.revisions() == {0: 1}, what="revision 1")
+    assert stack.cli("config", "set", "boot.default_lun", "7").returncode == 0
+    wait_for(lambda: stack.applied(0) == ["0", "7"], what="revision 2 applied")
+    stack.controller.send_signal(signal.SIGKILL)
+    stack.controller.wait()
+    # a service restarted while the controller is away starts on its cached revision
+    probe.send_signal(signal.SIGTERM)
+    probe.wait(timeout=10)
+    probe = stack.start_probe(0)
+    wait_for(lambda: stack.applied(0) == ["0", "7", "7"], what="start from the cached revision")
+    assert probe.poll() is None
+    stack.start_controller()  # persisted revision 2 comes back; services resync to the new epoch
+    wait_for(lambda: stack.revisions() == {0: 2}, what="resync after controller restart")
+    assert stack.cli("config", "set", "boot.default_lun", "8").returncode == 0
+    wait_for(lambda: stack.applied(0)[-1] == "8", what="revision 3 after resync")
+    assert stack.revisions() == {0: 3}
+
+
+def test_event_flood_does_not_block_and_counts_match(stack):
+    stack.start_controller()
+    stack.start_probe(0, env={"PROBE_FLOOD": "100000"})
+    flood = stack.dir / "probe-0.flood"
+    wait_for(flood.exists, timeout=60, what="flood done")
+    took = float(flood.read_text())
+    assert took < 5.0, f"100k emit() calls took {took:.2f} s"
+
+    def settled():
+        rows = [p for p in stack.status()["processes"] if p["service"] == "probe"]
+        if not rows:
+            return None
+        r = rows[0]
+        # +2: service.started and service.applied are events too
+        return r if r["events_emitted"] >= 100_002 and r["events_received"] + r["events_dropped"] == r["events_emitted"] else None
+
+    row = wait_for(settled, timeout=60, interval=0.5, what="controller counts = arrived + dropped")
+    print(f"\n100k events: emit() took {took:.2f} s; received {row['events_received']}, dropped {row['events_dropped']}")
+    stored = stack.status()["controller"]["events_stored"]
+    assert stored == row["events_received"]
