@@ -121,6 +121,7 @@ class ManagedRuntime:
             setup_logging(config.logging.level, self.name, self.ctx.instance)
             self.ctx.instances = getattr(config.scale, self.name, 1)
             self.sender.interval = config.bus.heartbeat_interval
+            self.sender.queue.maxsize = config.bus.event_queue
             self.client.timeout = config.bus.heartbeat_timeout
             try:
                 if self.service is None:

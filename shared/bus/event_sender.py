@@ -119,10 +119,17 @@ class EventSender:
                         pending = self.queue.get(timeout=max(0.0, min(0.2, next_beat - time.monotonic())))
                     except queue.Empty:
                         continue
-                try:
-                    push.send(pending, zmq.NOBLOCK)
-                    pending = None
-                except zmq.Again:
-                    self._stop.wait(0.05)
+                # a burst: send what is queued without going back to the blocking get each time
+                for _ in range(1000):
+                    try:
+                        push.send(pending, zmq.NOBLOCK)
+                    except zmq.Again:
+                        self._stop.wait(0.05)
+                        break
+                    try:
+                        pending = self.queue.get_nowait()
+                    except queue.Empty:
+                        pending = None
+                        break
         finally:
             push.close()
