@@ -1,7 +1,7 @@
 """A minimal real service for bus tests: it records each revision it applies and can flood events.
 
 Run as `python tests/bus/probe_service.py --state-dir DIR [--config FILE]` (PYTHONPATH = the checkout).
-Each applied revision appends `<revision> <boot.default_lun>` to <state_dir>/probe-<instance>.applied.
+Each applied configuration appends `<boot.default_lun> <unix time>` to <state_dir>/probe-<instance>.applied.
 PROBE_FLOOD=N: emit N events as fast as possible after the first apply, then write
 <state_dir>/probe-<instance>.flood with how long the N emit() calls took.
 """
@@ -29,10 +29,9 @@ class ProbeService(BaseService):
 
     async def apply(self, config: BootfleetConfig) -> None:
         self.applied += 1
-        # the revision number is not known to a service object; the runtime logs it. Record the content.
         path = self.ctx.state_dir / f"probe-{self.ctx.instance}.applied"
         with open(path, "a") as f:
-            f.write(f"{config.boot.default_lun}\n")
+            f.write(f"{config.boot.default_lun} {time.time():.6f}\n")
 
     async def stop(self) -> None:
         pass

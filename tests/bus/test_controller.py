@@ -54,7 +54,7 @@ class Stack:
 
     def applied(self, instance):
         path = self.dir / f"probe-{instance}.applied"
-        return path.read_text().split() if path.exists() else []
+        return [line.split()[0] for line in path.read_text().splitlines()] if path.exists() else []
 
 
 @pytest.fixture
