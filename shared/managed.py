@@ -64,6 +64,8 @@ class ManagedRuntime:
         self.service: BaseService | None = None
         self.revision = -1
         self.cache_path = state_dir / "cache" / f"{self.name}-{instance}.msgpack"
+        self.command_prefix = f"command/{self.name}/"
+        self.commands_done: set[str] = set()
         self.loop: asyncio.AbstractEventLoop | None = None
         self._apply_lock = asyncio.Lock()
         self.client = CloneClient(
@@ -85,6 +87,9 @@ class ManagedRuntime:
         self.loop.call_soon_threadsafe(self._replace_leases, leases)
         if "config" in store:
             self._schedule(store["config"])
+        for key, val in store.items():
+            if key.startswith(self.command_prefix) and val:
+                self._command(key, val)
 
     def _on_update(self, key: str, val: Any) -> None:
         if key == "config" and val:
@@ -92,6 +97,15 @@ class ManagedRuntime:
         elif key.startswith("lease/"):
             ip = key[len("lease/") :]
             self.loop.call_soon_threadsafe(self._set_lease, ip, val["mac"] if val else None)
+        elif key.startswith(self.command_prefix) and val:
+            self._command(key, val)
+
+    def _command(self, key: str, val: dict[str, Any]) -> None:
+        # a command stays in the store for a while; a snapshot taken meanwhile must not run it twice
+        if key in self.commands_done or not isinstance(val, dict) or self.service is None:
+            return
+        self.commands_done.add(key)
+        asyncio.run_coroutine_threadsafe(self.service.command(str(val.get("name")), val.get("args") or {}), self.loop)
 
     def _on_presence(self, up: bool) -> None:
         log.info("controller %s", "reachable" if up else "away: serving on revision %d" % self.revision)

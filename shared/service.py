@@ -72,6 +72,11 @@ class BaseService:
         """Key counters shown by `bootfleet status` (requests, bytes, sessions...)."""
         return {}
 
+    async def command(self, name: str, args: dict[str, Any]) -> None:
+        """An operation the controller asks of this service (e.g. the DHCP service's `lease-release`).
+        Runs at most once per request in each process; report the outcome with an event."""
+        self.log.warning("command %s is not supported by %s", name, self.name)
+
 
 def setup_logging(level: str, name: str, instance: int) -> None:
     logging.basicConfig(

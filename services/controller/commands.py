@@ -286,6 +286,30 @@ def lease_list(ctl, envelope, args):
     return {"result": SUCCESS if leases else EMPTY, "text": f"{len(leases)} leases", "arguments": {"leases": leases}}
 
 
+@command("lease-release")
+def lease_release(ctl, envelope, args):
+    """Free the lease of `mac`: the DHCP service releases it and answers with a dhcp.lease.released event."""
+    from shared import events as ev
+    from shared.config.base import normalize_mac
+    from services.controller.server import Waiter
+
+    try:
+        mac = normalize_mac(args.get("mac"))
+    except ValueError as exc:
+        return error(str(exc))
+    ctl.send_command("dhcp", "lease-release", {"mac": mac})
+    ctl.waiters.append(
+        Waiter(
+            envelope,
+            lambda msg: msg["type"] == ev.LEASE_RELEASED and msg["fields"].get("mac") == mac,
+            time.time() + float(args.get("timeout", 5.0)),
+            lambda msg: ok(f"released {msg['fields'].get('ip')} held by {mac}", ip=msg["fields"].get("ip"), mac=mac),
+            lambda: error(f"no DHCP process released a lease of {mac} within 5 s (no such lease, or dhcp is not running)"),
+        )
+    )
+    return None
+
+
 @command("version-get")
 def version_get(ctl, envelope, args):
     """The controller's version and process id."""

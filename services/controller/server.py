@@ -12,6 +12,7 @@ import os
 import signal
 import sys
 import time
+import uuid
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Callable
@@ -39,6 +40,18 @@ LEASE_GONE = {ev.LEASE_RELEASED, ev.LEASE_EXPIRED, ev.LEASE_DECLINED}
 MAX_BATCH = 5000  # events taken from the socket per loop turn (one SQLite transaction)
 
 
+COMMAND_TTL = 60.0  # seconds a command key stays in the store (a service restarting meanwhile still sees it)
+
+
+class Waiter:
+    """A CLI request answered when a matching event arrives, or with an error at its deadline."""
+
+    def __init__(self, envelope: list[bytes], match: Callable[[dict], bool], deadline: float,
+                 on_event: Callable[[dict], dict], on_timeout: Callable[[], dict]):
+        self.envelope, self.match, self.deadline = envelope, match, deadline
+        self.on_event, self.on_timeout = on_event, on_timeout
+
+
 class Controller:
     def __init__(self, state_dir: Path, seed_file: Path | None):
         self.state_dir = Path(state_dir).resolve()
@@ -51,6 +64,7 @@ class Controller:
         self.supervisor = Supervisor(self.state_dir)
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="supervisor")
         self.pending: list[tuple[list[bytes], Future, Callable[[Any], dict]]] = []
+        self.waiters: list[Waiter] = []
         self.events_received = 0
         self.bad_messages = 0
         self.running = True
@@ -136,6 +150,7 @@ class Controller:
             if now >= next_prune:
                 self.events.prune()
                 next_prune = now + 60
+            self._expire(time.time())
         self.close()
 
     def close(self) -> None:
@@ -172,6 +187,9 @@ class Controller:
         self.events.add_many(batch)
 
     def _observe(self, msg: dict[str, Any]) -> None:
+        for waiter in [w for w in self.waiters if w.match(msg)]:
+            self.waiters.remove(waiter)
+            self.reply(waiter.envelope, waiter.on_event(msg))
         fields, type = msg["fields"], msg["type"]
         self.clients.observe(type, fields, msg["ts"])
         ip, mac = fields.get("ip"), fields.get("mac")
@@ -183,6 +201,20 @@ class Controller:
         elif type in LEASE_GONE and ip:
             if self.clone.get(f"lease/{ip}") is not None:
                 self.clone.set(f"lease/{ip}", None)
+
+    def _expire(self, now: float) -> None:
+        for waiter in [w for w in self.waiters if w.deadline <= now]:
+            self.waiters.remove(waiter)
+            self.reply(waiter.envelope, waiter.on_timeout())
+        for key, (seq, val) in list(self.clone.store.items()):
+            if key.startswith("command/") and now - val.get("ts", 0) > COMMAND_TTL:
+                self.clone.set(key, None)
+
+    def send_command(self, service: str, name: str, args: dict[str, Any]) -> str:
+        """Ask every process of `service` to perform `name` once (a key in the replicated store)."""
+        key = f"command/{service}/{uuid.uuid4().hex[:12]}"
+        self.clone.set(key, {"name": name, "args": args, "ts": time.time()})
+        return key
 
     # -- control requests ---------------------------------------------------------------------------
     def _take_requests(self) -> None:
