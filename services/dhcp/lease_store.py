@@ -1,0 +1,222 @@
+"""The lease store: SQLite in WAL mode, an in-memory index, writes grouped into one commit per loop turn.
+
+A lease is durable before its ACK leaves: the service calls `commit()` after handling the datagrams one receive
+turn returned and before it sends their replies (group commit). `ip` is the primary key, so after `kill -9` and a
+restart no address can be bound to two clients. States: `bound` (held until `expires`), `declined` (quarantined
+until `expires`), `released` and `expired` (free; kept so a returning client gets its old address back).
+
+Readers (the controller's `bootfleet leases`) open the file with `LeaseStore.open_readonly(path)` and call
+`list()`; WAL lets them read while the service writes. Several DHCP processes may share one file: each
+allocates from its own slice of the pools, and SQLite serialises their commits.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import sqlite3
+import time
+from pathlib import Path
+
+BOUND, DECLINED, RELEASED, EXPIRED = "bound", "declined", "released", "expired"
+HELD = (BOUND, DECLINED)
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS leases (
+    ip        INTEGER PRIMARY KEY,   -- IPv4 address as a 32-bit integer
+    mac       TEXT NOT NULL,         -- aa:bb:cc:dd:ee:ff
+    client_id BLOB,                  -- option 61, if the client sent one
+    scope     TEXT NOT NULL,
+    state     TEXT NOT NULL,         -- bound | declined | released | expired
+    expires   REAL NOT NULL,         -- unix time
+    hostname  TEXT,
+    updated   REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS leases_mac ON leases (mac);
+"""
+
+_UPSERT = (
+    "INSERT INTO leases (ip, mac, client_id, scope, state, expires, hostname, updated) VALUES (?,?,?,?,?,?,?,?) "
+    "ON CONFLICT(ip) DO UPDATE SET mac=excluded.mac, client_id=excluded.client_id, scope=excluded.scope, "
+    "state=excluded.state, expires=excluded.expires, hostname=excluded.hostname, updated=excluded.updated"
+)
+_DELETE = "DELETE FROM leases WHERE ip = ?"
+
+
+class Lease:
+    __slots__ = ("ip", "mac", "client_id", "scope", "state", "expires", "hostname")
+
+    def __init__(self, ip: int, mac: str, client_id: bytes | None, scope: str, state: str, expires: float, hostname: str | None):
+        self.ip = ip
+        self.mac = mac
+        self.client_id = client_id
+        self.scope = scope
+        self.state = state
+        self.expires = expires
+        self.hostname = hostname
+
+    def held(self, now: float) -> bool:
+        return self.state in HELD and self.expires > now
+
+    def as_dict(self) -> dict:
+        return {
+            "ip": str(ipaddress.IPv4Address(self.ip)),
+            "mac": self.mac,
+            "scope": self.scope,
+            "state": self.state,
+            "expires": self.expires,
+            "hostname": self.hostname,
+            "client_id": self.client_id.hex(":") if self.client_id else None,
+        }
+
+    def __repr__(self) -> str:
+        return f"<Lease {ipaddress.IPv4Address(self.ip)} {self.mac} {self.state} until {self.expires:.0f}>"
+
+
+class LeaseStore:
+    """Leases by address and by MAC, mirrored to SQLite. Not thread-safe: one owner (the service loop)."""
+
+    def __init__(self, path: str | Path, durability: str = "process", readonly: bool = False):
+        self.path = str(path)
+        self.readonly = readonly
+        if readonly:
+            self.db = sqlite3.connect(f"file:{self.path}?mode=ro", uri=True, timeout=5.0)
+        else:
+            Path(self.path).parent.mkdir(parents=True, exist_ok=True)
+            self.db = sqlite3.connect(self.path, timeout=10.0, isolation_level=None)
+            self.db.execute("PRAGMA journal_mode=WAL")
+            # NORMAL in WAL mode: a committed transaction survives the process dying (kill -9), not a power cut.
+            self.db.execute("PRAGMA synchronous=" + ("FULL" if durability == "power" else "NORMAL"))
+            self.db.executescript(_SCHEMA)
+        self.by_ip: dict[int, Lease] = {}
+        self.by_mac: dict[str, list[Lease]] = {}
+        self._pending: dict[int, tuple | None] = {}  # ip -> row to upsert, or None to delete
+        self.commits = 0
+        self.load()
+
+    @classmethod
+    def open_readonly(cls, path: str | Path) -> "LeaseStore":
+        return cls(path, readonly=True)
+
+    def load(self) -> None:
+        self.by_ip.clear()
+        self.by_mac.clear()
+        try:
+            rows = self.db.execute("SELECT ip, mac, client_id, scope, state, expires, hostname FROM leases").fetchall()
+        except sqlite3.OperationalError:
+            rows = []  # read-only open of a store the service has not created yet
+        for row in rows:
+            self._index(Lease(*row))
+
+    def _index(self, lease: Lease) -> None:
+        old = self.by_ip.get(lease.ip)
+        if old is not None:
+            self._unindex_mac(old)
+        self.by_ip[lease.ip] = lease
+        self.by_mac.setdefault(lease.mac, []).append(lease)
+
+    def _unindex_mac(self, lease: Lease) -> None:
+        lst = self.by_mac.get(lease.mac)
+        if lst:
+            try:
+                lst.remove(lease)
+            except ValueError:
+                pass
+            if not lst:
+                del self.by_mac[lease.mac]
+
+    # -- queries -------------------------------------------------------------------------------------------
+
+    def get(self, ip: int) -> Lease | None:
+        return self.by_ip.get(ip)
+
+    def for_mac(self, mac: str, scope: str | None = None) -> list[Lease]:
+        leases = self.by_mac.get(mac, ())
+        return [l for l in leases if scope is None or l.scope == scope]
+
+    def list(self, now: float | None = None, include_free: bool = False) -> list[dict]:
+        """All leases as dicts (ip, mac, scope, state, expires, hostname, client_id), sorted by address.
+
+        A reader sees what the writers committed; call `load()` (or reopen) to refresh.
+        """
+        now = time.time() if now is None else now
+        if self.readonly:
+            self.load()
+        out = []
+        for ip in sorted(self.by_ip):
+            lease = self.by_ip[ip]
+            if include_free or lease.held(now):
+                out.append(lease.as_dict())
+        return out
+
+    # -- writes (queued until commit) ----------------------------------------------------------------------
+
+    def put(self, lease: Lease, now: float) -> None:
+        """Insert or replace the lease for `lease.ip`; durable at the next `commit()`."""
+        self._check_writable()
+        self._index(lease)
+        self._pending[lease.ip] = (
+            lease.ip, lease.mac, lease.client_id, lease.scope, lease.state, lease.expires, lease.hostname, now,
+        )
+
+    def set_state(self, lease: Lease, state: str, expires: float, now: float) -> None:
+        lease.state = state
+        lease.expires = expires
+        self.put(lease, now)
+
+    def delete(self, ip: int) -> None:
+        self._check_writable()
+        lease = self.by_ip.pop(ip, None)
+        if lease is not None:
+            self._unindex_mac(lease)
+        self._pending[ip] = None
+
+    @property
+    def dirty(self) -> bool:
+        return bool(self._pending)
+
+    def commit(self) -> int:
+        """Write every queued change in one transaction; returns how many rows changed."""
+        if not self._pending:
+            return 0
+        upserts = [row for row in self._pending.values() if row is not None]
+        deletes = [(ip,) for ip, row in self._pending.items() if row is None]
+        self._pending = {}
+        db = self.db
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            if upserts:
+                db.executemany(_UPSERT, upserts)
+            if deletes:
+                db.executemany(_DELETE, deletes)
+            db.execute("COMMIT")
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
+        self.commits += 1
+        return len(upserts) + len(deletes)
+
+    def close(self) -> None:
+        if not self.readonly and self._pending:
+            self.commit()
+        self.db.close()
+
+    def _check_writable(self) -> None:
+        if self.readonly:
+            raise PermissionError(f"{self.path}: lease store opened read-only")
+
+
+def release_offline(path: str | Path, mac: str, now: float | None = None) -> list[str]:
+    """Free every held lease of `mac` in a store no service is running on; returns the addresses freed.
+
+    With the service running, ask the service instead (`DhcpService.release(mac)`), which also emits the event
+    and frees its in-memory copy.
+    """
+    now = time.time() if now is None else now
+    store = LeaseStore(path)
+    freed = []
+    for lease in list(store.for_mac(mac)):
+        if lease.state == BOUND:
+            store.set_state(lease, RELEASED, now, now)
+            freed.append(str(ipaddress.IPv4Address(lease.ip)))
+    store.close()
+    return freed

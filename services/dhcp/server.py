@@ -1,0 +1,539 @@
+"""The DHCPv4 server's decisions (RFC 2131): a request and the current time in; a reply, lease changes and events out.
+
+Theory of operation
+-------------------
+Sans-IO: no sockets here. The transport hands `handle()` a parsed `Message`, the `Interface` it arrived on
+(name and our address there) and `now`; `handle()` returns a `Reply` (bytes plus where they go) or None,
+queues lease writes in the `LeaseStore` and appends events to `self.events`. The transport must call
+`store.commit()` before it sends the replies of a batch: that is what makes a lease durable before its ACK.
+
+Scope: a relayed request (giaddr set) belongs to the scope whose subnet holds giaddr; a direct one to the
+scope configured on the interface it arrived on (the one holding ciaddr when several are).
+
+Client states (RFC 2131 4.3.2), told apart by the request's fields:
+- SELECTING:   server identifier (54) present, ciaddr 0, requested address (50) = the offered one.
+               Another server's identifier: the client took its offer; ours is withdrawn, no reply.
+- INIT-REBOOT: no 54, ciaddr 0, 50 present: the client checks a remembered address. Wrong subnet -> NAK;
+               our record says another client -> NAK; ours or free -> ACK; no record and not ours -> silent.
+- RENEWING / REBINDING: no 54, no 50, ciaddr set (unicast or broadcast): extend if the lease is the
+               client's (or the address is free), else NAK.
+Offers hold an address for `offer_hold` seconds in memory only; an ACK writes the lease. DECLINE quarantines
+the address for `decline_hold` seconds; RELEASE frees it, and the client gets it back on its next DISCOVER
+if nobody took it meanwhile. `expire(now)` turns leases past their end into `expired` and emits events.
+
+Boot answers (built in): a PXE ROM gets the loader for its option 93 architecture and next-server; iPXE/gPXE
+gets the script and the root-path of its assigned target (reservation, clients[], scope, boot default);
+option 175.176 (no-pxedhcp) tells iPXE not to wait for ProxyDHCP offers (iPXE src/net/udp/dhcp.c waits up to
+its ProxyDHCP timeout after a valid offer unless this flag is set or a ProxyDHCP offer arrived).
+Option precedence: global < scope < built-in boot class < configured classes (in order) < reservation.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+import struct
+
+from shared import events as ev
+from shared.boot import assignment_for, chap_for, root_path, target_for
+from shared.config.boot import ClientAssignment
+from services.dhcp import options as opt
+from services.dhcp import packet as pk
+from services.dhcp.allocator import Pool, serves
+from services.dhcp.classify import ClassMatcher, classify, loader_for
+from services.dhcp.lease_store import BOUND, DECLINED, EXPIRED, RELEASED, Lease, LeaseStore
+
+log = logging.getLogger("bootfleet.dhcp.server")
+
+BROADCAST = 0xFFFFFFFF
+CLIENT_PORT = 68
+SERVER_PORT = 67
+_U32 = struct.Struct("!I")
+_TIMES = struct.Struct("!BBIBBIBBI")  # 51, 58, 59 with their lengths
+
+
+def ip_int(text: str) -> int:
+    return int(ipaddress.IPv4Address(text))
+
+
+def ip_str(value: int) -> str:
+    return str(ipaddress.IPv4Address(value))
+
+
+class Interface:
+    """Where a request came in: interface name and our address on it (the server identifier)."""
+
+    __slots__ = ("name", "address", "packed")
+
+    def __init__(self, name: str, address: int):
+        self.name = name
+        self.address = address
+        self.packed = _U32.pack(address)
+
+
+class Reply:
+    """A reply and where it goes. `arp` asks the transport to add an ARP entry (yiaddr -> chaddr) first."""
+
+    __slots__ = ("data", "dest", "port", "arp", "hwaddr", "iface")
+
+    def __init__(self, data: bytes, dest: int, port: int, arp: bool, hwaddr: bytes, iface: Interface):
+        self.data = data
+        self.dest = dest
+        self.port = port
+        self.arp = arp
+        self.hwaddr = hwaddr
+        self.iface = iface
+
+
+def _merge(target: dict[int, bytes], options) -> None:
+    for key, value in options.items():
+        code, data = opt.encode_option(key, value)
+        if code == opt.IPXE_ENCAP and opt.IPXE_ENCAP in target:
+            subs = opt.parse_suboptions(target[code])
+            subs.update(opt.parse_suboptions(data))
+            data = b"".join(bytes((k, len(v))) + v for k, v in subs.items())
+        target[code] = data
+
+
+class ScopeRuntime:
+    """One configured scope, compiled for the hot path."""
+
+    def __init__(self, cfg, config, instance: int, instances: int):
+        self.cfg = cfg
+        self.name = cfg.name
+        net = ipaddress.IPv4Network(cfg.subnet)
+        self.network = int(net.network_address)
+        self.mask = int(net.netmask)
+        self.interface = cfg.interface
+        self.reservations = {r.mac: r for r in cfg.reservations}
+        self.reserved_ips = {ip_int(r.ip): r.mac for r in cfg.reservations if r.ip}
+        self.pool = Pool(
+            [(ip_int(r.start), ip_int(r.end)) for r in cfg.ranges], set(self.reserved_ips), instance, instances
+        )
+        self.lease_time = cfg.lease_time
+        self.t1 = cfg.renewal_time or cfg.lease_time // 2
+        self.t2 = cfg.rebinding_time or cfg.lease_time * 7 // 8
+        self.times = _TIMES.pack(51, 4, self.lease_time, 58, 4, self.t1, 59, 4, self.t2)
+        base: dict[int, bytes] = {1: _U32.pack(self.mask)}
+        if net.prefixlen < 31:
+            base[28] = _U32.pack(int(net.broadcast_address))
+        _merge(base, config.dhcp.options)
+        _merge(base, cfg.options)
+        self.base = base
+        # root_path() resolves clients[] then boot.default_target; the scope's default slots in as the latter
+        self.boot_config = (
+            config.model_copy(update={"boot": config.boot.model_copy(update={"default_target": cfg.boot_target, "default_lun": cfg.boot_lun})})
+            if cfg.boot_target
+            else config
+        )
+
+    def contains(self, ip: int) -> bool:
+        return ip & self.mask == self.network
+
+
+class DhcpServer:
+    def __init__(self, config, store: LeaseStore, instance: int = 0, instances: int = 1):
+        self.store = store
+        self.instance = instance
+        self.instances = instances
+        self.events: list[tuple[str, dict]] = []
+        self.offers: dict[int, tuple[str, float]] = {}  # ip -> (mac, until)
+        self.offer_of: dict[tuple[str, str], int] = {}  # (scope, mac) -> ip
+        self.counters = {k: 0 for k in ("received", "replied", "offers", "acks", "naks", "declines", "releases",
+                                        "informs", "ignored", "exhausted", "unknown_clients", "other_server")}
+        self.apply(config)
+
+    # -- configuration ---------------------------------------------------------------------------------------
+
+    def apply(self, config) -> None:
+        """A new configuration revision: scopes recompiled; leases and offers in flight are kept."""
+        self.config = config
+        d = config.dhcp
+        self.scopes = [ScopeRuntime(s, config, self.instance, self.instances) for s in d.scopes]
+        self.by_interface: dict[str, list[ScopeRuntime]] = {}
+        for s in self.scopes:
+            if s.interface:
+                self.by_interface.setdefault(s.interface, []).append(s)
+        self.by_giaddr: dict[int, ScopeRuntime | None] = {}
+        self.classes = {c.name: c for c in d.classes}
+        self.matcher = ClassMatcher(d.classes)
+        self.offer_hold = d.offer_hold
+        self.decline_hold = d.decline_hold
+        self.authoritative = d.authoritative
+        self._blobs: dict[tuple, tuple[bytes, bytes, int, str | None, str | None]] = {}
+
+    # -- helpers ---------------------------------------------------------------------------------------------
+
+    def scope_for(self, msg: pk.Message, iface: Interface) -> ScopeRuntime | None:
+        if msg.giaddr:
+            try:
+                return self.by_giaddr[msg.giaddr]
+            except KeyError:
+                found = next((s for s in self.scopes if s.contains(msg.giaddr)), None)
+                self.by_giaddr[msg.giaddr] = found
+                return found
+        scopes = self.by_interface.get(iface.name)
+        if not scopes:
+            return None
+        if len(scopes) > 1:
+            for probe in (msg.ciaddr, iface.address):
+                if probe:
+                    for s in scopes:
+                        if s.contains(probe):
+                            return s
+        return scopes[0]
+
+    def _is_free(self, scope: ScopeRuntime, ip: int, mac: str, now: float) -> bool:
+        lease = self.store.by_ip.get(ip)
+        if lease is not None and lease.expires > now:
+            if lease.state == DECLINED or (lease.state == BOUND and lease.mac != mac):
+                return False
+        offer = self.offers.get(ip)
+        if offer is not None and offer[1] > now and offer[0] != mac:
+            return False
+        owner = scope.reserved_ips.get(ip)
+        return owner is None or owner == mac
+
+    def _known(self, scope: ScopeRuntime, mac: str) -> bool:
+        return mac in scope.reservations or assignment_for(self.config, mac) is not None
+
+    def _choose(self, scope: ScopeRuntime, msg: pk.Message, mac: str, now: float) -> int | None:
+        res = scope.reservations.get(mac)
+        if res is not None and res.ip:
+            ip = ip_int(res.ip)
+            if self._is_free(scope, ip, mac, now):
+                return ip
+            log.warning("reserved address %s of %s is held by another client; using the pool", res.ip, mac)
+        held = self.offer_of.get((scope.name, mac))
+        if held is not None:
+            offer = self.offers.get(held)
+            if offer is not None and offer[0] == mac and offer[1] > now:
+                return held
+        previous = None
+        for lease in self.store.by_mac.get(mac, ()):
+            if lease.scope != scope.name:
+                continue
+            if lease.state == BOUND and lease.expires > now:
+                return lease.ip
+            if lease.state in (RELEASED, EXPIRED) and scope.pool.mine(lease.ip) and self._is_free(scope, lease.ip, mac, now):
+                previous = lease.ip
+        if previous is not None:
+            return previous
+        requested = msg.options.get(opt.REQUESTED_ADDRESS)
+        if requested is not None and len(requested) == 4:
+            ip = _U32.unpack(requested)[0]
+            if scope.pool.mine(ip) and self._is_free(scope, ip, mac, now):
+                return ip
+        return scope.pool.allocate(lambda ip: self._is_free(scope, ip, mac, now))
+
+    def _boot(self, scope: ScopeRuntime, cls, res, mac: str, iface: Interface):
+        """(option bytes, file field, siaddr, bootfile, root_path) for this client; cached per distinct answer."""
+        assigned = cls.kind == "ipxe" and (res is not None or assignment_for(self.config, mac) is not None)
+        key = (scope.name, cls.kind, cls.arch, cls.names, res.mac if res else None, iface.address, mac if assigned else None)
+        cached = self._blobs.get(key)
+        if cached is not None:
+            return cached
+        config = self.config
+        server = ip_int(config.boot.server) if config.boot.server else iface.address
+        merged = dict(scope.base)
+        bootfile = None
+        rpath = None
+        if cls.kind == "pxe":
+            bootfile = loader_for(cls.arch, config.boot.loaders)
+        elif cls.kind == "ipxe":
+            bootfile = config.boot.script
+            if res is not None and res.target:
+                boot_cfg = config.model_copy(update={"clients": [ClientAssignment(mac=mac, target=res.target, lun=res.lun)]})
+            else:
+                boot_cfg = scope.boot_config
+            rpath = root_path(boot_cfg, ip_str(iface.address), mac)
+            if rpath:
+                merged[opt.ROOT_PATH] = rpath.encode()
+            subs = {opt.IPXE_KEEP_SAN: b"\x01" if config.boot.keep_san else b"\x00"}
+            target = target_for(boot_cfg, mac)
+            creds = chap_for(config, target[0]) if target else None
+            if creds:
+                subs[190], subs[191] = creds[0].encode(), creds[1].encode()
+            merged[opt.IPXE_ENCAP] = b"".join(bytes((k, len(v))) + v for k, v in subs.items())
+        if config.dhcp.no_pxedhcp:
+            subs = opt.parse_suboptions(merged.get(opt.IPXE_ENCAP, b""))
+            subs.setdefault(opt.IPXE_NO_PXEDHCP, b"\x01")
+            merged[opt.IPXE_ENCAP] = b"".join(bytes((k, len(v))) + v for k, v in subs.items())
+        next_server = scope.cfg.next_server
+        for name in cls.names:
+            c = self.classes[name]
+            _merge(merged, c.options)
+            if c.bootfile:
+                bootfile = c.bootfile
+            if c.next_server:
+                next_server = c.next_server
+        if res is not None:
+            if res.hostname:
+                merged[opt.HOSTNAME] = res.hostname.encode()
+            _merge(merged, res.options)
+            if res.bootfile and cls.kind == "ipxe":
+                bootfile = res.bootfile
+            if res.next_server:
+                next_server = res.next_server
+        if opt.BOOTFILE_NAME in merged:  # set by hand at some level: that is the bootfile
+            bootfile = merged[opt.BOOTFILE_NAME].decode("utf-8", "replace")
+        elif bootfile:
+            merged[opt.BOOTFILE_NAME] = bootfile.encode()
+        if opt.ROOT_PATH in merged:
+            rpath = merged[opt.ROOT_PATH].decode("utf-8", "replace")
+        siaddr = 0
+        if bootfile:
+            siaddr = ip_int(next_server) if next_server else server
+        file_field = bootfile.encode()[:127] if bootfile and len(bootfile.encode()) < 128 else b""
+        body = b"".join(opt.tlv(code, data) for code, data in merged.items())
+        result = (body, file_field, siaddr, bootfile, rpath)
+        if len(self._blobs) > 4096:
+            self._blobs.clear()
+        self._blobs[key] = result
+        return result
+
+    def _reply(self, msg: pk.Message, iface: Interface, mtype: int, yiaddr: int, scope: ScopeRuntime | None,
+               boot, lease: bool, message: str | None = None) -> Reply:
+        parts = [bytes((opt.MESSAGE_TYPE, 1, mtype, opt.SERVER_ID, 4)), iface.packed]
+        file_field, siaddr = b"", 0
+        if mtype == pk.NAK:
+            if message:
+                parts.append(opt.tlv(opt.MESSAGE, message.encode()[:255]))
+        else:
+            if lease and scope is not None:
+                parts.append(scope.times)
+            if boot is not None:
+                parts.append(boot[0])
+                file_field, siaddr = boot[1], boot[2]
+        agent = msg.options.get(opt.RELAY_AGENT_INFO)
+        if agent is not None and msg.giaddr:
+            parts.append(opt.tlv(opt.RELAY_AGENT_INFO, agent))  # RFC 3046: echoed back unchanged
+        flags = msg.flags
+        ciaddr = msg.ciaddr if mtype in (pk.ACK,) else 0
+        arp = False
+        if msg.giaddr:
+            dest, port = msg.giaddr, SERVER_PORT
+            if mtype == pk.NAK:
+                flags |= pk.BROADCAST_FLAG
+        elif mtype == pk.NAK:
+            dest, port = BROADCAST, CLIENT_PORT
+        elif msg.ciaddr:
+            dest, port = msg.ciaddr, CLIENT_PORT
+        elif msg.broadcast or not yiaddr:
+            dest, port = BROADCAST, CLIENT_PORT
+        else:
+            dest, port, arp = yiaddr, CLIENT_PORT, True
+        data = pk.build(msg, yiaddr, siaddr, ciaddr, flags, b"", file_field, b"".join(parts))
+        self.counters["replied"] += 1
+        return Reply(data, dest, port, arp, msg.hwaddr, iface)
+
+    def _nak(self, msg, iface, scope, mac, ip, reason) -> Reply:
+        self.counters["naks"] += 1
+        self.events.append((ev.DHCP_NAK, {"mac": mac, "ip": ip_str(ip) if ip else None, "reason": reason,
+                                          "scope": scope.name if scope else None}))
+        return self._reply(msg, iface, pk.NAK, 0, scope, None, False, reason)
+
+    def _bind(self, scope: ScopeRuntime, msg: pk.Message, mac: str, ip: int, now: float, cls, boot) -> None:
+        store = self.store
+        existing = store.by_ip.get(ip)
+        renewed = existing is not None and existing.mac == mac and existing.state == BOUND and existing.expires > now
+        for other in list(store.by_mac.get(mac, ())):
+            if other.ip != ip and other.scope == scope.name and other.state == BOUND:
+                store.set_state(other, RELEASED, now, now)  # one address per client and scope
+        res = scope.reservations.get(mac)
+        hostname = res.hostname if res and res.hostname else None
+        if hostname is None:
+            hn = msg.options.get(opt.HOSTNAME)
+            hostname = hn.decode("utf-8", "replace") if hn else None
+        expires = now + scope.lease_time
+        store.put(Lease(ip, mac, msg.options.get(opt.CLIENT_ID), scope.name, BOUND, expires, hostname), now)
+        self.offers.pop(ip, None)
+        self.offer_of.pop((scope.name, mac), None)
+        self.counters["acks"] += 1
+        if renewed:
+            self.events.append((ev.LEASE_RENEWED, {"mac": mac, "ip": ip_str(ip), "expires": expires}))
+        else:
+            self.events.append((ev.LEASE_GRANTED, {
+                "mac": mac, "ip": ip_str(ip), "scope": scope.name, "expires": expires, "client_class": cls.label,
+                "bootfile": boot[3] if boot else None, "root_path": boot[4] if boot else None,
+            }))
+
+    # -- the protocol ----------------------------------------------------------------------------------------
+
+    def handle(self, msg: pk.Message, iface: Interface, now: float) -> Reply | None:
+        self.counters["received"] += 1
+        mtype = msg.msg_type
+        if msg.op != pk.BOOTREQUEST or msg.hlen == 0 or mtype not in (pk.DISCOVER, pk.REQUEST, pk.DECLINE, pk.RELEASE, pk.INFORM):
+            self.counters["ignored"] += 1
+            return None
+        if self.instances > 1:
+            key = msg.options.get(opt.CLIENT_ID) or msg.hwaddr
+            if not serves(key, self.instance, self.instances):
+                return None  # another process's client (RFC 3074 split)
+        scope = self.scope_for(msg, iface)
+        if scope is None:
+            self.counters["ignored"] += 1
+            return None
+        mac = msg.mac
+        if scope.cfg.known_clients_only and not self._known(scope, mac):
+            self.counters["unknown_clients"] += 1
+            self.events.append((ev.DHCP_UNKNOWN_CLIENT, {"mac": mac, "scope": scope.name}))
+            return None
+        if mtype == pk.DISCOVER:
+            return self._discover(scope, msg, iface, mac, now)
+        if mtype == pk.REQUEST:
+            return self._request(scope, msg, iface, mac, now)
+        if mtype == pk.DECLINE:
+            return self._decline(scope, msg, iface, mac, now)
+        if mtype == pk.RELEASE:
+            return self._release(scope, msg, iface, mac, now)
+        return self._inform(scope, msg, iface, mac)
+
+    def _classify(self, msg):
+        cls = classify(msg.options)
+        if self.matcher.classes:
+            cls.names = self.matcher.match(cls)
+        return cls
+
+    def _discover(self, scope, msg, iface, mac, now) -> Reply | None:
+        cls = self._classify(msg)
+        if cls.kind != "plain":
+            self.events.append((ev.DHCP_DISCOVER, {"mac": mac, "client_class": cls.label, "arch": cls.arch}))
+        ip = self._choose(scope, msg, mac, now)
+        if ip is None:
+            self.counters["exhausted"] += 1
+            self.events.append((ev.DHCP_POOL_EXHAUSTED, {"mac": mac, "scope": scope.name}))
+            return None
+        self.offers[ip] = (mac, now + self.offer_hold)
+        self.offer_of[(scope.name, mac)] = ip
+        boot = self._boot(scope, cls, scope.reservations.get(mac), mac, iface)
+        self.counters["offers"] += 1
+        self.events.append((ev.LEASE_OFFERED, {"mac": mac, "ip": ip_str(ip), "scope": scope.name, "client_class": cls.label}))
+        return self._reply(msg, iface, pk.OFFER, ip, scope, boot, True)
+
+    def _acceptable(self, scope, mac, ip, now) -> str | None:
+        """None if `ip` may be bound to `mac` now, else the reason for a NAK."""
+        if not scope.contains(ip):
+            return f"{ip_str(ip)} is not in subnet {scope.cfg.subnet}"
+        res = scope.reservations.get(mac)
+        if res is not None and res.ip and ip_int(res.ip) != ip:
+            return f"{mac} has the reserved address {res.ip}"
+        lease = self.store.by_ip.get(ip)
+        if lease is not None and lease.expires > now:
+            if lease.state == DECLINED:
+                return f"{ip_str(ip)} was declined and is quarantined"
+            if lease.state == BOUND and lease.mac != mac:
+                return f"{ip_str(ip)} is leased to another client"
+        if lease is not None and lease.mac == mac and lease.state != DECLINED:
+            return None
+        offer = self.offers.get(ip)
+        if offer is not None and offer[0] == mac and offer[1] > now:
+            return None
+        if res is not None and res.ip and ip_int(res.ip) == ip:
+            return None
+        if scope.pool.mine(ip) and self._is_free(scope, ip, mac, now):
+            return None
+        if ip in scope.pool:
+            return "" if self.instances > 1 else f"{ip_str(ip)} is not available"
+        return f"{ip_str(ip)} is not an address this server leases"
+
+    def _request(self, scope, msg, iface, mac, now) -> Reply | None:
+        sid = msg.options.get(opt.SERVER_ID)
+        requested = msg.options.get(opt.REQUESTED_ADDRESS)
+        req_ip = _U32.unpack(requested)[0] if requested is not None and len(requested) == 4 else 0
+        if sid is not None:
+            if sid != iface.packed:  # SELECTING another server's offer: withdraw ours
+                self.counters["other_server"] += 1
+                held = self.offer_of.pop((scope.name, mac), None)
+                if held is not None:
+                    self.offers.pop(held, None)
+                return None
+            ip = req_ip or msg.ciaddr
+            if not ip:
+                return self._nak(msg, iface, scope, mac, 0, "REQUEST carries neither option 50 nor ciaddr")
+        elif req_ip and not msg.ciaddr:
+            ip = req_ip  # INIT-REBOOT
+        elif msg.ciaddr:
+            ip = msg.ciaddr  # RENEWING (unicast) or REBINDING (broadcast)
+        else:
+            return self._nak(msg, iface, scope, mac, 0, "REQUEST carries neither option 50 nor ciaddr")
+        reason = self._acceptable(scope, mac, ip, now)
+        if reason is not None:
+            if reason == "":
+                return None  # another process's slice: it answers
+            if sid is None and not self.authoritative:
+                return None  # RFC 2131 4.3.2: a non-authoritative server stays silent for INIT-REBOOT/RENEWING
+            return self._nak(msg, iface, scope, mac, ip, reason)
+        cls = self._classify(msg)
+        boot = self._boot(scope, cls, scope.reservations.get(mac), mac, iface)
+        self._bind(scope, msg, mac, ip, now, cls, boot)
+        return self._reply(msg, iface, pk.ACK, ip, scope, boot, True)
+
+    def _decline(self, scope, msg, iface, mac, now) -> None:
+        sid = msg.options.get(opt.SERVER_ID)
+        if sid is not None and sid != iface.packed:
+            return None
+        requested = msg.options.get(opt.REQUESTED_ADDRESS)
+        if requested is None or len(requested) != 4:
+            self.counters["ignored"] += 1
+            return None
+        ip = _U32.unpack(requested)[0]
+        lease = self.store.by_ip.get(ip)
+        offered = self.offers.get(ip)
+        if (lease is None or lease.mac != mac) and (offered is None or offered[0] != mac):
+            self.counters["ignored"] += 1
+            return None
+        self.offers.pop(ip, None)
+        self.offer_of.pop((scope.name, mac), None)
+        self.store.put(Lease(ip, mac, None, scope.name, DECLINED, now + self.decline_hold, None), now)
+        self.counters["declines"] += 1
+        self.events.append((ev.LEASE_DECLINED, {"mac": mac, "ip": ip_str(ip), "until": now + self.decline_hold}))
+        return None
+
+    def _release(self, scope, msg, iface, mac, now) -> None:
+        sid = msg.options.get(opt.SERVER_ID)
+        if sid is not None and sid != iface.packed:
+            return None
+        lease = self.store.by_ip.get(msg.ciaddr)
+        if lease is None or lease.mac != mac or lease.state != BOUND:
+            self.counters["ignored"] += 1
+            return None
+        self.store.set_state(lease, RELEASED, now, now)
+        self.counters["releases"] += 1
+        self.events.append((ev.LEASE_RELEASED, {"mac": mac, "ip": ip_str(lease.ip)}))
+        return None
+
+    def _inform(self, scope, msg, iface, mac) -> Reply:
+        cls = self._classify(msg)
+        boot = self._boot(scope, cls, scope.reservations.get(mac), mac, iface)
+        self.counters["informs"] += 1
+        return self._reply(msg, iface, pk.ACK, 0, scope, boot, False)
+
+    # -- housekeeping ----------------------------------------------------------------------------------------
+
+    def expire(self, now: float) -> int:
+        """Leases past their end become `expired`; quarantines end; stale offers go. Returns leases expired."""
+        for ip, (mac, until) in list(self.offers.items()):
+            if until <= now:
+                del self.offers[ip]
+                for key in [k for k, v in self.offer_of.items() if v == ip and k[1] == mac]:
+                    del self.offer_of[key]
+        count = 0
+        for lease in [l for l in self.store.by_ip.values() if l.expires <= now and l.state in (BOUND, DECLINED)]:
+            if lease.state == DECLINED:
+                self.store.delete(lease.ip)
+                continue
+            self.store.set_state(lease, EXPIRED, lease.expires, now)
+            self.events.append((ev.LEASE_EXPIRED, {"mac": lease.mac, "ip": ip_str(lease.ip)}))
+            count += 1
+        return count
+
+    def release(self, mac: str, now: float) -> list[str]:
+        """Operator's `bootfleet lease release MAC`: free the client's bound leases (the service commits)."""
+        freed = []
+        for lease in list(self.store.by_mac.get(mac, ())):
+            if lease.state == BOUND:
+                self.store.set_state(lease, RELEASED, now, now)
+                freed.append(ip_str(lease.ip))
+                self.events.append((ev.LEASE_RELEASED, {"mac": mac, "ip": ip_str(lease.ip), "by": "operator"}))
+        return freed
