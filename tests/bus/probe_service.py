@@ -2,10 +2,13 @@
 
 Run as `python tests/bus/probe_service.py --state-dir DIR [--config FILE]` (PYTHONPATH = the checkout).
 Each applied configuration appends `<boot.default_lun> <unix time>` to <state_dir>/probe-<instance>.applied.
+PROBE_EVENTS=FILE: emit the events listed in FILE (JSON [[type, fields, delay_s], ...]) after the first apply.
 PROBE_FLOOD=N: emit N events as fast as possible after the first apply, then write
 <state_dir>/probe-<instance>.flood with how long the N emit() calls took.
 """
 
+import asyncio
+import json
 import os
 import time
 
@@ -19,6 +22,9 @@ class ProbeService(BaseService):
     async def start(self, config: BootfleetConfig) -> None:
         self.applied = 0
         await self.apply(config)
+        script = os.environ.get("PROBE_EVENTS")
+        if script:
+            asyncio.get_running_loop().create_task(self._replay(json.loads(open(script).read())))
         flood = int(os.environ.get("PROBE_FLOOD", "0"))
         if flood:
             t0 = time.perf_counter()
@@ -26,6 +32,11 @@ class ProbeService(BaseService):
                 self.ctx.emit("probe.flood", n=i)
             took = time.perf_counter() - t0
             (self.ctx.state_dir / f"probe-{self.ctx.instance}.flood").write_text(f"{took:.6f}\n")
+
+    async def _replay(self, items) -> None:
+        for type, fields, delay in items:
+            await asyncio.sleep(delay)
+            self.ctx.emit(type, **fields)
 
     async def apply(self, config: BootfleetConfig) -> None:
         self.applied += 1

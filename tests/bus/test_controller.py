@@ -139,3 +139,38 @@ def test_event_flood_does_not_block_and_counts_match(stack):
     print(f"\n100k events: emit() took {took:.2f} s; received {row['events_received']}, dropped {row['events_dropped']}")
     stored = stack.status()["controller"]["events_stored"]
     assert stored == row["events_received"]
+
+
+def test_events_clients_and_boot_timeline_from_the_cli(stack, tmp_path):
+    mac, ip = "52:54:00:00:00:01", "10.0.0.5"
+    script = [
+        ["dhcp.discover", {"mac": mac}, 0.2],
+        ["dhcp.lease.granted", {"mac": mac, "ip": ip, "expires": 2e9}, 0.1],
+        ["tftp.transfer.finished", {"ip": ip, "file": "boot.ipxe", "bytes": 90}, 0.1],
+        ["iscsi.login", {"ip": ip, "initiator": "iqn.2010-04.org.ipxe:pc", "target": "iqn.2026-11.org.bootfleet:demo", "session_type": "normal"}, 0.1],
+        ["iscsi.first_read", {"ip": ip, "target": "iqn.2026-11.org.bootfleet:demo", "lun": 0}, 0.05],
+        ["iscsi.login", {"ip": ip, "initiator": "iqn.1993-08.org.debian:01:pc", "target": "iqn.2026-11.org.bootfleet:demo", "session_type": "normal"}, 0.3],
+    ]
+    events_file = tmp_path / "events.json"
+    events_file.write_text(json.dumps(script))
+    stack.config.write_text(yaml.safe_dump({"boot": {"default_target": "iqn.2026-11.org.bootfleet:demo"},
+                                            "clients": [{"mac": mac, "name": "pc1"}]}))
+    stack.start_controller()
+    stack.start_probe(0, env={"PROBE_EVENTS": str(events_file)})
+    wait_for(lambda: "iqn.1993-08" in stack.cli("events", "--type", "iscsi.login").stdout, what="events stored")
+    out = stack.cli("events", "--type", "dhcp", "--since", "5m")
+    assert out.returncode == 0
+    assert "dhcp.discover" in out.stdout and "dhcp.lease.granted" in out.stdout and "iscsi" not in out.stdout
+    clients = json.loads(stack.cli("--json", "clients").stdout)["clients"]
+    assert clients == [
+        {**clients[0], "mac": mac, "name": "pc1", "ip": ip, "state": "running", "target": "iqn.2026-11.org.bootfleet:demo lun 0"}
+    ]
+    detail = json.loads(stack.cli("--json", "client", mac).stdout)
+    steps = [s["step"] for s in detail["timeline"]]
+    assert steps == ["DHCP discover", "DHCP ack", "TFTP file", "iSCSI login (firmware)", "first READ", "iSCSI login (OS)"]
+    assert detail["timeline"][-1]["t"] >= 0.5
+    table = stack.cli("client", mac)
+    assert table.returncode == 0 and "iSCSI login (OS)" in table.stdout
+    assert stack.cli("client", "52:54:00:99:99:99").returncode == 1
+    assert stack.cli("events", "--since", "yesterday-ish").returncode == 1
+    assert json.loads(stack.cli("--json", "leases").stdout)["leases"] == [{"ip": ip, "mac": mac, "expires": 2e9}]
