@@ -42,10 +42,14 @@ class ServiceContext:
         self.state_dir = state_dir
         self.log = logging.getLogger(f"bootfleet.{name}")
         self._emitter = emitter
+        self._event_log = logging.getLogger(f"bootfleet.{name}.event")
         self.leases: dict[str, str] = {}  # ip -> mac, from DHCP lease events relayed by the controller
 
     def emit(self, type: str, **fields: Any) -> None:
-        """Queue an event for the controller. Thread-safe, never blocks; drops are counted."""
+        """Queue an event for the controller and log it (one line, INFO). Thread-safe, never blocks;
+        drops are counted. `logging.level: warning` keeps events out of the log on busy servers."""
+        if self._event_log.isEnabledFor(logging.INFO):
+            self._event_log.info("%s %s", type, " ".join(f"{k}={v}" for k, v in fields.items()))
         self._emitter(type, fields)
 
     def mac_for_ip(self, ip: str) -> str | None:
@@ -128,10 +132,7 @@ async def stop_within_bound(service: BaseService) -> None:
 
 
 async def _run_standalone(service_cls: type[BaseService], config: BootfleetConfig, instance: int, state_dir: Path) -> int:
-    def emitter(type: str, fields: dict) -> None:
-        log.info("event %s %s", type, " ".join(f"{k}={v}" for k, v in fields.items()))
-
-    ctx = ServiceContext(service_cls.name, instance, state_dir, emitter)
+    ctx = ServiceContext(service_cls.name, instance, state_dir, lambda type, fields: None)
     ctx.instances = getattr(config.scale, service_cls.name, 1)
     service = service_cls(ctx)
     await service.start(config)
