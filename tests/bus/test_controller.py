@@ -120,6 +120,8 @@ def test_controller_killed_services_keep_serving_then_resync(stack):
 
 
 def test_event_flood_does_not_block_and_counts_match(stack):
+    # events are also logged, one line each at INFO; a busy service runs at warning
+    stack.config.write_text(yaml.safe_dump({"logging": {"level": "warning"}, "bus": {"heartbeat_interval": 0.2}}))
     stack.start_controller()
     stack.start_probe(0, env={"PROBE_FLOOD": "100000"})
     flood = stack.dir / "probe-0.flood"
