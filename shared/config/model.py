@@ -60,3 +60,20 @@ class BootfleetConfig(StrictModel):
                 raise ValueError(f"clients[{i}].mac: {client.mac} is already assigned by clients[{seen[client.mac]}]")
             seen[client.mac] = i
         return self
+
+    @model_validator(mode="after")
+    def _targets_exist(self) -> "BootfleetConfig":
+        """A PC assigned a target this stack does not export would fail to boot; say so now. With
+        boot.server set, targets live on another server and are not checked."""
+        if self.boot.server is not None:
+            return self
+        known = {t.name for t in getattr(self.iscsi, "targets", [])}
+        wanted = [("boot.default_target", self.boot.default_target)]
+        wanted += [(f"clients[{i}].target", c.target) for i, c in enumerate(self.clients)]
+        for path, name in wanted:
+            if name and name not in known:
+                raise ValueError(
+                    f"{path}: {name} is not a target in iscsi.targets "
+                    "(define it there, or set boot.server to boot from another server)"
+                )
+        return self

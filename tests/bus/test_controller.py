@@ -155,7 +155,8 @@ def test_events_clients_and_boot_timeline_from_the_cli(stack, tmp_path):
     ]
     events_file = tmp_path / "events.json"
     events_file.write_text(json.dumps(script))
-    stack.config.write_text(yaml.safe_dump({"boot": {"default_target": "iqn.2026-11.org.bootfleet:demo"},
+    demo = {"name": "iqn.2026-11.org.bootfleet:demo", "luns": [{"id": 0, "backstore": {"type": "ram", "size": 1048576}}]}
+    stack.config.write_text(yaml.safe_dump({"boot": {"default_target": demo["name"]}, "iscsi": {"targets": [demo]},
                                             "clients": [{"mac": mac, "name": "pc1"}]}))
     stack.start_controller()
     stack.start_probe(0, env={"PROBE_EVENTS": str(events_file)})

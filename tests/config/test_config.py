@@ -75,14 +75,22 @@ def test_schema_has_every_section():
         assert section in schema["properties"]
 
 
+def test_assigned_targets_must_exist():
+    with pytest.raises(ConfigError, match=r"clients\[0\].target: iqn.2026-11.org.example:nope is not a target in iscsi.targets"):
+        config_from_dict({"clients": [{"mac": "52:54:00:00:00:01", "target": "iqn.2026-11.org.example:nope"}]})
+    ram = {"type": "ram", "size": 1048576}
+    config_from_dict({"iscsi": {"targets": [{"name": "iqn.2026-11.org.example:pc1", "luns": [{"id": 0, "backstore": ram}]}]},
+                      "clients": [{"mac": "52:54:00:00:00:01", "target": "iqn.2026-11.org.example:pc1"}]})
+
+
 def test_root_path_and_script_per_client():
     config = config_from_dict(
         {
-            "boot": {"default_target": "iqn.2026-11.org.example:golden"},
+            "boot": {"default_target": "iqn.2026-11.org.example:golden", "server": "10.0.0.1"},
             "clients": [{"mac": "52:54:00:00:00:01", "target": "iqn.2026-11.org.example:pc1", "lun": 2}],
         }
     )
-    assert root_path(config, "10.0.0.1", mac="52:54:00:00:00:01") == "iscsi:10.0.0.1:::2:iqn.2026-11.org.example:pc1"
+    assert root_path(config, "10.9.9.9", mac="52:54:00:00:00:01") == "iscsi:10.0.0.1:::2:iqn.2026-11.org.example:pc1"
     assert root_path(config, "10.0.0.1", mac="52:54:00:00:00:09") == "iscsi:10.0.0.1::::iqn.2026-11.org.example:golden"
     script = ipxe_script(config, "10.0.0.1", mac="52:54:00:00:00:01")
     assert script.splitlines() == ["#!ipxe", "set keep-san 1", "sanboot iscsi:10.0.0.1:::2:iqn.2026-11.org.example:pc1"]
