@@ -79,10 +79,11 @@ class LeaseStore:
         self.path = str(path)
         self.readonly = readonly
         if readonly:
-            self.db = sqlite3.connect(f"file:{self.path}?mode=ro", uri=True, timeout=5.0)
+            self.db = sqlite3.connect(f"file:{self.path}?mode=ro", uri=True, timeout=5.0, check_same_thread=False)
         else:
             Path(self.path).parent.mkdir(parents=True, exist_ok=True)
-            self.db = sqlite3.connect(self.path, timeout=10.0, isolation_level=None)
+            # one owner at a time (the service holds a lock); it may be a thread other than the opener
+            self.db = sqlite3.connect(self.path, timeout=10.0, isolation_level=None, check_same_thread=False)
             self.db.execute("PRAGMA journal_mode=WAL")
             # NORMAL in WAL mode: a committed transaction survives the process dying (kill -9), not a power cut.
             self.db.execute("PRAGMA synchronous=" + ("FULL" if durability == "power" else "NORMAL"))

@@ -33,6 +33,7 @@ from __future__ import annotations
 import ipaddress
 import logging
 import struct
+from socket import inet_ntoa
 
 from shared import events as ev
 from shared.boot import assignment_for, chap_for, root_path, target_for
@@ -57,7 +58,7 @@ def ip_int(text: str) -> int:
 
 
 def ip_str(value: int) -> str:
-    return str(ipaddress.IPv4Address(value))
+    return inet_ntoa(_U32.pack(value))
 
 
 class Interface:

@@ -187,10 +187,13 @@ class DhcpService(BaseService):
                             pass
                         continue
                     kind, name = self.fd_map.get(fd, (None, None))
-                    if kind == "dhcp":
-                        self._turn(name)
-                    elif kind == "ra":
-                        self._answer_rs(name)
+                    try:
+                        if kind == "dhcp":
+                            self._turn(name)
+                        elif kind == "ra":
+                            self._answer_rs(name)
+                    except Exception:  # one bad turn never stops the server
+                        self.log.exception("interface %s: serving turn failed", name)
                 if time.monotonic() >= next_housekeeping:
                     next_housekeeping = time.monotonic() + HOUSEKEEPING
                     try:
@@ -238,7 +241,10 @@ class DhcpService(BaseService):
             self.store.commit()  # durable before any ACK of this turn leaves
         except Exception:
             self.log.exception("lease store commit failed; replies of this turn withheld")
-            self.store.load()
+            try:
+                self.store.load()
+            except Exception:
+                self.log.exception("lease store reload failed")
             return
         for reply in replies:
             self._send(sock, reply)
