@@ -159,6 +159,9 @@ class Controller:
             self.auth.stop()
         for sock in (self.clone.publisher, self.clone.snapshot, self.pull, self.control):
             sock.close()
+        for url in (self.endpoints.publish, self.endpoints.snapshot, self.endpoints.events, self.endpoints.control):
+            if url.startswith("ipc://"):
+                Path(url[6:]).unlink(missing_ok=True)  # the CLI then says "not running" at once
         self.events.close()
 
     def _take_events(self) -> None:
