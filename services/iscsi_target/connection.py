@@ -136,12 +136,18 @@ def _chunks(parts: list, size: int):
         yield chunk
 
 
+def _scsi_nexus(**kwargs):
+    from services.iscsi_target.scsi import Nexus  # the SCSI layer's I_T nexus type
+
+    return Nexus(**kwargs)
+
+
 class Connection:
     """One TCP connection's protocol state. `registry` gives targets and policies (see service.py)."""
 
     def __init__(self, registry, sessions: SessionTable, *, peer_ip: str, portal: tuple[str, int],
                  now: float, nop_interval: float = 30.0, nop_timeout: float = 15.0, cmd_window: int = 32,
-                 clock_ns=time.perf_counter_ns, handle=None):
+                 clock_ns=time.perf_counter_ns, handle=None, nexus_factory=None):
         self.registry = registry
         self.sessions = sessions
         self.peer_ip = peer_ip
@@ -151,6 +157,7 @@ class Connection:
         self.cmd_window = cmd_window
         self.clock_ns = clock_ns
         self.handle = handle  # passed to the session so a reinstating login can close us
+        self.nexus_factory = nexus_factory or _scsi_nexus
         self.reader = PduReader(8192)
         self.writer = PduWriter()
         self.out: list = []
@@ -357,9 +364,7 @@ class Connection:
         if m.session_type == "Normal":
             self.entry = m.entry
             self.scsi = m.entry.scsi
-            from services.iscsi_target.scsi import Nexus
-
-            self.nexus = Nexus(initiator_port=session.initiator_port, target_port=f"{target_name},t,0x0001",
+            self.nexus = self.nexus_factory(initiator_port=session.initiator_port, target_port=f"{target_name},t,0x0001",
                                session=session.tsih)
         if old is not None:
             if self.scsi is not None:

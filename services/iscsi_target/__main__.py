@@ -1,0 +1,4 @@
+from services.iscsi_target.service import IscsiTargetService
+from shared.service import main
+
+main(IscsiTargetService)

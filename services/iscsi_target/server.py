@@ -1,0 +1,281 @@
+"""The iSCSI target's thin I/O layer: listening sockets and one thread per connection.
+
+Measured facts it follows (docs/iscsi.md, design brief): receive into one preallocated buffer with
+`recv_into`; hand everything one receive returned to the sans-IO `Connection`; send all its answers in
+one `sendmsg` scatter list (READ data stays slices of the mmap'd image, never copied); optionally spin
+on a non-blocking receive for a few microseconds before sleeping while I/O flows (`busy_poll_us`),
+which is what wins at queue depth 1. A blocking thread per connection measured equal to an event loop
+here and makes that busy-poll simple. Sockets are blocking with SO_RCVTIMEO of one second, so an idle
+connection wakes once a second for its timers without a poll() per receive.
+
+Listening sockets set SO_REUSEPORT so several processes can share port 3260 when scaled.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import socket
+import struct
+import threading
+import time
+
+from services.iscsi_target.connection import Connection
+from services.iscsi_target.session import SessionTable
+
+log = logging.getLogger("bootfleet.iscsi_target.server")
+
+RECV_BUFFER = 1 << 20  # grows up to one PDU's size if a PDU is larger
+IOV_MAX = 1024
+SEND_TIMEOUT = 30.0
+
+
+def send_all(sock: socket.socket, bufs: list) -> None:
+    """sendmsg the whole scatter list, IOV_MAX buffers at a time, resuming after partial sends."""
+    while bufs:
+        batch = bufs[:IOV_MAX]
+        rest = bufs[IOV_MAX:]
+        sent = sock.sendmsg(batch)
+        i = 0
+        n = len(batch)
+        while i < n:
+            size = len(batch[i])
+            if sent < size:
+                break
+            sent -= size
+            i += 1
+        if i < n:
+            head = memoryview(batch[i])[sent:] if sent else batch[i]
+            bufs = [head] + batch[i + 1 :] + rest
+        else:
+            bufs = rest
+
+
+class ConnectionRunner:
+    """Owns one accepted socket and its Connection; runs in its own thread."""
+
+    def __init__(self, server: "Server", sock: socket.socket, peer: tuple, local: tuple):
+        self.server = server
+        self.sock = sock
+        self.peer_ip = peer[0]
+        self.lock = threading.Lock()
+        self.aborted = ""
+        cfg = server.settings
+        self.busy_poll_ns = int(cfg.get("busy_poll_us", 0)) * 1000
+        self.conn = Connection(server.registry, server.sessions, peer_ip=peer[0], portal=(local[0], local[1]),
+                               now=time.monotonic(), nop_interval=cfg.get("nop_interval", 30.0),
+                               nop_timeout=cfg.get("nop_timeout", 15.0), cmd_window=cfg.get("cmd_window", 32),
+                               handle=self)
+        self.thread = threading.Thread(target=self.run, name=f"iscsi-{peer[0]}:{peer[1]}", daemon=True)
+
+    # Called from other threads -------------------------------------------------
+    def abort(self, reason: str) -> None:
+        """Close this connection from another thread (session reinstatement, stop)."""
+        self.aborted = reason
+        try:
+            self.sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+
+    def request_logout(self, grace: float) -> None:
+        with self.lock:
+            self.conn.request_logout(time.monotonic(), grace)
+            self._flush()
+
+    def update_settings(self, settings: dict) -> None:
+        with self.lock:
+            self.busy_poll_ns = int(settings.get("busy_poll_us", 0)) * 1000
+            self.conn.nop_interval = settings.get("nop_interval", 30.0)
+            self.conn.nop_timeout = settings.get("nop_timeout", 15.0)
+
+    # The connection's own thread -----------------------------------------------
+    def _flush(self) -> None:
+        conn = self.conn
+        out = conn.out
+        if out:
+            conn.out = []
+            try:
+                send_all(self.sock, out)
+            except OSError as exc:
+                conn.connection_lost(f"send failed: {exc.strerror or exc}")
+        if conn.events:
+            events, conn.events = conn.events, []
+            for name, fields in events:
+                self.server.emit(name, fields)
+
+    def _receive(self, view) -> int:
+        """One receive: spin non-blocking for up to busy_poll_ns first when I/O is flowing."""
+        sock = self.sock
+        if self.busy_poll_ns and self._flowing:
+            deadline = time.perf_counter_ns() + self.busy_poll_ns
+            while True:
+                try:
+                    return sock.recv_into(view, 0, socket.MSG_DONTWAIT)
+                except BlockingIOError:
+                    if time.perf_counter_ns() >= deadline:
+                        break
+            self._flowing = False  # the spin found nothing: sleep until traffic resumes
+        n = sock.recv_into(view)
+        self._flowing = True
+        return n
+
+    def run(self) -> None:
+        sock = self.sock
+        conn = self.conn
+        buf = bytearray(RECV_BUFFER)
+        view = memoryview(buf)
+        start = end = 0
+        self._flowing = False
+        last_timer = time.monotonic()
+        reason = "connection closed by the initiator"
+        try:
+            while not self.server.stopping:
+                if end == len(buf):
+                    # Compact; grow if one PDU needs more room than the whole buffer.
+                    need = conn.needed(view[start:end])
+                    if start:
+                        buf[: end - start] = buf[start:end]
+                        end -= start
+                        start = 0
+                    if need > len(buf):
+                        grown = bytearray(max(need, 2 * len(buf)))
+                        grown[:end] = buf[:end]
+                        buf = grown
+                        view = memoryview(buf)
+                try:
+                    n = self._receive(view[end:])
+                except (BlockingIOError, TimeoutError):
+                    n = -1  # SO_RCVTIMEO: a second of silence
+                except OSError as exc:
+                    reason = f"receive failed: {exc.strerror or exc}"
+                    break
+                now = time.monotonic()
+                if n == 0:
+                    if self.aborted:
+                        reason = self.aborted
+                    break
+                with self.lock:
+                    if n > 0:
+                        end += n
+                        consumed = conn.receive(view[start:end], now)
+                        start += consumed
+                        if start == end:
+                            start = end = 0
+                    if now - last_timer >= 1.0:
+                        last_timer = now
+                        conn.timer(now)
+                    self._flush()
+                    if conn.closing:
+                        reason = conn.close_reason
+                        break
+        except Exception:  # noqa: BLE001 - one connection's bug must not take the target down
+            log.exception("connection from %s failed", self.peer_ip)
+            reason = "internal error"
+        finally:
+            with self.lock:
+                conn.connection_lost(self.aborted or reason)
+                self._flush_events_only()
+            try:
+                sock.close()
+            except OSError:
+                pass
+            self.server.forget(self)
+
+    def _flush_events_only(self) -> None:
+        conn = self.conn
+        conn.out = []
+        events, conn.events = conn.events, []
+        for name, fields in events:
+            self.server.emit(name, fields)
+
+
+class Server:
+    """Listening sockets on the configured portals and the set of live connections."""
+
+    def __init__(self, registry, emit, settings: dict):
+        self.registry = registry
+        self.emit = emit
+        self.settings = dict(settings)
+        self.sessions = SessionTable()
+        self.stopping = False
+        self.listeners: dict[tuple[str, int], socket.socket] = {}
+        self.runners: set[ConnectionRunner] = set()
+        self._lock = threading.Lock()
+        self.accepted = 0
+
+    def set_portals(self, portals: list[tuple[str, int]]) -> None:
+        """Listen on exactly these portals: open new ones, close removed ones (connections stay)."""
+        wanted = set(portals)
+        for portal in list(self.listeners):
+            if portal not in wanted:
+                self.listeners.pop(portal).close()
+        for portal in portals:
+            if portal not in self.listeners:
+                sock = self._listen(portal)
+                self.listeners[portal] = sock
+                threading.Thread(target=self._accept_loop, args=(sock, portal), name=f"iscsi-accept-{portal[1]}",
+                                 daemon=True).start()
+
+    def _listen(self, portal: tuple[str, int]) -> socket.socket:
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)  # scaled processes share the port
+        sock.bind(portal)
+        sock.listen(128)
+        sock.settimeout(0.5)
+        log.info("listening on %s:%d", *portal)
+        return sock
+
+    def _accept_loop(self, lsock: socket.socket, portal) -> None:
+        while not self.stopping and self.listeners.get(portal) is lsock:
+            try:
+                sock, peer = lsock.accept()
+            except TimeoutError:
+                continue
+            except OSError as exc:
+                if exc.errno in (errno.EBADF, errno.EINVAL) or self.listeners.get(portal) is not lsock:
+                    return
+                log.warning("accept on %s:%d failed: %s", portal[0], portal[1], exc)
+                time.sleep(0.1)
+                continue
+            try:
+                self._start_connection(sock, peer)
+            except Exception:  # noqa: BLE001
+                log.exception("could not start a connection from %s", peer[0])
+                sock.close()
+
+    def _start_connection(self, sock: socket.socket, peer) -> None:
+        sock.settimeout(None)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, struct.pack("ll", 1, 0))
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, struct.pack("ll", int(SEND_TIMEOUT), 0))
+        local = sock.getsockname()
+        runner = ConnectionRunner(self, sock, peer, local)
+        with self._lock:
+            self.runners.add(runner)
+            self.accepted += 1
+        runner.thread.start()
+
+    def forget(self, runner: ConnectionRunner) -> None:
+        with self._lock:
+            self.runners.discard(runner)
+
+    def connections(self) -> list[ConnectionRunner]:
+        with self._lock:
+            return list(self.runners)
+
+    def update_settings(self, settings: dict) -> None:
+        self.settings = dict(settings)
+        for runner in self.connections():
+            runner.update_settings(self.settings)
+
+    def stop(self, timeout: float = 5.0) -> None:
+        self.stopping = True
+        for portal in list(self.listeners):
+            self.listeners.pop(portal).close()
+        runners = self.connections()
+        for runner in runners:
+            runner.abort("target stopping")
+        deadline = time.monotonic() + timeout
+        for runner in runners:
+            runner.thread.join(max(0.0, deadline - time.monotonic()))

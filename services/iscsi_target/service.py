@@ -1,0 +1,210 @@
+"""The iSCSI target service: builds targets and LUNs from the config, runs the server, reports events.
+
+A new configuration revision is applied without dropping sessions: targets that appear are served at
+once; targets that disappear ask their initiators to log out (Async Message, then a close after a grace
+period); LUNs are added to or removed from live targets; access settings apply to the next login;
+portals are opened and closed. A LUN whose backstore settings change is replaced (its sessions see a
+unit attention from the SCSI layer). Every `io_stats_interval` seconds each session reports, per LUN,
+the commands, bytes and mean latency of the interval.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from shared.service import BaseService
+from services.iscsi_target import events as ev
+from services.iscsi_target.access import AccessPolicy
+from services.iscsi_target.server import Server
+
+LOGOUT_GRACE = 3.0
+
+
+@dataclass
+class TargetEntry:
+    name: str
+    alias: str | None
+    scsi: object  # scsi.ScsiTarget
+    policy: AccessPolicy
+    lun_specs: dict = field(default_factory=dict)  # lun id -> Backstore config (to detect changes)
+
+
+class Registry:
+    """What connections look up: targets by name, the discovery policy, portal addresses."""
+
+    def __init__(self):
+        self.targets: dict[str, TargetEntry] = {}
+        self.discovery = None
+        self.portals: list[tuple[str, int]] = []
+
+    def target(self, name: str) -> TargetEntry | None:
+        return self.targets.get(name)
+
+    def discovery_policy(self) -> AccessPolicy:
+        return self.discovery
+
+    def visible_targets(self, initiator: str, ip: str) -> list[str]:
+        return [name for name, entry in list(self.targets.items()) if entry.policy.visible_to(initiator, ip)]
+
+    def target_addresses(self, local_ip: str, local_port: int) -> list[str]:
+        """TargetAddress values: the configured portals, with 0.0.0.0 replaced by the address asked on."""
+        out = []
+        for ip, port in self.portals:
+            address = local_ip if ip == "0.0.0.0" else ip
+            item = f"{address}:{port},1"
+            if item not in out:
+                out.append(item)
+        return out or [f"{local_ip}:{local_port},1"]
+
+
+def build_backstore(spec, state_dir: Path):
+    from services.iscsi_target.scsi import FileBackstore, RamBackstore
+
+    if spec.type == "ram":
+        return RamBackstore(spec.size, block_size=spec.block_size)
+    path = Path(spec.path)
+    if not path.is_absolute():
+        path = state_dir / path
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return FileBackstore(str(path), spec.size, block_size=spec.block_size, readonly=spec.readonly,
+                         sparse=spec.sparse, create=spec.create, write_through=spec.write_through)
+
+
+def build_lun(spec, lun_id: int, state_dir: Path):
+    from services.iscsi_target.scsi import LogicalUnit
+
+    return LogicalUnit(build_backstore(spec, state_dir), lun_id, readonly=spec.readonly)
+
+
+class IscsiTargetService(BaseService):
+    name = "iscsi_target"
+
+    def __init__(self, ctx):
+        super().__init__(ctx)
+        self.registry = Registry()
+        self.server: Server | None = None
+        self.config = None
+        self._stats_prev: dict[tuple, tuple] = {}
+        self._stats_task: asyncio.Task | None = None
+        self._apply_lock = threading.Lock()
+
+    # ------------------------------------------------------------------ life
+    async def start(self, config) -> None:
+        self._build(config)
+        self.server = Server(self.registry, self._emit, self._settings(config.iscsi))
+        self.server.set_portals([(p.ip, p.port) for p in config.iscsi.portals])
+        self.config = config
+        self._stats_task = asyncio.get_running_loop().create_task(self._stats_loop())
+        self.log.info("serving %d target(s): %s", len(self.registry.targets), ", ".join(self.registry.targets) or "-")
+
+    async def apply(self, config) -> None:
+        removed = self._build(config)
+        self.server.update_settings(self._settings(config.iscsi))
+        self.server.set_portals([(p.ip, p.port) for p in config.iscsi.portals])
+        self.config = config
+        if removed:
+            for runner in self.server.connections():
+                session = runner.conn.session
+                if session is not None and session.target in removed:
+                    runner.request_logout(LOGOUT_GRACE)
+        self.log.info("applied: %d target(s), removed %s", len(self.registry.targets), ", ".join(removed) or "none")
+
+    async def stop(self) -> None:
+        if self._stats_task:
+            self._stats_task.cancel()
+        if self.server:
+            await asyncio.get_running_loop().run_in_executor(None, self.server.stop)
+        self._emit_stats()
+
+    def counters(self) -> dict[str, float]:
+        sessions = self.server.sessions.all() if self.server else []
+        totals = [0, 0, 0, 0]
+        for s in sessions:
+            for st in list(s.stats.values()):
+                totals[0] += st.reads
+                totals[1] += st.writes
+                totals[2] += st.read_bytes
+                totals[3] += st.write_bytes
+        return {"sessions": len(sessions), "connections": len(self.server.connections()) if self.server else 0,
+                "targets": len(self.registry.targets), "reads": totals[0], "writes": totals[1],
+                "read_bytes": totals[2], "write_bytes": totals[3]}
+
+    # ------------------------------------------------------------------ config
+    @staticmethod
+    def _settings(section) -> dict:
+        return {"busy_poll_us": section.busy_poll_us, "nop_interval": section.nop_interval,
+                "nop_timeout": section.nop_timeout, "cmd_window": section.cmd_window}
+
+    def _build(self, config) -> list[str]:
+        """Bring the registry to this config; returns the names of removed targets."""
+        from services.iscsi_target.scsi import ScsiTarget
+
+        section = config.iscsi
+        state_dir = self.ctx.state_dir
+        with self._apply_lock:
+            old = self.registry.targets
+            new: dict[str, TargetEntry] = {}
+            for t in section.targets:
+                policy = AccessPolicy(t.effective_auth(section.auth), t.acls)
+                specs = {lun.id: lun.backstore for lun in t.luns}
+                entry = old.get(t.name)
+                if entry is None:
+                    luns = {lun_id: build_lun(spec, lun_id, state_dir) for lun_id, spec in specs.items()}
+                    scsi = ScsiTarget(t.name, luns)
+                    new[t.name] = TargetEntry(t.name, t.alias, scsi, policy, specs)
+                    continue
+                for lun_id, spec in entry.lun_specs.items():
+                    if lun_id not in specs or specs[lun_id] != spec:
+                        entry.scsi.remove_lun(lun_id)
+                for lun_id, spec in specs.items():
+                    if lun_id not in entry.lun_specs or entry.lun_specs[lun_id] != spec:
+                        entry.scsi.add_lun(lun_id, build_lun(spec, lun_id, state_dir))
+                new[t.name] = TargetEntry(t.name, t.alias, entry.scsi, policy, specs)
+            self.registry.portals = [(p.ip, p.port) for p in section.portals]
+            self.registry.discovery = AccessPolicy(section.auth)
+            self.registry.targets = new  # one assignment: connections see the old or the new dict
+            return [name for name in old if name not in new]
+
+    # ------------------------------------------------------------------ events
+    def _emit(self, name: str, fields: dict) -> None:
+        if name == ev.ERROR:
+            self.log.error("SCSI layer fault in %s: %s", fields.get("where"), fields.get("error"))
+            return
+        ip = fields.get("ip")
+        if ip and "mac" not in fields:
+            mac = self.ctx.mac_for_ip(ip)
+            if mac:
+                fields["mac"] = mac
+        self.ctx.emit(name, **fields)
+
+    async def _stats_loop(self) -> None:
+        while True:
+            interval = self.config.iscsi.io_stats_interval if self.config else 10.0
+            await asyncio.sleep(interval or 5.0)
+            if interval:
+                self._emit_stats()
+
+    def _emit_stats(self) -> None:
+        if not self.server:
+            return
+        seen = set()
+        for s in self.server.sessions.all():
+            for lun, st in list(s.stats.items()):
+                key = (s.tsih, s.initiator, s.isid, lun)
+                seen.add(key)
+                now = st.snapshot()
+                prev = self._stats_prev.get(key, (0, 0, 0, 0, 0, 0))
+                delta = [a - b for a, b in zip(now, prev)]
+                self._stats_prev[key] = now
+                ops = delta[0] + delta[1] + delta[2]
+                if not ops:
+                    continue
+                self._emit(ev.IO_STATS, {"ip": s.ip, "initiator": s.initiator, "target": s.target, "tsih": s.tsih,
+                                         "lun": lun, "reads": delta[0], "writes": delta[1], "others": delta[2],
+                                         "read_bytes": delta[3], "write_bytes": delta[4],
+                                         "latency_us_avg": round(delta[5] / ops / 1000, 1)})
+        for key in [k for k in self._stats_prev if k not in seen]:
+            del self._stats_prev[key]

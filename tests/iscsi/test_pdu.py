@@ -1,0 +1,117 @@
+"""PDU codec: binary fixtures, framing across receive boundaries, padding, digests, oversize segments."""
+
+import struct
+
+import pytest
+from crc32c import crc32c
+
+from services.iscsi_target import pdu as P
+
+# A Login Request as libiscsi sends it (captured layout): I bit, T, CSG 0 -> NSG 1, ISID 0x80123456789a,
+# ITT 1, CID 0, CmdSN 1, ExpStatSN 0, data "InitiatorName=iqn.x\0" padded to 4.
+LOGIN_FIXTURE = bytes.fromhex(
+    "4381000000000014" "80123456789a0000" "00000001" "00000000" "00000001" "00000000"
+    + "00" * 16
+) + b"InitiatorName=iqn.x\0"
+
+
+def test_login_fixture_decodes_every_field():
+    (pdu,), used = P.PduReader().feed(memoryview(LOGIN_FIXTURE))
+    assert used == len(LOGIN_FIXTURE)
+    assert pdu.opcode == P.OP_LOGIN_REQ and pdu.immediate
+    assert pdu.flags == 0x81 and pdu.dsl == 20
+    assert pdu.lun >> 16 == 0x80123456789A and pdu.lun & 0xFFFF == 0
+    assert pdu.itt == 1 and pdu.cmdsn == 1 and pdu.expstatsn == 0
+    assert P.decode_text(pdu.data) == [("InitiatorName", "iqn.x")]
+
+
+def test_encode_request_matches_fixture():
+    raw = P.encode_request(P.OP_LOGIN_REQ, immediate=True, flags=0x81, lun=0x80123456789A << 16, itt=1,
+                           words=(0, 1, 0, 0, 0, 0, 0), data=b"InitiatorName=iqn.x\0")
+    assert raw == LOGIN_FIXTURE
+
+
+def test_writer_pads_and_counts_data_segment():
+    w = P.PduWriter()
+    parts = w.pack(P.OP_NOP_IN, 0x80, 0, 0, 0, 7, 0xFFFFFFFF, 1, 2, 3, 0, 0, 0, data=b"abcde")
+    raw = b"".join(bytes(p) for p in parts)
+    assert len(raw) == 48 + 8
+    assert raw[5:8] == b"\x00\x00\x05" and raw[-3:] == b"\0\0\0"
+    assert struct.unpack_from(">I", raw, 16)[0] == 7
+
+
+def test_writer_scatter_list_keeps_buffers_uncopied():
+    block = memoryview(bytearray(b"x" * 4096))
+    parts = P.PduWriter().pack(P.OP_DATA_IN, 0x81, 0, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0, data=[block[:1024], block[1024:]])
+    assert parts[1].obj is block.obj and parts[2].obj is block.obj  # slices, not copies
+
+
+@pytest.mark.parametrize("split", [1, 3, 47, 48, 49, 60, 67])
+def test_reader_frames_across_any_split(split):
+    raw = LOGIN_FIXTURE * 2
+    reader = P.PduReader()
+    pdus, used = reader.feed(memoryview(raw[:split]))
+    rest = raw[used:]
+    more, used2 = reader.feed(memoryview(rest))
+    assert len(pdus) + len(more) == 2 and used2 == len(rest)
+
+
+def test_reader_reports_need_for_partial_pdu():
+    reader = P.PduReader()
+    assert reader.needed(memoryview(LOGIN_FIXTURE[:10])) == 48
+    assert reader.needed(memoryview(LOGIN_FIXTURE[:50])) == len(LOGIN_FIXTURE)
+
+
+def test_digests_round_trip_and_detect_corruption():
+    raw = P.encode_request(P.OP_NOP_OUT, immediate=True, flags=0x80, itt=5, data=b"ping!", header_digest=True,
+                           data_digest=True)
+    reader = P.PduReader()
+    reader.header_digest = reader.data_digest = True
+    (pdu,), _ = reader.feed(memoryview(raw))
+    assert bytes(pdu.data) == b"ping!"
+    # the header digest is little-endian CRC32C of the BHS, as Linux and libiscsi compute it
+    assert raw[48:52] == struct.pack("<I", crc32c(raw[:48]))
+    bad = bytearray(raw)
+    bad[-6] ^= 1
+    (err,), _ = reader.feed(memoryview(bytes(bad)))
+    assert isinstance(err, P.PduError) and err.reason == P.REJECT_DATA_DIGEST and not err.fatal
+    bad = bytearray(raw)
+    bad[20] ^= 1
+    (err,), _ = reader.feed(memoryview(bytes(bad)))
+    assert isinstance(err, P.PduError) and err.fatal
+
+
+def test_writer_digests_verify_with_reader():
+    w = P.PduWriter()
+    w.header_digest = w.data_digest = True
+    raw = b"".join(bytes(p) for p in w.pack(P.OP_NOP_IN, 0x80, 0, 0, 0, 7, 1, 2, 3, 4, 0, 0, 0, data=[b"ab", b"cde"]))
+    r = P.PduReader()
+    r.header_digest = r.data_digest = True
+    (pdu,), used = r.feed(memoryview(raw))
+    assert used == len(raw) and bytes(pdu.data) == b"abcde"
+
+
+def test_oversize_data_segment_is_fatal_before_buffering():
+    head = bytearray(LOGIN_FIXTURE[:48])
+    head[5:8] = (100000).to_bytes(3, "big")
+    (err,), used = P.PduReader(8192).feed(memoryview(bytes(head)))
+    assert isinstance(err, P.PduError) and err.fatal and used == 0
+
+
+def test_ahs_and_extended_cdb():
+    ahs = struct.pack(">HBB", 5, 1, 0) + b"\x11\x22\x33\x44"
+    raw = P.encode_request(P.OP_SCSI_CMD, flags=0x80, words=(0, 1, 0, 0, 0, 0, 0), ahs=ahs)
+    (pdu,), used = P.PduReader().feed(memoryview(raw))
+    assert used == len(raw) and pdu.ahs_len == 8 and pdu.cdb[16:] == b"\x11\x22\x33\x44"
+
+
+def test_lun_encoding():
+    assert P.decode_lun(P.encode_lun(0)) == 0
+    assert P.decode_lun(P.encode_lun(5)) == 5
+    assert P.decode_lun(P.encode_lun(300)) == 300
+    assert P.encode_lun(1) == 0x0001000000000000
+
+
+def test_text_codec():
+    assert P.decode_text(P.encode_text([("A", "1"), ("B", "x,y")])) == [("A", "1"), ("B", "x,y")]
+    assert P.decode_text(b"Broken\0") == [("Broken", None)]
