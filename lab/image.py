@@ -1,0 +1,359 @@
+"""Build the lab's boot disk from Debian packages, without installing them and without loop mounts.
+
+The disk (`BOOT_DISK_MIB` MiB, raw):
+- sector 0: syslinux's `mbr.bin` and an MBR partition table with one bootable FAT16 partition at 1 MiB;
+- sector `TOKEN_SECTOR`: a token the test writes before boot; the guest reads it and prints it;
+- sector `NONCE_SECTOR`: where the guest writes a nonce of its own; the test reads it back through the target;
+- the partition: syslinux (ldlinux.sys/.c32), `syslinux.cfg`, a Debian kernel taken from its .deb, and a busybox
+  initramfs whose /init prints `MARKER`, logs in again with open-iscsi's `iscsistart` from the iBFT that iPXE left,
+  reads the token, writes the nonce, and powers off.
+
+Everything is cached under `var/cache/lab/`; the image is rebuilt only when this module or the packages change.
+Run `python -m lab.image` to build it and print its path.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gzip
+import hashlib
+import io
+import os
+import re
+import shutil
+import stat
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+CACHE = REPO / "var" / "cache" / "lab"
+
+BOOT_DISK_MIB = 32
+PARTITION_START = 2048  # sectors: 1 MiB, the usual alignment
+SECTOR = 512
+TOKEN_SECTOR = 1024  # in the gap between the MBR and the partition: no filesystem owns it
+NONCE_SECTOR = 1025
+MARKER = "BOOTFLEET-MARKER"
+
+# Debian's cloud kernel: LZ4-compressed (the generic one is XZ, which takes ~4 s more to unpack under TCG) and
+# fewer built-in drivers to probe. It has no e1000 driver, so the lab's PCs have a virtio NIC.
+KERNEL_METAPACKAGE = "linux-image-cloud-amd64"
+
+# Kernel modules the guest needs; their dependencies are added at build time, built-in ones skipped.
+MODULES = [
+    "sd_mod",  # the iSCSI LUN as /dev/sdX
+    "virtio_pci", "virtio_net",  # the virtio NIC iPXE booted from
+    "iscsi_tcp",  # open-iscsi's transport
+    "iscsi_ibft",  # /sys/firmware/ibft: what iPXE left for the OS
+    "crc32c_generic",  # libiscsi_tcp asks the crypto API for crc32c (digests) when a session starts
+]
+
+# /init of the guest. It runs under busybox sh; its output goes to the serial console (console=ttyS0).
+INIT = r"""#!/bin/busybox sh
+/bin/busybox mkdir -p /proc /sys /dev /tmp /run /var/lock /etc/iscsi
+/bin/busybox mount -t proc proc /proc
+/bin/busybox mount -t devtmpfs dev /dev
+/bin/busybox --install -s /bin
+mount -t sysfs sys /sys
+up() { cut -d' ' -f1 /proc/uptime; }
+echo "@MARKER@ uptime=$(up)"
+for m in $(cat /etc/modules.order); do
+    insmod /lib/modules/$m.ko 2>/dev/null || echo "BOOTFLEET-WARN insmod $m failed"
+done
+fail() { echo "BOOTFLEET-FAIL $*"; poweroff -f; sleep 30; }
+[ -d /sys/firmware/ibft ] || fail "no iBFT: did iPXE keep the SAN (set keep-san 1)?"
+echo "BOOTFLEET-IBFT target=$(cat /sys/firmware/ibft/target0/target-name 2>/dev/null) lun=$(cat /sys/firmware/ibft/target0/lun 2>/dev/null)"
+iscsistart -N >/tmp/net.log 2>&1 || { cat /tmp/net.log; fail "iscsistart -N (network from iBFT)"; }
+iscsistart -b >/tmp/login.log 2>&1 || { cat /tmp/login.log; fail "iscsistart -b (login from iBFT)"; }
+echo "BOOTFLEET-LOGIN uptime=$(up)"
+disk=""
+i=0
+while [ -z "$disk" ] && [ $i -lt 200 ]; do
+    for d in /sys/block/sd*; do [ -e "$d" ] && disk=${d##*/} && break; done
+    [ -z "$disk" ] && { sleep 0.1; i=$((i + 1)); }
+done
+[ -n "$disk" ] || fail "no disk appeared after the iSCSI login"
+token=$(dd if=/dev/$disk bs=512 skip=@TOKEN_SECTOR@ count=1 2>/dev/null | tr -dc 'A-Za-z0-9-' | head -c 64)
+echo "BOOTFLEET-TOKEN $token"
+nonce=$(head -c 16 /dev/urandom | od -An -tx1 | tr -d ' \n')
+printf 'BOOTFLEET-NONCE %s\n' "$nonce" | dd of=/dev/$disk bs=512 seek=@NONCE_SECTOR@ count=1 conv=sync,fsync 2>/dev/null \
+    || fail "write of the nonce to /dev/$disk"
+echo "BOOTFLEET-NONCE $nonce uptime=$(up)"
+echo "BOOTFLEET-DONE"
+poweroff -f
+sleep 30
+"""
+
+SYSLINUX_CFG = """DEFAULT linux
+PROMPT 0
+TIMEOUT 0
+LABEL linux
+  KERNEL /vmlinuz
+  INITRD /initrd.gz
+  APPEND console=ttyS0,115200 quiet loglevel=3 panic=-1 rdinit=/init
+"""
+
+
+class ImageError(RuntimeError):
+    pass
+
+
+def _run(cmd: list[str], cwd: Path | None = None) -> str:
+    try:
+        done = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, check=False)
+    except FileNotFoundError as exc:
+        raise ImageError(f"{cmd[0]} is missing: install it (see deploy/system-deps.sh)") from exc
+    if done.returncode != 0:
+        raise ImageError(f"{' '.join(cmd)} failed ({done.returncode}): {done.stderr.strip()[-800:]}")
+    return done.stdout
+
+
+def kernel_package() -> str:
+    """The versioned kernel package the metapackage depends on (e.g. linux-image-6.1.0-56-cloud-amd64)."""
+    out = _run(["apt-cache", "depends", KERNEL_METAPACKAGE])
+    m = re.search(r"Depends: (linux-image-[0-9][^\s]*-amd64)", out)
+    if not m:
+        raise ImageError(f"apt-cache depends {KERNEL_METAPACKAGE} names no kernel package:\n{out}")
+    return m.group(1)
+
+
+def download(package: str, debs: Path) -> Path:
+    debs.mkdir(parents=True, exist_ok=True)
+    found = sorted(debs.glob(f"{package}_*.deb"))
+    if found:
+        return found[-1]
+    os.chmod(debs, 0o777)  # apt drops to the _apt user when it can write here
+    _run(["apt-get", "download", package], cwd=debs)
+    found = sorted(debs.glob(f"{package}_*.deb"))
+    if not found:
+        raise ImageError(f"apt-get download {package} left no .deb in {debs}")
+    return found[-1]
+
+
+def extract(deb: Path, into: Path) -> Path:
+    if not (into / ".done").exists():
+        shutil.rmtree(into, ignore_errors=True)
+        into.mkdir(parents=True)
+        _run(["dpkg-deb", "-x", str(deb), str(into)])
+        (into / ".done").touch()
+    return into
+
+
+def module_depends(ko: Path) -> list[str]:
+    m = re.search(rb"\x00depends=([^\x00]*)\x00", ko.read_bytes())
+    return [d.decode().replace("-", "_") for d in m.group(1).split(b",") if d] if m else []
+
+
+def module_paths(kernel_root: Path) -> dict[str, Path]:
+    return {p.stem.replace("-", "_"): p for p in kernel_root.glob("lib/modules/*/kernel/**/*.ko")}
+
+
+def builtin_modules(kernel_root: Path) -> set[str]:
+    names = set()
+    for listing in kernel_root.glob("lib/modules/*/modules.builtin"):
+        names.update(Path(line).stem.replace("-", "_") for line in listing.read_text().split())
+    return names
+
+
+def load_order(paths: dict[str, Path], wanted: list[str], builtin: set[str] = frozenset()) -> list[str]:
+    """`wanted` and everything they depend on, each after its dependencies (what modprobe would do)."""
+    order: list[str] = []
+
+    def visit(name: str, chain: tuple[str, ...]) -> None:
+        if name in order or name in builtin:
+            return
+        if name not in paths:
+            raise ImageError(f"kernel module {name} (needed by {' <- '.join(chain) or 'MODULES'}) is not in the kernel package")
+        for dep in module_depends(paths[name]):
+            visit(dep, (name, *chain))
+        order.append(name)
+
+    for name in wanted:
+        visit(name, ())
+    return order
+
+
+def shared_libs(binary: Path) -> list[Path]:
+    """The shared libraries (and the loader) a binary needs, as `ldd` resolves them on this Debian host."""
+    libs = []
+    for line in _run(["ldd", str(binary)]).splitlines():
+        m = re.search(r"(/\S+) \(0x", line)
+        if m:
+            libs.append(Path(m.group(1)))
+    return libs
+
+
+class Cpio:
+    """A `newc` cpio archive written in memory: the format the kernel unpacks as initramfs."""
+
+    def __init__(self) -> None:
+        self.buf = io.BytesIO()
+        self.ino = 1
+
+    def _entry(self, name: str, mode: int, data: bytes = b"") -> None:
+        name_b = name.encode() + b"\0"
+        header = b"070701" + b"".join(
+            f"{v:08x}".encode()
+            for v in (self.ino, mode, 0, 0, 1, 0, len(data), 0, 0, 0, 0, len(name_b), 0)
+        )
+        self.ino += 1
+        self.buf.write(header + name_b)
+        self.buf.write(b"\0" * (-(110 + len(name_b)) % 4))
+        self.buf.write(data)
+        self.buf.write(b"\0" * (-len(data) % 4))
+
+    def dir(self, name: str) -> None:
+        self._entry(name, stat.S_IFDIR | 0o755)
+
+    def file(self, name: str, data: bytes, mode: int = 0o644) -> None:
+        self._entry(name, stat.S_IFREG | mode, data)
+
+    def symlink(self, name: str, target: str) -> None:
+        self._entry(name, stat.S_IFLNK | 0o777, target.encode())
+
+    def finish(self) -> bytes:
+        self._entry("TRAILER!!!", 0)
+        return self.buf.getvalue()
+
+
+def build_initramfs(busybox_root: Path, iscsi_root: Path, kernel_root: Path) -> bytes:
+    paths = module_paths(kernel_root)
+    modules = load_order(paths, MODULES, builtin_modules(kernel_root))
+    cpio = Cpio()
+    dirs: set[str] = set()
+
+    def mkdirs(path: str) -> None:
+        parts = path.strip("/").split("/")[:-1]
+        for i in range(1, len(parts) + 1):
+            d = "/".join(parts[:i])
+            if d not in dirs:
+                dirs.add(d)
+                cpio.dir(d)
+
+    def add(path: str, data: bytes, mode: int = 0o644) -> None:
+        mkdirs(path)
+        cpio.file(path.lstrip("/"), data, mode)
+
+    for d in ("proc", "sys", "dev", "tmp", "run", "etc", "bin", "sbin"):
+        dirs.add(d)
+        cpio.dir(d)
+    busybox = busybox_root / "bin" / "busybox"
+    if not busybox.exists():
+        raise ImageError(f"{busybox} missing from busybox-static")
+    add("bin/busybox", busybox.read_bytes(), 0o755)
+    cpio.symlink("bin/sh", "busybox")
+    init = INIT.replace("@MARKER@", MARKER).replace("@TOKEN_SECTOR@", str(TOKEN_SECTOR))
+    add("init", init.replace("@NONCE_SECTOR@", str(NONCE_SECTOR)).encode(), 0o755)
+
+    iscsistart = next((p for p in (iscsi_root / "sbin/iscsistart", iscsi_root / "usr/sbin/iscsistart") if p.exists()), None)
+    if iscsistart is None:
+        raise ImageError(f"iscsistart missing from open-iscsi (looked in {iscsi_root})")
+    add("sbin/iscsistart", iscsistart.read_bytes(), 0o755)
+    for lib in shared_libs(iscsistart):
+        real = lib.resolve()
+        if str(lib).startswith("/lib64/"):
+            add(str(lib), real.read_bytes(), 0o755)  # the loader path is baked into the binary
+        else:
+            add(f"lib/x86_64-linux-gnu/{lib.name}", real.read_bytes(), 0o755)
+    add("etc/iscsi/initiatorname.iscsi", b"InitiatorName=iqn.2026-11.org.bootfleet:lab-guest\n")
+    add("etc/modules.order", ("\n".join(modules) + "\n").encode())
+    for name in modules:
+        add(f"lib/modules/{name}.ko", paths[name].read_bytes())
+    return gzip.compress(cpio.finish(), compresslevel=6, mtime=0)
+
+
+def _fingerprint(debs: list[Path]) -> str:
+    h = hashlib.sha256(Path(__file__).read_bytes())
+    for deb in debs:
+        h.update(deb.name.encode())
+    for tool in ("/usr/lib/syslinux/mbr/mbr.bin", "/usr/lib/syslinux/modules/bios/ldlinux.c32"):
+        h.update(Path(tool).read_bytes() if Path(tool).exists() else b"-")
+    return h.hexdigest()[:16]
+
+
+def build(cache: Path = CACHE, log=print) -> Path:
+    """Build (or reuse) the boot disk and return its path. The caller copies it before writing to it."""
+    for tool in ("apt-get", "apt-cache", "dpkg-deb", "ldd", "sfdisk", "mkfs.vfat", "mcopy", "syslinux"):
+        if shutil.which(tool) is None:
+            raise ImageError(f"{tool} is missing: install it (deploy/system-deps.sh lists the packages)")
+    mbr = Path("/usr/lib/syslinux/mbr/mbr.bin")
+    if not mbr.exists():
+        raise ImageError(f"{mbr} is missing: install syslinux-common")
+    debs_dir = cache / "debs"
+    kpkg = kernel_package()
+    debs = [download(p, debs_dir) for p in (kpkg, "busybox-static", "open-iscsi")]
+    disk = cache / f"boot-{_fingerprint(debs)}.img"
+    if disk.exists():
+        return disk
+    log(f"lab: building the boot disk {disk.name} from {', '.join(d.name for d in debs)}")
+    roots = [extract(deb, cache / "root" / deb.stem) for deb in debs]
+    kernel_root, busybox_root, iscsi_root = roots
+    vmlinuz = sorted(kernel_root.glob("boot/vmlinuz-*"))
+    if not vmlinuz:
+        raise ImageError(f"no boot/vmlinuz-* in {debs[0].name}")
+    initrd = build_initramfs(busybox_root, iscsi_root, kernel_root)
+
+    work = cache / "work"
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir(parents=True)
+    (work / "syslinux.cfg").write_text(SYSLINUX_CFG)
+    (work / "initrd.gz").write_bytes(initrd)
+    shutil.copyfile(vmlinuz[-1], work / "vmlinuz")
+
+    tmp = cache / f"{disk.name}.tmp"
+    size = BOOT_DISK_MIB * 1024 * 1024
+    with open(tmp, "wb") as f:
+        f.truncate(size)
+    subprocess.run(
+        ["sfdisk", "--no-reread", "--no-tell-kernel", "-q", str(tmp)],
+        input=f"label: dos\nstart={PARTITION_START}, type=6, bootable\n", text=True, check=True,
+        capture_output=True,
+    )
+    part_kib = (size - PARTITION_START * SECTOR) // 1024
+    _run(["mkfs.vfat", "-F", "16", "-n", "BOOTFLEET", f"--offset={PARTITION_START}", str(tmp), str(part_kib)])
+    at = f"{tmp}@@{PARTITION_START * SECTOR}"
+    files = [str(work / n) for n in ("syslinux.cfg", "vmlinuz", "initrd.gz")]
+    _run(["mcopy", "-i", at, *files, "::/"])
+    _run(["syslinux", "--install", f"--offset={PARTITION_START * SECTOR}", str(tmp)])
+    with open(tmp, "r+b") as f:
+        f.write(mbr.read_bytes()[:440])  # boot code only: the partition table stays
+    used = sum((work / n).stat().st_size for n in ("vmlinuz", "initrd.gz"))
+    log(f"lab: kernel + initramfs = {used / 1e6:.1f} MB on a {BOOT_DISK_MIB} MiB disk")
+    for old in cache.glob("boot-*.img"):
+        old.unlink()
+    tmp.rename(disk)
+    shutil.rmtree(work, ignore_errors=True)
+    return disk
+
+
+def write_token(disk: Path, token: str) -> None:
+    """Put the token the guest must read back at `TOKEN_SECTOR`, and clear the nonce sector."""
+    if not re.fullmatch(r"[A-Za-z0-9-]{1,64}", token):
+        raise ValueError(f"token {token!r}: 1..64 characters of A-Z a-z 0-9 -")
+    with open(disk, "r+b") as f:
+        f.seek(TOKEN_SECTOR * SECTOR)
+        f.write(token.encode().ljust(SECTOR, b"\0"))
+        f.write(b"\0" * SECTOR)
+
+
+def parse_nonce(sector: bytes) -> str | None:
+    """The nonce the guest wrote at `NONCE_SECTOR`, or None when the sector holds none."""
+    m = re.match(rb"BOOTFLEET-NONCE ([0-9a-f]{32})\n", sector)
+    return m.group(1).decode() if m else None
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--cache", type=Path, default=CACHE)
+    args = parser.parse_args()
+    try:
+        print(build(args.cache))
+    except ImageError as exc:
+        print(f"lab.image: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,123 @@
+"""The reference servers of the same boot chain: dnsmasq (DHCP + TFTP) and tgtd (iSCSI), run inside the lab.
+
+Stock settings, as an administrator following the iPXE and tgt documentation would write them: the bench
+compares Bootfleet with this. tgtd reserves LUN 0 for its controller, so the disk is LUN 1 and the root-path
+names it (`iscsi:<server>::::1:<iqn>` has the LUN in the fourth field).
+"""
+
+from __future__ import annotations
+
+import random
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from lab.netns import BRIDGE, SERVER_IP, Lab, LabError
+
+TGT_LUN = 1
+SCRIPT = "#!ipxe\nset keep-san 1\nsanboot ${root-path}\n"
+
+
+def check_tools() -> list[str]:
+    missing = []
+    for tool, package in (("dnsmasq", "dnsmasq-base"), ("tgtd", "tgt"), ("tgtadm", "tgt")):
+        if shutil.which(tool) is None:
+            missing.append(f"{tool} (Debian package {package})")
+    return missing
+
+
+@dataclass
+class ReferenceTarget:
+    iqn: str
+    image: Path
+
+
+class ReferenceStack:
+    """dnsmasq and tgtd inside `lab`, serving `targets` (booted by the MACs in `clients`, else the first)."""
+
+    def __init__(self, lab: Lab, workdir: Path, targets: list[ReferenceTarget], clients: dict[str, str] | None = None):
+        missing = check_tools()
+        if missing:
+            raise LabError("cannot start the reference servers; missing: " + "; ".join(missing))
+        self.lab = lab
+        self.workdir = workdir
+        self.targets = targets
+        self.clients = clients or {}  # mac -> iqn
+        self.control_port = random.randint(1000, 32000)  # tgtd's management socket is a host-wide path
+
+    def root_path(self, iqn: str) -> str:
+        return f"iscsi:{SERVER_IP}:::{TGT_LUN}:{iqn}"
+
+    def start(self) -> None:
+        self._start_tgtd()
+        self._start_dnsmasq()
+
+    def _tgtadm(self, *args: str) -> None:
+        done = self.lab.run(["tgtadm", "-C", str(self.control_port), "--lld", "iscsi", *args])
+        if done.returncode != 0:
+            raise LabError(f"tgtadm {' '.join(args)}: {done.stderr.strip() or done.stdout.strip()}")
+
+    def _start_tgtd(self) -> None:
+        log = self.workdir / "tgtd.log"
+        self.tgtd = self.lab.popen(
+            ["tgtd", "-f", "-C", str(self.control_port), "--iscsi", f"portal={SERVER_IP}:3260"], log=log
+        )
+        deadline = time.monotonic() + 10
+        while True:
+            done = self.lab.run(["tgtadm", "-C", str(self.control_port), "--lld", "iscsi", "--op", "show", "--mode", "sys"])
+            if done.returncode == 0:
+                break
+            if self.tgtd.poll() is not None or time.monotonic() > deadline:
+                raise LabError(f"tgtd did not start: {log.read_text()[-800:]}")
+            time.sleep(0.1)
+        for tid, target in enumerate(self.targets, start=1):
+            self._tgtadm("--op", "new", "--mode", "target", "--tid", str(tid), "-T", target.iqn)
+            self._tgtadm("--op", "new", "--mode", "logicalunit", "--tid", str(tid), "--lun", str(TGT_LUN),
+                         "-b", str(target.image))
+            self._tgtadm("--op", "bind", "--mode", "target", "--tid", str(tid), "-I", "ALL")
+
+    def _start_dnsmasq(self) -> None:
+        tftp_root = self.workdir / "tftp"
+        tftp_root.mkdir(exist_ok=True)
+        (tftp_root / "boot.ipxe").write_text(SCRIPT)
+        args = [
+            "dnsmasq", "-d", "--conf-file=/dev/null", f"--interface={BRIDGE}", "--bind-interfaces", "--port=0",
+            "--user=root", "--group=root", "--pid-file=", f"--dhcp-leasefile={self.workdir / 'dnsmasq.leases'}",
+            "--dhcp-range=10.77.0.100,10.77.0.199,255.255.255.0,1h",
+            "--dhcp-userclass=set:ipxe,iPXE", "--dhcp-boot=tag:ipxe,boot.ipxe",
+            "--enable-tftp", f"--tftp-root={tftp_root}", "--log-dhcp",
+        ]
+        default = self.targets[0].iqn
+        args.append(f"--dhcp-option=tag:ipxe,17,{self.root_path(default)}")
+        for n, (mac, iqn) in enumerate(self.clients.items()):
+            args.append(f"--dhcp-host={mac},set:pc{n}")
+            args.append(f"--dhcp-option=tag:pc{n},17,{self.root_path(iqn)}")
+        self.dnsmasq = self.lab.popen(args, log=self.workdir / "dnsmasq.log")
+        time.sleep(0.2)
+        if self.dnsmasq.poll() is not None:
+            raise LabError(f"dnsmasq exited: {(self.workdir / 'dnsmasq.log').read_text()[-800:]}")
+
+    def read_lun(self, iqn: str, offset: int, length: int) -> bytes:
+        return read_through_target(self.lab, iqn, TGT_LUN, offset, length)
+
+
+def read_through_target(lab: Lab, iqn: str, lun: int, offset: int, length: int, portal: str = SERVER_IP) -> bytes:
+    """Read bytes of a LUN as an initiator would: QEMU's libiscsi client (qemu-img dd) inside the lab."""
+    if shutil.which("qemu-img") is None:
+        raise LabError("qemu-img is missing (Debian packages qemu-utils and qemu-block-extra)")
+    out = Path(tempfile.gettempdir()) / f"bootfleet-readback-{random.getrandbits(40):x}.bin"
+    bs = 512
+    if offset % bs or length % bs:
+        raise ValueError("offset and length must be whole sectors")
+    try:
+        done = lab.run([
+            "qemu-img", "dd", "-f", "raw", "-O", "raw", f"bs={bs}", f"skip={offset // bs}", f"count={(offset + length) // bs}",  # qemu-img counts from the start, skip included
+            f"if=iscsi://{portal}/{iqn}/{lun}", f"of={out}",
+        ])
+        if done.returncode != 0:
+            raise LabError(f"qemu-img dd from iscsi://{portal}/{iqn}/{lun}: {done.stderr.strip()}")
+        return out.read_bytes()
+    finally:
+        out.unlink(missing_ok=True)
