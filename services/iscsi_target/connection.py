@@ -290,6 +290,7 @@ class Connection:
                 self.scsi.nexus_lost(self.nexus)
             except Exception as exc:  # noqa: BLE001 - the SCSI layer must not take the connection with it
                 self.events.append((ev.ERROR, {"where": "nexus_lost", "error": repr(exc)}))
+        self.events.append((ev.SESSION_END, {"session": s}))
         self.events.append((ev.LOGOUT, {"ip": self.peer_ip, "initiator": s.initiator, "target": s.target,
                                         "tsih": s.tsih, "reason": self.close_reason}))
 

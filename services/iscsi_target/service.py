@@ -90,6 +90,7 @@ class IscsiTargetService(BaseService):
         self._stats_prev: dict[tuple, tuple] = {}
         self._stats_task: asyncio.Task | None = None
         self._apply_lock = threading.Lock()
+        self._stats_lock = threading.Lock()
 
     # ------------------------------------------------------------------ life
     async def start(self, config) -> None:
@@ -170,6 +171,9 @@ class IscsiTargetService(BaseService):
 
     # ------------------------------------------------------------------ events
     def _emit(self, name: str, fields: dict) -> None:
+        if name == ev.SESSION_END:
+            self._emit_session_stats(fields["session"], final=True)
+            return
         if name == ev.ERROR:
             self.log.error("SCSI layer fault in %s: %s", fields.get("where"), fields.get("error"))
             return
@@ -190,15 +194,19 @@ class IscsiTargetService(BaseService):
     def _emit_stats(self) -> None:
         if not self.server:
             return
-        seen = set()
         for s in self.server.sessions.all():
+            self._emit_session_stats(s)
+
+    def _emit_session_stats(self, s, final: bool = False) -> None:
+        """One io_stats event per LUN with activity since the last report (called from any thread)."""
+        with self._stats_lock:
             for lun, st in list(s.stats.items()):
-                key = (s.tsih, s.initiator, s.isid, lun)
-                seen.add(key)
+                key = (id(s), lun)
                 now = st.snapshot()
-                prev = self._stats_prev.get(key, (0, 0, 0, 0, 0, 0))
+                prev = self._stats_prev.pop(key, (0, 0, 0, 0, 0, 0)) if final else self._stats_prev.get(key, (0,) * 6)
+                if not final:
+                    self._stats_prev[key] = now
                 delta = [a - b for a, b in zip(now, prev)]
-                self._stats_prev[key] = now
                 ops = delta[0] + delta[1] + delta[2]
                 if not ops:
                     continue
@@ -206,5 +214,3 @@ class IscsiTargetService(BaseService):
                                          "lun": lun, "reads": delta[0], "writes": delta[1], "others": delta[2],
                                          "read_bytes": delta[3], "write_bytes": delta[4],
                                          "latency_us_avg": round(delta[5] / ops / 1000, 1)})
-        for key in [k for k in self._stats_prev if k not in seen]:
-            del self._stats_prev[key]

@@ -248,10 +248,10 @@ def test_events_in_the_log(target):
     run([tool("iscsi-inq"), target.url()])
     time.sleep(1.5)
     log = target.log.read_text()
-    assert re.search(r"event iscsi\.login ip=127\.0\.0\.1 initiator=\S+ target=" + re.escape(ANON), log)
-    assert "event iscsi.logout" in log and "reason=logout" in log
-    assert re.search(r"event iscsi\.login\.failed .*reason=wrong CHAP secret", log)
-    assert re.search(r"event iscsi\.io_stats .*reads=\d+ writes=\d+", log)
+    assert re.search(r"iscsi\.login ip=127\.0\.0\.1 initiator=\S+ target=" + re.escape(ANON), log)
+    assert "iscsi.logout" in log and "reason=logout" in log
+    assert re.search(r"iscsi\.login\.failed .*reason=wrong CHAP secret", log)
+    assert re.search(r"iscsi\.io_stats .*reads=\d+ writes=\d+", log)
 
 
 def test_iscsi_test_cu_conformance(target):
