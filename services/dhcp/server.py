@@ -250,7 +250,9 @@ class DhcpServer:
             rpath = root_path(boot_cfg, ip_str(iface.address), mac)
             if rpath:
                 merged[opt.ROOT_PATH] = rpath.encode()
-            subs = {opt.IPXE_KEEP_SAN: b"\x01" if config.boot.keep_san else b"\x00"}
+            # built-in sub-options of 175 join (and win over) those configured at global/scope level
+            subs = opt.parse_suboptions(merged.get(opt.IPXE_ENCAP, b""))
+            subs[opt.IPXE_KEEP_SAN] = b"\x01" if config.boot.keep_san else b"\x00"
             target = target_for(boot_cfg, mac)
             creds = chap_for(config, target[0]) if target else None
             if creds:

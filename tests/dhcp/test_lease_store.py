@@ -1,0 +1,43 @@
+"""The lease store: durable commits, read-only listing for the controller, offline release."""
+
+import sqlite3
+
+import pytest
+
+from services.dhcp.lease_store import BOUND, Lease, LeaseStore, release_offline
+
+
+def test_commit_is_durable_and_listed_read_only(tmp_path):
+    path = tmp_path / "l.sqlite"
+    store = LeaseStore(path)
+    store.put(Lease(0x0A000064, "02:00:00:00:00:01", None, "lan", BOUND, 2000.0, "pc1"), 1000.0)
+    reader = LeaseStore.open_readonly(path)
+    assert reader.list(now=1500.0) == []  # not committed yet
+    assert store.dirty and store.commit() == 1 and not store.dirty
+    rows = reader.list(now=1500.0)
+    assert rows == [{"ip": "10.0.0.100", "mac": "02:00:00:00:00:01", "scope": "lan", "state": "bound",
+                     "expires": 2000.0, "hostname": "pc1", "client_id": None}]
+    assert reader.list(now=2500.0) == []  # expired leases are not held
+    assert len(reader.list(now=2500.0, include_free=True)) == 1
+    with pytest.raises(PermissionError):
+        reader.delete(0x0A000064)
+    assert sqlite3.connect(path).execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+
+
+def test_one_row_per_address(tmp_path):
+    store = LeaseStore(tmp_path / "l.sqlite")
+    store.put(Lease(1, "02:00:00:00:00:01", None, "lan", BOUND, 2000.0, None), 1000.0)
+    store.commit()
+    store.put(Lease(1, "02:00:00:00:00:02", None, "lan", BOUND, 2000.0, None), 1001.0)
+    store.commit()
+    assert [l.mac for l in LeaseStore(tmp_path / "l.sqlite").by_ip.values()] == ["02:00:00:00:00:02"]
+    assert store.for_mac("02:00:00:00:00:01") == []
+
+
+def test_release_offline(tmp_path):
+    path = tmp_path / "l.sqlite"
+    store = LeaseStore(path)
+    store.put(Lease(0x0A000064, "02:00:00:00:00:01", None, "lan", BOUND, 2000.0, None), 1000.0)
+    store.close()
+    assert release_offline(path, "02:00:00:00:00:01", now=1500.0) == ["10.0.0.100"]
+    assert LeaseStore.open_readonly(path).list(now=1500.0) == []
