@@ -34,6 +34,7 @@ Full feature phase, per opcode:
 from __future__ import annotations
 
 import time
+from collections import deque
 from dataclasses import dataclass, field
 
 from services.iscsi_target import events as ev
@@ -61,6 +62,8 @@ STATUS_CHECK_CONDITION = 0x02
 # Sense: ILLEGAL REQUEST, INVALID FIELD IN COMMAND INFORMATION UNIT (the CDB's length and EDTL disagree)
 SENSE_INVALID_IU = bytes([0x70, 0, 0x05, 0, 0, 0, 0, 10, 0, 0, 0, 0, 0x0E, 0x03, 0, 0, 0, 0])
 # Sense: ILLEGAL REQUEST, LOGICAL UNIT NOT SUPPORTED (no such LUN: the SCSI layer is never asked)
+# Sense: ABORTED COMMAND, DATA PHASE ERROR (a Data-Out sequence we cannot accept)
+SENSE_DATA_PHASE_ERROR = bytes([0x70, 0, 0x0B, 0, 0, 0, 0, 10, 0, 0, 0, 0, 0x4B, 0x00, 0, 0, 0, 0])
 SENSE_NO_LUN = bytes([0x70, 0, 0x05, 0, 0, 0, 0, 10, 0, 0, 0, 0, 0x25, 0x00, 0, 0, 0, 0])
 
 
@@ -136,6 +139,29 @@ def _chunks(parts: list, size: int):
         yield chunk
 
 
+# Plain WRITE / WRITE AND VERIFY opcodes -> (offset, size) of their TRANSFER LENGTH field
+_WRITE_LENGTH = {0x0A: (4, 1), 0x2A: (7, 2), 0x2E: (7, 2), 0xAA: (6, 4), 0xAE: (6, 4), 0x8A: (10, 4), 0x8E: (10, 4)}
+
+
+def _fit_write(cdb: bytes, spdtl: int, got: int) -> bytes | None:
+    """The CDB of a plain WRITE cut down to the `got` bytes the initiator sent (whole blocks), else None."""
+    field = _WRITE_LENGTH.get(cdb[0])
+    if field is None:
+        return None
+    offset, size = field
+    blocks = int.from_bytes(cdb[offset : offset + size], "big") or (256 if cdb[0] == 0x0A else 0)
+    if not blocks or spdtl % blocks:
+        return None
+    block = spdtl // blocks
+    if got > spdtl:
+        return cdb  # underflow: the CDB stands, the extra data is ignored
+    if got % block:
+        return None
+    fitted = bytearray(cdb)
+    fitted[offset : offset + size] = (got // block).to_bytes(size, "big")
+    return bytes(fitted)
+
+
 def _scsi_nexus(**kwargs):
     from services.iscsi_target.scsi import Nexus  # the SCSI layer's I_T nexus type
 
@@ -173,6 +199,7 @@ class Connection:
         self.statsn = 0
         self.cid = 0
         self.tasks: dict[int, WriteTask] = {}
+        self.failed_itts: deque = deque(maxlen=64)  # commands ended by a Data-Out error: drop their data
         self.next_ttt = 1
         self.ping = PingState()
         self.text = TextState()
@@ -462,8 +489,8 @@ class Connection:
     def _data_out(self, pdu) -> None:
         task = self.tasks.get(pdu.itt)
         if task is None:
-            if pdu.ttt == RSVD_TAG:
-                return  # unsolicited data for a command already answered: discard (§10.7)
+            if pdu.ttt == RSVD_TAG or pdu.itt in self.failed_itts:
+                return  # data for a command already answered: discard (§10.7)
             self._reject(pdu.bhs, REJECT_INVALID_FIELD)
             return
         data = pdu.data
@@ -472,29 +499,39 @@ class Connection:
         solicited = pdu.ttt != RSVD_TAG
         if solicited:
             if task.unsolicited or pdu.ttt != task.ttt:
-                return self._close(f"Data-Out for ITT 0x{pdu.itt:08x} with an unknown TTT 0x{pdu.ttt:08x}")
+                return self._fail_task(task, f"Data-Out with an unknown TTT 0x{pdu.ttt:08x}")
             limit = task.seq_end
         else:
             if not task.unsolicited:
-                return self._close(f"unsolicited Data-Out for ITT 0x{pdu.itt:08x} after its unsolicited burst")
+                return self._fail_task(task, "unsolicited Data-Out after the unsolicited burst")
             limit = min(task.edtl, self.first_burst)
         if pdu.datasn != task.datasn:
-            return self._close(f"Data-Out DataSN {pdu.datasn}, expected {task.datasn} (ErrorRecoveryLevel 0)")
+            return self._fail_task(task, f"Data-Out DataSN {pdu.datasn}, expected {task.datasn}")
         if offset != task.received or offset + n > limit:
-            return self._close(f"Data-Out offset {offset}+{n} out of order or beyond the burst (expected {task.received})")
+            return self._fail_task(task, f"Data-Out offset {offset}+{n} out of order or beyond the burst")
         task.buf[offset : offset + n] = data
         task.received += n
         task.datasn += 1
         if not pdu.flags & F_FINAL:
             return
         if solicited and task.received != task.seq_end:
-            return self._close("Data-Out sequence ended before the R2T's length")
+            return self._fail_task(task, "Data-Out sequence ended before the R2T's length")
         task.unsolicited = False
         if task.received < task.edtl:
             self._send_r2t(task)
             return
         del self.tasks[task.itt]
         self._execute(task.itt, task.lun, task.cdb, task.flags, task.edtl, memoryview(task.buf), task.start_ns)
+
+    def _fail_task(self, task: WriteTask, reason: str) -> None:
+        """A Data-Out sequence error. ErrorRecoveryLevel 0 cannot recover the data, but the session can
+        go on: the command ends with CHECK CONDITION (ABORTED COMMAND, DATA PHASE ERROR) and the rest of
+        its Data-Out is dropped."""
+        del self.tasks[task.itt]
+        self.failed_itts.append(task.itt)
+        self._respond(task.itt, STATUS_CHECK_CONDITION, SENSE_DATA_PHASE_ERROR, [], task.flags, task.edtl, 0, 0)
+        self.session.lun_stats(task.lun).others += 1
+        self.events.append((ev.ERROR, {"where": "data-out", "error": reason, "level": "warning"}))
 
     def _execute(self, itt: int, lun: int, cdb: bytes, flags: int, edtl: int, data_out, start_ns: int) -> None:
         scsi = self.scsi
@@ -506,21 +543,39 @@ class Connection:
             return
         spdtl = scsi.data_out_length(lun, cdb) if lun in scsi.luns else 0
         got = len(data_out) if data_out is not None else 0
+        short = 0  # the CDB wants more than the initiator sent: overflow residual
         if spdtl and spdtl != got:
-            # The CDB moves a different amount than the initiator sends: refuse it whole (SAM-5 5.4.2)
-            # rather than write part of it, and say by how much with the residual.
-            over = spdtl > got
-            self._respond(itt, STATUS_CHECK_CONDITION, SENSE_INVALID_IU, [], flags, edtl,
-                          F_OVERFLOW if over else F_UNDERFLOW, abs(spdtl - got))
-            stats.others += 1
-            return
+            fitted = _fit_write(cdb, spdtl, got)
+            if fitted is None:
+                # Not a plain WRITE, or not whole blocks: refuse it whole rather than write part of it, and
+                # say by how much with the residual.
+                over = spdtl > got
+                self._respond(itt, STATUS_CHECK_CONDITION, SENSE_INVALID_IU, [], flags, edtl,
+                              F_OVERFLOW if over else F_UNDERFLOW, abs(spdtl - got))
+                stats.others += 1
+                return
+            # A plain WRITE moves min(EDTL, its own length) (SAM-5 5.4.2; libiscsi's residual tests).
+            if spdtl > got:
+                short = spdtl - got
+                cdb = fitted
+                spdtl = got
+            else:
+                data_out = data_out[:spdtl]
+            if not spdtl:
+                self._respond(itt, STATUS_GOOD, None, [], flags, edtl, F_OVERFLOW, short)
+                stats.others += 1
+                return
         payload = data_out if spdtl else None
         resp = scsi.execute(self.nexus, lun, memoryview(cdb), payload)
         parts = resp.data or []
         total = sum(len(p) for p in parts) if parts else 0
         res_flag = 0
         residual = 0
-        if flags & F_WRITE and edtl:
+        if short:
+            res_flag, residual = F_OVERFLOW, short
+            stats.writes += 1
+            stats.write_bytes += spdtl
+        elif flags & F_WRITE and edtl:
             if spdtl < edtl:
                 res_flag, residual = F_UNDERFLOW, edtl - spdtl
             stats.writes += 1

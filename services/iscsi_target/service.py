@@ -175,7 +175,10 @@ class IscsiTargetService(BaseService):
             self._emit_session_stats(fields["session"], final=True)
             return
         if name == ev.ERROR:
-            self.log.error("SCSI layer fault in %s: %s", fields.get("where"), fields.get("error"))
+            if fields.get("level") == "warning":
+                self.log.warning("%s: %s", fields.get("where"), fields.get("error"))
+            else:
+                self.log.error("SCSI layer fault in %s: %s", fields.get("where"), fields.get("error"))
             return
         ip = fields.get("ip")
         if ip and "mac" not in fields:

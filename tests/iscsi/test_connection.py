@@ -95,25 +95,37 @@ def test_write_initial_r2t_yes_starts_with_r2t():
     assert r2t.opcode == P.OP_R2T and r2t.w[5] == 0 and r2t.w[6] == 1024
 
 
-def test_bad_datasn_closes_connection_at_erl0():
-    ini = logged_in([("InitialR2T", "Yes")])
+def test_bad_datasn_fails_the_command_not_the_session():
+    ini = logged_in([("InitialR2T", "Yes"), ("MaxRecvDataSegmentLength", "512")])
+    lun = ini.registry.entries[TARGET].scsi.luns[0]
     itt, raw = ini.cmd(write10(0, 2), edtl=1024, write=True)
     (r2t,) = ini.send(raw)
-    ini.send(ini.data_out(itt, r2t.w[0], 27, 0, b"x" * 1024))
-    assert ini.conn.closing and "DataSN" in ini.conn.close_reason
+    assert ini.send(ini.data_out(itt, r2t.w[0], 0, 0, b"x" * 512, final=False)) == []
+    (rsp,) = ini.send(ini.data_out(itt, r2t.w[0], 0, 512, b"x" * 512))  # DataSN 0 again
+    assert rsp.opcode == P.OP_SCSI_RSP and rsp.b3 == 2 and rsp.data[2 + 2] == 0x0B and rsp.data[2 + 12] == 0x4B
+    assert lun.data[:1024] == bytes(1024) and not ini.conn.closing
+    assert ini.send(ini.data_out(itt, r2t.w[0], 2, 1024, b"x" * 512)) == []  # late data is dropped
 
 
-def test_write_length_mismatch_is_refused_whole_with_residual():
+def test_write_residuals_move_the_smaller_of_edtl_and_cdb_length():
     ini = logged_in()
     lun = ini.registry.entries[TARGET].scsi.luns[0]
-    _, raw = ini.cmd(write10(0, 1), edtl=200, write=True, data=b"b" * 200)
+    _, raw = ini.cmd(write10(0, 1), edtl=200, write=True, data=b"b" * 200)  # not whole blocks: refused
     (rsp,) = ini.send(raw)
     assert rsp.b3 == 2 and rsp.flags & P.F_OVERFLOW and rsp.w[6] == 312
     assert rsp.data[2 + 12] == 0x0E and rsp.data[2 + 13] == 0x03
-    _, raw = ini.cmd(write10(0, 1), edtl=1024, write=True, data=b"b" * 1024)
+    assert lun.data[:512] == bytes(512)
+    _, raw = ini.cmd(write10(0, 1), edtl=1024, write=True, data=b"b" * 1024)  # EDTL > CDB: one block
     (rsp,) = ini.send(raw)
-    assert rsp.flags & P.F_UNDERFLOW and rsp.w[6] == 512
-    assert lun.data[:1024] == bytes(1024)
+    assert rsp.b3 == 0 and rsp.flags & P.F_UNDERFLOW and rsp.w[6] == 512
+    assert lun.data[:1024] == b"b" * 512 + bytes(512)
+    _, raw = ini.cmd(write10(2, 2), edtl=512, write=True, data=b"c" * 512)  # EDTL < CDB: first block only
+    (rsp,) = ini.send(raw)
+    assert rsp.b3 == 0 and rsp.flags & P.F_OVERFLOW and rsp.w[6] == 512
+    assert lun.data[1024:2048] == b"c" * 512 + bytes(512)
+    _, raw = ini.cmd(write10(4, 1), write=True)  # EDTL 0: nothing moves, nothing written
+    (rsp,) = ini.send(raw)
+    assert rsp.b3 == 0 and rsp.flags & P.F_OVERFLOW and rsp.w[6] == 512
 
 
 def test_cmdsn_outside_window_is_silently_ignored():
