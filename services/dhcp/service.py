@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 
 from shared import events as ev
+from shared.config.base import normalize_mac
 from shared.service import BaseService
 from services.dhcp import packet as pk
 from services.dhcp.lease_store import LeaseStore
@@ -98,6 +99,20 @@ class DhcpService(BaseService):
         out.update(malformed=self.malformed, leases=len(self.store.by_ip) if self.store else 0,
                    commits=self.store.commits if self.store else 0, router_advertisements=self.ras_sent)
         return out
+
+    async def command(self, name: str, args: dict) -> None:
+        """`lease-release {mac}` from the controller (`bootfleet lease release MAC`): answered by the
+        dhcp.lease.released event of each address freed; nothing is emitted when the MAC holds no lease."""
+        if name != "lease-release":
+            self.log.warning("command %s is not supported by dhcp", name)
+            return
+        try:
+            mac = normalize_mac(args.get("mac"))
+        except ValueError as exc:
+            self.log.warning("lease-release: %s", exc)
+            return
+        freed = await asyncio.get_running_loop().run_in_executor(None, self.release, mac)
+        self.log.info("lease-release %s: %s", mac, ", ".join(freed) or "no lease held")
 
     def release(self, mac: str) -> list[str]:
         """Free a client's leases on the operator's request (`bootfleet lease release MAC`)."""
