@@ -54,6 +54,7 @@ class DhcpService(BaseService):
         self.malformed = 0
         self.ras_sent = 0
         self.unicast = "arp"
+        self._exhausted_logged: dict[str, float] = {}
 
     # -- life ------------------------------------------------------------------------------------------------
 
@@ -295,5 +296,9 @@ class DhcpService(BaseService):
         events, self.core.events = self.core.events, []
         for type_, fields in events:
             if type_ == ev.DHCP_POOL_EXHAUSTED:
-                self.log.warning("scope %s: pool exhausted, no offer for %s", fields.get("scope"), fields.get("mac"))
+                now = time.monotonic()
+                scope = fields.get("scope")
+                if now - self._exhausted_logged.get(scope, -60.0) >= 10.0:  # a storm logs once per 10 s
+                    self._exhausted_logged[scope] = now
+                    self.log.warning("scope %s: pool exhausted, no offer for %s", scope, fields.get("mac"))
             self.ctx.emit(type_, **fields)
