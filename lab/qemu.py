@@ -40,8 +40,9 @@ def check_tools() -> list[str]:
 
 @dataclass
 class ConsoleLine:
-    t: float  # seconds since power-on
+    t: float  # seconds since power-on when the line ended
     text: str
+    t_start: float = 0.0  # when its first character arrived (iPXE prints "Configuring..." then waits, then "ok")
 
 
 @dataclass
@@ -88,17 +89,21 @@ class VirtualPC:
     def _read(self) -> None:
         assert self.proc and self.proc.stdout
         pending = b""
+        since = 0.0  # when the first byte of the pending line arrived
         while True:
             chunk = self.proc.stdout.read1(4096)
+            now = time.monotonic() - self.powered_on
             if not chunk:
                 break
-            now = time.monotonic() - self.powered_on
+            if not pending:
+                since = now
             pending += chunk
             *complete, pending = re.split(rb"\r?\n|\r(?!\n)", pending)
             for raw in complete:
-                self._add(ConsoleLine(now, _ANSI.sub("", raw.decode("utf-8", "replace"))))
+                self._add(ConsoleLine(now, _ANSI.sub("", raw.decode("utf-8", "replace")), since))
+                since = now
         if pending:
-            self._add(ConsoleLine(time.monotonic() - self.powered_on, _ANSI.sub("", pending.decode("utf-8", "replace"))))
+            self._add(ConsoleLine(now, _ANSI.sub("", pending.decode("utf-8", "replace")), since))
         with self._cond:
             self._cond.notify_all()
 
@@ -120,13 +125,17 @@ class VirtualPC:
                     return m
         return None
 
-    def line_time(self, pattern: str) -> float | None:
+    def line(self, pattern: str) -> ConsoleLine | None:
         rx = re.compile(pattern)
         with self._cond:
             for line in self.lines:
                 if rx.search(line.text):
-                    return line.t
+                    return line
         return None
+
+    def line_time(self, pattern: str) -> float | None:
+        line = self.line(pattern)
+        return line.t if line else None
 
     def wait_for(self, pattern: str, timeout: float, fail: Iterable[str] = ("BOOTFLEET-FAIL",)) -> ConsoleLine:
         """Block until a console line matches `pattern`; raise with the console's tail on timeout or failure."""

@@ -1,0 +1,194 @@
+"""Boot virtual PCs end to end, through Bootfleet or through the reference servers, and report what happened.
+
+Used by the e2e test, `make demo` and `bench/boot.py`, so all three boot the same way:
+
+    with BootfleetLab(workdir, pcs=2) as bl:
+        results = bl.boot()            # every PC powered on at once; each result says what its console showed
+        bl.stack.cli("clients")
+
+Each PC gets its own copy of the boot disk with its own token, and its own target. A result is `ok` when the
+guest printed the marker, read its token back, and the nonce it printed is on its disk as read through the
+target by an independent initiator (QEMU's libiscsi) after the guest powered off.
+"""
+
+from __future__ import annotations
+
+import functools
+import shutil
+import threading
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+from lab import image
+from lab.netns import SERVER_IP, Lab
+from lab.qemu import ConsoleLine, VirtualPC
+from lab.reference import ReferenceStack, ReferenceTarget, read_through_target
+from lab.stack import BootfleetStack, LabClient, LabConfig
+
+MARKER_RE = image.MARKER
+IQN_PREFIX = "iqn.2026-11.org.bootfleet:lab-"
+
+
+def pc_mac(n: int) -> str:
+    return f"52:54:00:77:00:{0x10 + n:02x}"
+
+
+@dataclass
+class BootResult:
+    name: str
+    mac: str
+    iqn: str
+    token: str
+    marker_s: float | None = None  # power-on to the marker on the console
+    dhcp_s: float | None = None  # iPXE's "Configuring (net0 ...)" to its "ok": DHCP and the IPv6 wait
+    nonce_s: float | None = None  # power-on to the guest's report of its write
+    token_seen: str | None = None
+    nonce_seen: str | None = None
+    nonce_on_disk: str | None = None
+    error: str | None = None
+    console: list[ConsoleLine] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return (self.error is None and self.marker_s is not None and self.token_seen == self.token
+                and self.nonce_seen is not None and self.nonce_seen == self.nonce_on_disk)
+
+    def summary(self) -> str:
+        if self.ok:
+            return (f"{self.name} {self.mac}: marker {self.marker_s:.2f} s after power-on "
+                    f"(iPXE DHCP {self.dhcp_s:.2f} s), nonce written {self.nonce_s:.2f} s, token and nonce verified")
+        return f"{self.name} {self.mac}: FAILED: {self.error or 'token/nonce mismatch'}"
+
+
+class _LabRun:
+    """Common part: the namespace, one disk per PC, booting the PCs in parallel, reading their nonces back."""
+
+    lun = 0
+
+    def __init__(self, workdir: Path, pcs: int = 1, disk: Path | None = None,
+                 on_line: Callable[[VirtualPC, ConsoleLine], None] | None = None, boot_timeout: float = 150.0):
+        self.workdir = workdir
+        self.disk = disk
+        self.n = pcs
+        self.on_line = on_line
+        self.boot_timeout = boot_timeout
+        self.lab: Lab | None = None
+        self.results: list[BootResult] = []
+        self.images: list[Path] = []
+
+    def __enter__(self):
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        golden = self.disk or image.build()
+        for n in range(self.n):
+            img = self.workdir / f"pc{n}.img"
+            shutil.copyfile(golden, img)
+            token = f"token-{uuid.uuid4().hex}"
+            image.write_token(img, token)
+            self.images.append(img)
+            self.results.append(BootResult(f"pc{n}", pc_mac(n), f"{IQN_PREFIX}pc{n}", token))
+        self.lab = Lab()
+        try:
+            self.lab.up()
+            self.start_servers()
+        except BaseException:
+            self.close()
+            raise
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def start_servers(self) -> None:
+        raise NotImplementedError
+
+    def stop_servers(self) -> None:
+        pass
+
+    def close(self) -> None:
+        try:
+            self.stop_servers()
+        finally:
+            if self.lab:
+                self.lab.close()
+
+    def read_nonce(self, result: BootResult) -> str | None:
+        sector = read_through_target(self.lab, result.iqn, self.lun, image.NONCE_SECTOR * image.SECTOR, image.SECTOR,
+                                     portal=SERVER_IP)
+        return image.parse_nonce(sector)
+
+    def boot(self) -> list[BootResult]:
+        """Power on every PC at once; wait for each to finish; verify its token and nonce."""
+        pcs = []
+        for result in self.results:
+            pc = VirtualPC(result.name, result.mac, self.lab.add_tap(), self.lab.name)
+            if self.on_line:
+                pc.on_line = functools.partial(self.on_line, pc)
+            pcs.append(pc)
+        threads = [threading.Thread(target=self._boot_one, args=(pc, r), daemon=True) for pc, r in zip(pcs, self.results)]
+        try:
+            for pc in pcs:
+                pc.start()
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join(self.boot_timeout + 30)
+        finally:
+            for pc in pcs:
+                pc.stop()
+        for pc, result in zip(pcs, self.results):
+            result.console = list(pc.lines)
+            if result.error is None and result.nonce_seen:
+                try:
+                    result.nonce_on_disk = self.read_nonce(result)
+                except Exception as exc:
+                    result.error = f"reading the nonce back through the target: {exc}"
+        return self.results
+
+    def _boot_one(self, pc: VirtualPC, result: BootResult) -> None:
+        try:
+            result.marker_s = pc.wait_for(image.MARKER, self.boot_timeout).t
+            configuring = pc.line(r"Configuring \(net0.*\bok\b")
+            if configuring is not None:
+                result.dhcp_s = configuring.t - configuring.t_start
+            pc.wait_for("BOOTFLEET-DONE", 60)
+            m = pc.find(r"BOOTFLEET-TOKEN (\S*)")
+            result.token_seen = m.group(1) if m else None
+            m = pc.find(r"BOOTFLEET-NONCE ([0-9a-f]{32})")
+            result.nonce_seen = m.group(1) if m else None
+            result.nonce_s = pc.line_time(r"BOOTFLEET-NONCE [0-9a-f]{32}")
+            pc.wait_exit(15)  # poweroff -f: the guest's writes are all out once QEMU exits
+        except Exception as exc:
+            result.error = str(exc)
+
+
+class BootfleetLab(_LabRun):
+    """The PCs boot through Bootfleet (supervisord, controller, DHCP, TFTP, iSCSI) in the namespace."""
+
+    def __init__(self, workdir: Path, pcs: int = 1, ipv6_ra: bool = True, **kwargs):
+        super().__init__(workdir, pcs, **kwargs)
+        self.ipv6_ra = ipv6_ra
+        self.stack: BootfleetStack | None = None
+
+    def start_servers(self) -> None:
+        clients = [LabClient(r.name, r.mac, r.iqn, img) for r, img in zip(self.results, self.images)]
+        config = LabConfig(clients, tftp_root=self.workdir / "tftp", ipv6_ra=self.ipv6_ra)
+        state = self.workdir / "state"
+        state.mkdir(exist_ok=True)
+        self.stack = BootfleetStack(self.lab, state, config)
+        self.stack.start()
+
+    def stop_servers(self) -> None:
+        if self.stack:
+            self.stack.stop()
+
+
+class ReferenceLab(_LabRun):
+    """The PCs boot through dnsmasq and tgtd, stock settings, in the namespace."""
+
+    def start_servers(self) -> None:
+        self.lun = 1  # tgtd keeps LUN 0 for its controller
+        targets = [ReferenceTarget(r.iqn, img) for r, img in zip(self.results, self.images)]
+        self.reference = ReferenceStack(self.lab, self.workdir, targets, {r.mac: r.iqn for r in self.results})
+        self.reference.start()
