@@ -272,6 +272,21 @@ def build_initramfs(busybox_root: Path, iscsi_root: Path, kernel_root: Path) -> 
     return gzip.compress(cpio.finish(), compresslevel=6, mtime=0)
 
 
+MBR = "/usr/lib/syslinux/mbr/mbr.bin"
+_TOOLS = {
+    "apt-get": "apt", "apt-cache": "apt", "dpkg-deb": "dpkg", "ldd": "libc-bin", "sfdisk": "fdisk",
+    "mkfs.vfat": "dosfstools", "mcopy": "mtools", "syslinux": "syslinux",
+}
+
+
+def check_tools() -> list[str]:
+    """What is missing to build the boot disk, naming the Debian package of each."""
+    missing = [f"{tool} (Debian package {pkg})" for tool, pkg in _TOOLS.items() if shutil.which(tool) is None]
+    if not Path(MBR).exists():
+        missing.append(f"{MBR} (Debian package syslinux-common)")
+    return missing
+
+
 def _fingerprint(debs: list[Path]) -> str:
     h = hashlib.sha256(Path(__file__).read_bytes())
     for deb in debs:
@@ -283,12 +298,10 @@ def _fingerprint(debs: list[Path]) -> str:
 
 def build(cache: Path = CACHE, log=print) -> Path:
     """Build (or reuse) the boot disk and return its path. The caller copies it before writing to it."""
-    for tool in ("apt-get", "apt-cache", "dpkg-deb", "ldd", "sfdisk", "mkfs.vfat", "mcopy", "syslinux"):
-        if shutil.which(tool) is None:
-            raise ImageError(f"{tool} is missing: install it (deploy/system-deps.sh lists the packages)")
-    mbr = Path("/usr/lib/syslinux/mbr/mbr.bin")
-    if not mbr.exists():
-        raise ImageError(f"{mbr} is missing: install syslinux-common")
+    missing = check_tools()
+    if missing:
+        raise ImageError("cannot build the boot disk; missing: " + "; ".join(missing))
+    mbr = Path(MBR)
     debs_dir = cache / "debs"
     kpkg = kernel_package()
     debs = [download(p, debs_dir) for p in (kpkg, "busybox-static", "open-iscsi")]

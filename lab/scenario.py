@@ -31,6 +31,18 @@ MARKER_RE = image.MARKER
 IQN_PREFIX = "iqn.2026-11.org.bootfleet:lab-"
 
 
+def missing_tools(reference: bool = False) -> list[str]:
+    """Everything a lab boot needs that this host lacks, each naming its Debian package; empty when ready."""
+    from lab import netns, qemu, reference as ref
+
+    missing = netns.check_tools() + qemu.check_tools() + image.check_tools()
+    if shutil.which("qemu-img") is None:
+        missing.append("qemu-img (Debian packages qemu-utils, qemu-block-extra: reads the nonce back over iSCSI)")
+    if reference:
+        missing += ref.check_tools()
+    return missing
+
+
 def pc_mac(n: int) -> str:
     return f"52:54:00:77:00:{0x10 + n:02x}"
 
