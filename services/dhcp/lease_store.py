@@ -31,8 +31,7 @@ CREATE TABLE IF NOT EXISTS leases (
     hostname  TEXT,
     updated   REAL NOT NULL
 );
-CREATE INDEX IF NOT EXISTS leases_mac ON leases (mac);
-"""
+"""  # no index on mac: lookups by MAC use the in-memory index; every index page is one more write per commit
 
 _UPSERT = (
     "INSERT INTO leases (ip, mac, client_id, scope, state, expires, hostname, updated) VALUES (?,?,?,?,?,?,?,?) "
@@ -87,7 +86,11 @@ class LeaseStore:
             self.db.execute("PRAGMA journal_mode=WAL")
             # NORMAL in WAL mode: a committed transaction survives the process dying (kill -9), not a power cut.
             self.db.execute("PRAGMA synchronous=" + ("FULL" if durability == "power" else "NORMAL"))
+            # checkpoints (which fsync the database file) run from `checkpoint()` in another thread, not
+            # inside a commit on the serving path
+            self.db.execute("PRAGMA wal_autocheckpoint=0")
             self.db.executescript(_SCHEMA)
+            self._checkpointer: sqlite3.Connection | None = None
         self.by_ip: dict[int, Lease] = {}
         self.by_mac: dict[str, list[Lease]] = {}
         self._pending: dict[int, tuple | None] = {}  # ip -> row to upsert, or None to delete
@@ -196,9 +199,19 @@ class LeaseStore:
         self.commits += 1
         return len(upserts) + len(deletes)
 
+    def checkpoint(self) -> None:
+        """Copy the WAL into the database file without blocking the writer (PASSIVE); call off the hot path."""
+        if self.readonly:
+            return
+        if self._checkpointer is None:
+            self._checkpointer = sqlite3.connect(self.path, timeout=1.0, check_same_thread=False)
+        self._checkpointer.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
+
     def close(self) -> None:
         if not self.readonly and self._pending:
             self.commit()
+        if not self.readonly and self._checkpointer is not None:
+            self._checkpointer.close()
         self.db.close()
 
     def _check_writable(self) -> None:

@@ -162,6 +162,7 @@ class DhcpServer:
         self.decline_hold = d.decline_hold
         self.authoritative = d.authoritative
         self._blobs: dict[tuple, tuple[bytes, bytes, int, str | None, str | None]] = {}
+        self._classes_seen: dict[tuple, object] = {}
 
     # -- helpers ---------------------------------------------------------------------------------------------
 
@@ -393,9 +394,16 @@ class DhcpServer:
         return self._inform(scope, msg, iface, mac)
 
     def _classify(self, msg):
-        cls = classify(msg.options)
-        if self.matcher.classes:
-            cls.names = self.matcher.match(cls)
+        o = msg.options
+        key = (o.get(opt.USER_CLASS), o.get(opt.VENDOR_CLASS), o.get(opt.CLIENT_ARCH), opt.IPXE_ENCAP in o)
+        cls = self._classes_seen.get(key)
+        if cls is None:  # a fleet has a handful of distinct kinds of client: classify each once
+            cls = classify(o)
+            if self.matcher.classes:
+                cls.names = self.matcher.match(cls)
+            if len(self._classes_seen) > 1024:
+                self._classes_seen.clear()
+            self._classes_seen[key] = cls
         return cls
 
     def _discover(self, scope, msg, iface, mac, now) -> Reply | None:

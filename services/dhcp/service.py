@@ -30,6 +30,7 @@ from services.dhcp.transport import (
 
 BATCH = 16  # datagrams per turn: bounds the wait of the first one (latency) while grouping commits
 HOUSEKEEPING = 1.0
+CHECKPOINT_INTERVAL = 2.0
 
 
 class DhcpService(BaseService):
@@ -47,6 +48,7 @@ class DhcpService(BaseService):
         os.set_blocking(self.wake_r, False)
         self.poller.register(self.wake_r, select.POLLIN)
         self.running = False
+        self.stopping = threading.Event()
         self.thread: threading.Thread | None = None
         self.store: LeaseStore | None = None
         self.core: DhcpServer | None = None
@@ -70,6 +72,8 @@ class DhcpService(BaseService):
         self.running = True
         self.thread = threading.Thread(target=self._serve, name="dhcp-serve", daemon=True)
         self.thread.start()
+        self.checkpointer = threading.Thread(target=self._checkpoints, name="dhcp-checkpoint", daemon=True)
+        self.checkpointer.start()
         self.log.info("serving %s; lease store %s (%d leases)", ", ".join(self.sockets) or "no interface",
                       path, len(self.store.by_ip))
 
@@ -84,9 +88,12 @@ class DhcpService(BaseService):
 
     async def stop(self) -> None:
         self.running = False
+        self.stopping.set()
         self._wake()
         if self.thread:
             await asyncio.get_running_loop().run_in_executor(None, self.thread.join, 5.0)
+        if getattr(self, "checkpointer", None):
+            await asyncio.get_running_loop().run_in_executor(None, self.checkpointer.join, CHECKPOINT_INTERVAL + 1)
         with self.lock:
             for sock in list(self.sockets.values()):
                 sock.close()
@@ -225,6 +232,14 @@ class DhcpService(BaseService):
                     # long-lived leases leave the collector's view: a full collection over tens of
                     # thousands of them would stall the loop for milliseconds (the p99 latency)
                     gc.freeze()
+
+    def _checkpoints(self) -> None:
+        """Fold the WAL into the database every few seconds, outside the serving thread."""
+        while not self.stopping.wait(CHECKPOINT_INTERVAL):
+            try:
+                self.store.checkpoint()
+            except Exception as exc:  # busy or closing: the next round catches up
+                self.log.debug("checkpoint: %s", exc)
 
     def _turn(self, name: str) -> None:
         sock = self.sockets.get(name)
