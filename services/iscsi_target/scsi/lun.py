@@ -1,0 +1,158 @@
+"""A logical unit: its backing store, identity (NAA, serial), mode parameters, unit attentions and
+reservations; and the I_T nexus type the transport hands in.
+
+Unit attentions are queued per I_T nexus. A nexus seen for the first time gets POWER ON, RESET, OR BUS
+DEVICE RESET OCCURRED (SPC-4 6.x: every I_T nexus starts with one); resets, capacity changes, mode
+changes by another nexus, reservation preemption and LUN inventory changes add theirs. The first command
+that is not INQUIRY, REPORT LUNS or REQUEST SENSE reports the oldest one and consumes it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import threading
+
+from services.iscsi_target.scsi import sense as S
+from services.iscsi_target.scsi.reservations import Reservations
+
+MAX_UA_QUEUE = 8  # more than this and the oldest are dropped (an initiator that never looks)
+
+
+class Nexus:
+    """An I_T nexus: initiator port `<iqn>,i,0x<isid>` and target port `<iqn>,t,0x<tpgt>`.
+
+    Equality and hash use the two ports only: the session number tells connections apart for logging,
+    but a session reinstated by the same initiator port is the same nexus to SCSI (SAM-5).
+    """
+
+    __slots__ = ("initiator_port", "target_port", "session", "_hash")
+
+    def __init__(self, initiator_port: str, target_port: str, session: int = 0):
+        self.initiator_port = initiator_port
+        self.target_port = target_port
+        self.session = session
+        self._hash = hash((initiator_port, target_port))
+
+    def __hash__(self) -> int:
+        return self._hash
+
+    def __eq__(self, other) -> bool:
+        return (isinstance(other, Nexus) and self._hash == other._hash
+                and self.initiator_port == other.initiator_port and self.target_port == other.target_port)
+
+    def __repr__(self) -> str:
+        return f"Nexus({self.initiator_port!r}, {self.target_port!r}, session={self.session})"
+
+
+def derived_ids(target_name: str, lun_id: int) -> tuple[bytes, str]:
+    """A NAA identifier and a serial number unique to (target, LUN): Windows refuses disks that share one."""
+    digest = hashlib.sha256(f"bootfleet\0{target_name}\0{lun_id}".encode()).digest()
+    naa = bytes([0x30 | (digest[0] & 0x0F)]) + digest[1:8]  # NAA 3: locally assigned, 60 bits
+    return naa, digest[8:16].hex()
+
+
+class LogicalUnit:
+    def __init__(self, backstore, lun_id: int, naa: bytes | None = None, serial: str | None = None,
+                 readonly: bool = False, vendor: str = "BOOTFLT", product: str = "VIRTUAL DISK",
+                 target_name: str = "", revision: str = "0001"):
+        if not 0 <= lun_id <= 16383:
+            raise ValueError(f"lun_id {lun_id} is outside 0..16383")
+        if naa is not None and len(naa) not in (8, 16):
+            raise ValueError(f"naa must be 8 or 16 bytes, got {len(naa)}")
+        self.store = backstore
+        self.lun_id = lun_id
+        self.block_size = backstore.block_size
+        self.blocks = backstore.blocks
+        self.readonly = readonly or backstore.readonly
+        self.vendor, self.product, self.revision = vendor, product, revision
+        self.target_name = target_name
+        self._naa_given, self._serial_given = naa, serial
+        self.naa, self.serial = naa, serial
+        self._derive()
+        # mode parameters (MODE SELECT may change WCE and SWP)
+        self.wce = not getattr(backstore, "write_through", False)
+        self.swp = False
+        self.started = True
+        self.lock = threading.Lock()  # unit attentions, COMPARE AND WRITE, mode changes
+        self.ua: dict = {}            # nexus -> [(asc, ascq), ...]; empty dict: the fast path
+        self.known: set = set()       # nexuses that already got their power-on unit attention
+        self.res = Reservations(self.add_ua)
+        backstore.resize_listeners.append(self._resized)
+
+    def _derive(self) -> None:
+        naa, serial = derived_ids(self.target_name, self.lun_id)
+        self.naa = self._naa_given or naa
+        self.serial = self._serial_given or serial
+
+    def attach(self, target_name: str) -> None:
+        """The target this LU joins; identifiers not given are derived from its name."""
+        if target_name != self.target_name:
+            self.target_name = target_name
+            self._derive()
+
+    @property
+    def write_protected(self) -> bool:
+        return self.readonly or self.swp
+
+    # ---------------------------------------------------------------- unit attentions
+    def add_ua(self, nexus, code: tuple[int, int]) -> None:
+        """Queue a unit attention for one nexus (callers may or may not hold self.lock: a dict op is atomic)."""
+        queue = self.ua.setdefault(nexus, [])
+        if code not in queue:
+            queue.append(code)
+            del queue[:-MAX_UA_QUEUE]
+
+    def add_ua_all(self, code: tuple[int, int], except_nexus=None) -> None:
+        with self.lock:
+            for nexus in list(self.known):
+                if nexus != except_nexus:
+                    self.add_ua(nexus, code)
+
+    def first_contact(self, nexus) -> None:
+        with self.lock:
+            if nexus not in self.known:
+                self.known.add(nexus)
+                self.add_ua(nexus, S.POWER_ON_RESET)
+
+    def take_ua(self, nexus):
+        """The oldest pending unit attention of this nexus, consumed; None if none."""
+        with self.lock:
+            queue = self.ua.get(nexus)
+            if not queue:
+                return None
+            code = queue.pop(0)
+            if not queue:
+                del self.ua[nexus]
+            return code
+
+    def forget(self, nexus) -> None:
+        """The nexus is gone (session closed): its unit attentions and SPC-2 reservation go with it."""
+        with self.lock:
+            self.known.discard(nexus)
+            self.ua.pop(nexus, None)
+        self.res.drop_spc2(nexus)
+
+    def reset(self, code: tuple[int, int], by=None) -> None:
+        """LOGICAL UNIT RESET or a target reset: SPC-2 reservation ends, others see `code`."""
+        self.res.drop_spc2()
+        self.started = True
+        self.add_ua_all(code, except_nexus=by)
+
+    def _resized(self, size: int) -> None:
+        self.blocks = size // self.block_size
+        self.add_ua_all(S.CAPACITY_DATA_CHANGED)
+
+    def resize(self, size: int) -> None:
+        """Grow or shrink the medium; every nexus sees CAPACITY DATA HAS CHANGED."""
+        self.store.resize(size)
+
+    def set_wce(self, enabled: bool) -> None:
+        self.wce = enabled
+        if hasattr(self.store, "write_through") and hasattr(self.store, "fd"):
+            self.store.write_through = not enabled
+
+    def close(self) -> None:
+        try:
+            self.store.resize_listeners.remove(self._resized)
+        except ValueError:
+            pass
