@@ -12,6 +12,7 @@ allocates from its own slice of the pools, and SQLite serialises their commits.
 
 from __future__ import annotations
 
+import heapq
 import ipaddress
 import sqlite3
 import time
@@ -94,6 +95,7 @@ class LeaseStore:
         self.by_ip: dict[int, Lease] = {}
         self.by_mac: dict[str, list[Lease]] = {}
         self._pending: dict[int, tuple | None] = {}  # ip -> row to upsert, or None to delete
+        self._expiry: list[tuple[float, int]] = []  # heap of (expires, ip) of held leases; stale entries skipped
         self.commits = 0
         self.load()
 
@@ -104,6 +106,7 @@ class LeaseStore:
     def load(self) -> None:
         self.by_ip.clear()
         self.by_mac.clear()
+        self._expiry = []
         try:
             rows = self.db.execute("SELECT ip, mac, client_id, scope, state, expires, hostname FROM leases").fetchall()
         except sqlite3.OperationalError:
@@ -113,10 +116,27 @@ class LeaseStore:
 
     def _index(self, lease: Lease) -> None:
         old = self.by_ip.get(lease.ip)
-        if old is not None:
+        if old is not None and old is not lease:
             self._unindex_mac(old)
+        if old is not lease:
+            self.by_mac.setdefault(lease.mac, []).append(lease)
         self.by_ip[lease.ip] = lease
-        self.by_mac.setdefault(lease.mac, []).append(lease)
+        if lease.state in HELD:
+            heapq.heappush(self._expiry, (lease.expires, lease.ip))
+            if len(self._expiry) > 4 * len(self.by_ip) + 1024:  # renewals leave stale entries: compact
+                self._expiry = [(l.expires, l.ip) for l in self.by_ip.values() if l.state in HELD]
+                heapq.heapify(self._expiry)
+
+    def due(self, now: float) -> list[Lease]:
+        """Held leases whose end is at or before `now` (each once), cheapest first: O(k log n) for k due."""
+        out = []
+        heap = self._expiry
+        while heap and heap[0][0] <= now:
+            expires, ip = heapq.heappop(heap)
+            lease = self.by_ip.get(ip)
+            if lease is not None and lease.state in HELD and lease.expires == expires:
+                out.append(lease)
+        return out
 
     def _unindex_mac(self, lease: Lease) -> None:
         lst = self.by_mac.get(lease.mac)

@@ -138,7 +138,7 @@ class DhcpServer:
         self.instance = instance
         self.instances = instances
         self.events: list[tuple[str, dict]] = []
-        self.offers: dict[int, tuple[str, float]] = {}  # ip -> (mac, until)
+        self.offers: dict[int, tuple[str, float, str]] = {}  # ip -> (mac, until, scope)
         self.offer_of: dict[tuple[str, str], int] = {}  # (scope, mac) -> ip
         self.counters = {k: 0 for k in ("received", "replied", "offers", "acks", "naks", "declines", "releases",
                                         "informs", "ignored", "exhausted", "unknown_clients", "other_server")}
@@ -415,7 +415,7 @@ class DhcpServer:
             self.counters["exhausted"] += 1
             self.events.append((ev.DHCP_POOL_EXHAUSTED, {"mac": mac, "scope": scope.name}))
             return None
-        self.offers[ip] = (mac, now + self.offer_hold)
+        self.offers[ip] = (mac, now + self.offer_hold, scope.name)
         self.offer_of[(scope.name, mac)] = ip
         boot = self._boot(scope, cls, scope.reservations.get(mac), mac, iface)
         self.counters["offers"] += 1
@@ -524,13 +524,13 @@ class DhcpServer:
 
     def expire(self, now: float) -> int:
         """Leases past their end become `expired`; quarantines end; stale offers go. Returns leases expired."""
-        for ip, (mac, until) in list(self.offers.items()):
+        for ip, (mac, until, scope) in list(self.offers.items()):
             if until <= now:
                 del self.offers[ip]
-                for key in [k for k, v in self.offer_of.items() if v == ip and k[1] == mac]:
-                    del self.offer_of[key]
+                if self.offer_of.get((scope, mac)) == ip:
+                    del self.offer_of[(scope, mac)]
         count = 0
-        for lease in [l for l in self.store.by_ip.values() if l.expires <= now and l.state in (BOUND, DECLINED)]:
+        for lease in self.store.due(now):  # leases whose end has come, from the store's expiry heap
             if lease.state == DECLINED:
                 self.store.delete(lease.ip)
                 continue
