@@ -160,14 +160,14 @@ def compare_and_write(target, lu, nexus, cdb, data_out):
     flags, lba, n = CAW.unpack_from(cdb)
     if flags & 0xE0:
         raise _PROTECT
-    if n > MAX_CAW_BLOCKS:
+    if n > MAX_CAW_BLOCKS or not n:
+        # NLB 0 is refused too: an initiator asking for 256 blocks wraps the 8-bit field to 0 and sends
+        # 512 blocks of data; doing nothing would report success for a compare that never happened.
         raise S.illegal(S.INVALID_FIELD_IN_CDB, S.field_pointer(13))
     if lba + n > lu.blocks:
         raise _LBA_RANGE
     if lu.readonly or lu.swp:
         raise _write_protect(lu)
-    if not n:
-        return GOOD
     bs = lu.block_size
     size = n * bs
     if data_out is None or len(data_out) != 2 * size:
@@ -287,7 +287,7 @@ def write_same(target, lu, nexus, cdb, data_out):
     ndob = sixteen and flags & 0x01
     unmap = flags & 0x08
     bs = lu.block_size
-    if lba > lu.blocks or (n and lba + n > lu.blocks):
+    if lba >= lu.blocks or lba + n > lu.blocks:
         raise _LBA_RANGE
     if not n:
         n = lu.blocks - lba  # to the end of the medium
@@ -303,7 +303,9 @@ def write_same(target, lu, nexus, cdb, data_out):
         if data_out is None or len(data_out) != bs:
             raise S.illegal(S.PARAMETER_LIST_LENGTH_ERROR)
         pattern = bytes(data_out)
-    if unmap and not any(pattern):
+    if unmap:
+        # UNMAP set: deallocate whatever the pattern (as LIO does; libiscsi checks that the blocks then
+        # read as zeros, which LBPRZ promises)
         _deallocate(lu, lba, n)
         return GOOD
     store = lu.store
