@@ -6,7 +6,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from lab import Lab  # noqa: E402
+from dhcp_lab import Lab  # noqa: E402
 
 CONFIG = """
 logging: {level: info}

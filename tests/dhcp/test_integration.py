@@ -14,7 +14,7 @@ import time
 import pytest
 from scapy.all import BOOTP, DHCP, IP, UDP, Ether
 
-from lab import CLIENT_IP, RELAY_IP, SERVER_IP, raw_socket
+from dhcp_lab import CLIENT_IP, RELAY_IP, SERVER_IP, raw_socket
 from services.dhcp import options as opt
 from services.dhcp import packet as pk
 from services.dhcp.ra import parse_ra
