@@ -1,0 +1,4 @@
+from shared.service import main
+from services.tftp.service import TftpService
+
+main(TftpService)

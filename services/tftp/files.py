@@ -1,0 +1,131 @@
+"""The TFTP root jail: which names may be read or written, and netascii conversion.
+
+A requested name is refused before any file is touched when it is empty, absolute, holds a `..` component,
+a NUL or a backslash-dot-dot. It is then resolved (symlinks followed) and must stay under the root's real
+path; the file is opened without following a final symlink swapped in since (O_NOFOLLOW on the resolved
+path) and without blocking (a FIFO would hang a blocking open), and `/proc/self/fd` confirms where the opened
+descriptor really is, so a rename race cannot lead outside. Only regular files are served.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import stat
+from dataclasses import dataclass
+
+from services.tftp import packets as pk
+
+
+class Refused(Exception):
+    """A request the jail refuses: `code` is the TFTP error code, the message says why (for log and client)."""
+
+    def __init__(self, code: int, message: str):
+        super().__init__(message)
+        self.code = code
+
+
+@dataclass
+class Opened:
+    fd: int
+    size: int
+    path: str
+
+
+def to_netascii(data: bytes) -> bytes:
+    # RFC 764: CR -> CR NUL first, then LF -> CR LF (the CRs inserted are not followed by NUL)
+    return data.replace(b"\r", b"\r\0").replace(b"\n", b"\r\n")
+
+
+def from_netascii(data: bytes) -> bytes:
+    return data.replace(b"\r\n", b"\n").replace(b"\r\0", b"\r")
+
+
+def check_name(name: str) -> str:
+    """The relative path a request names, or Refused(2) for a name that tries to leave the root."""
+    if not name:
+        raise Refused(pk.ERR_ACCESS, "empty file name")
+    if "\0" in name:
+        raise Refused(pk.ERR_ACCESS, "file name holds a NUL")
+    if name.startswith("/"):
+        raise Refused(pk.ERR_ACCESS, f"absolute path {name!r} is refused (names are relative to the TFTP root)")
+    parts = name.replace("\\", "/").split("/")
+    if ".." in parts:
+        raise Refused(pk.ERR_ACCESS, f"{name!r} holds '..'")
+    return "/".join(p for p in parts if p not in ("", "."))
+
+
+class Jail:
+    def __init__(self, root: str, upload_dir: str | None = None):
+        self.root = os.path.realpath(root)
+        self.upload_dir = os.path.join(self.root, upload_dir) if upload_dir else None
+
+    def _inside(self, path: str, base: str) -> bool:
+        return path == base or path.startswith(base.rstrip("/") + "/")
+
+    def resolve(self, name: str) -> str:
+        rel = check_name(name)
+        if not rel:
+            raise Refused(pk.ERR_ACCESS, f"{name!r} names the root folder")
+        real = os.path.realpath(os.path.join(self.root, rel))
+        if not self._inside(real, self.root):
+            raise Refused(pk.ERR_ACCESS, f"{name!r} resolves outside the TFTP root (symlink to {real})")
+        return real
+
+    def exists(self, name: str) -> bool:
+        try:
+            return os.path.lexists(self.resolve(name))
+        except Refused:
+            return False
+
+    def open_read(self, name: str) -> Opened:
+        real = self.resolve(name)
+        try:
+            fd = os.open(real, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC | os.O_NOCTTY)
+        except FileNotFoundError:
+            raise Refused(pk.ERR_NOT_FOUND, f"{name!r} not found") from None
+        except PermissionError:
+            raise Refused(pk.ERR_ACCESS, f"{name!r} is not readable by the server") from None
+        except OSError as exc:
+            if exc.errno == errno.ELOOP:
+                raise Refused(pk.ERR_ACCESS, f"{name!r} is a symlink that changed while opening") from None
+            raise Refused(pk.ERR_ACCESS, f"{name!r}: {exc.strerror}") from None
+        try:
+            st = os.fstat(fd)
+            if stat.S_ISDIR(st.st_mode):
+                raise Refused(pk.ERR_ACCESS, f"{name!r} is a directory")
+            if not stat.S_ISREG(st.st_mode):
+                raise Refused(pk.ERR_ACCESS, f"{name!r} is not a regular file (device, FIFO or socket)")
+            where = os.readlink(f"/proc/self/fd/{fd}")
+            if not self._inside(where, self.root):
+                raise Refused(pk.ERR_ACCESS, f"{name!r} was moved outside the TFTP root while opening")
+            os.set_blocking(fd, True)
+        except BaseException:
+            os.close(fd)
+            raise
+        return Opened(fd, st.st_size, real)
+
+    def open_write(self, name: str, overwrite: bool) -> tuple[int, str, str]:
+        """-> (fd of a temporary file, its path, the final path). The caller renames on success."""
+        if self.upload_dir is None:
+            raise Refused(pk.ERR_ACCESS, "this server is read-only (no tftp.upload_dir)")
+        real = self.resolve(name)
+        upload_real = os.path.realpath(self.upload_dir)
+        if not self._inside(real, upload_real) or real == upload_real:
+            raise Refused(pk.ERR_ACCESS, f"{name!r} is outside the upload folder")
+        if os.path.isdir(real):
+            raise Refused(pk.ERR_ACCESS, f"{name!r} is a directory")
+        if os.path.lexists(real):
+            if not overwrite:
+                raise Refused(pk.ERR_EXISTS, f"{name!r} already exists")
+            if not stat.S_ISREG(os.lstat(real).st_mode):
+                raise Refused(pk.ERR_ACCESS, f"{name!r} is not a regular file")
+        folder = os.path.dirname(real)
+        if not os.path.isdir(folder):
+            raise Refused(pk.ERR_ACCESS, f"folder of {name!r} does not exist")
+        temp = os.path.join(folder, f".{os.path.basename(real)}.part-{os.getpid()}-{id(real):x}")
+        try:
+            fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
+        except OSError as exc:
+            raise Refused(pk.ERR_ACCESS, f"{name!r}: cannot create: {exc.strerror}") from None
+        return fd, temp, real

@@ -1,0 +1,584 @@
+"""The TFTP I/O layer: one request socket, one socket per transfer, one epoll loop in one thread.
+
+- The request socket (SO_REUSEPORT, so several processes can share port 69) reads requests with IP_PKTINFO:
+  the address each request came to. A transfer's socket is bound to that address (port 0: a new TID), so
+  replies leave from the address the client spoke to, whatever the routing table says.
+- Transfer sockets stay unconnected so that a datagram from a wrong TID still reaches us: it is answered with
+  error 5 from the transfer's socket and never reaches the state machine.
+- Blocks are read with one `os.preadv` per window into a preallocated buffer and sent with
+  `sendmsg([header, slice])`: no copy in Python, no per-packet allocation besides the 4-byte header.
+  Rendered and netascii files are served from memory the same way. Files are not mmap'd: a file truncated
+  under an mmap would kill the process with SIGBUS.
+- Timers: a heap of (deadline, seq, slot) with one entry per transfer; an entry popped early (the transfer
+  moved its deadline since) is pushed again, so a packet never touches the heap.
+- Every handler runs inside try/except: an exception fails that one transfer (logged with its traceback),
+  never the loop.
+The protocol decisions live in transfer.py (state machines), options.py and files.py; this module only moves
+bytes and keeps the books.
+"""
+
+from __future__ import annotations
+
+import heapq
+import ipaddress
+import itertools
+import logging
+import os
+import select
+import socket
+import struct
+import threading
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+from shared import events as ev
+from shared.config.model import BootfleetConfig
+from services.tftp import packets as pk
+from services.tftp.dynamic import DynamicFiles
+from services.tftp.files import Jail, Refused, from_netascii, to_netascii
+from services.tftp.options import OptionError, OptionPolicy, negotiate
+from services.tftp.transfer import ACTIVE, DALLY, DONE, FAILED, ReadTransfer, WriteTransfer
+
+log = logging.getLogger("bootfleet.tftp")
+
+IN_PKTINFO = struct.Struct("=i4s4s")  # ifindex, spec_dst, addr
+IP_PKTINFO = getattr(socket, "IP_PKTINFO", 8)  # Linux <netinet/in.h>; Python 3.11 does not export it
+REQUEST_BATCH = 64  # requests read per wake-up of the request socket
+PACKET_BATCH = 64  # datagrams read per wake-up of a transfer socket
+SEND_BUFFER = 4 << 20  # bytes read per preadv at most (a window larger than this is read in parts)
+SNDBUF = 1 << 20
+_data_header = pk.HEADER.pack
+_monotonic = time.monotonic
+
+
+class Policy:
+    """What the configuration decides, built once per revision and swapped whole."""
+
+    def __init__(self, config: BootfleetConfig, mac_for_ip: Callable[[str], str | None]):
+        t = config.tftp
+        self.config = config
+        self.tftp = t
+        self.jail = Jail(t.root, t.upload_dir)
+        self.dynamic = DynamicFiles(config, mac_for_ip)
+        self.options = OptionPolicy(
+            max_blksize=t.max_blksize, max_windowsize=t.max_windowsize, default_timeout=t.default_timeout,
+            min_timeout=t.min_timeout, max_timeout=t.max_timeout,
+        )
+
+
+@dataclass(eq=False)
+class Slot:
+    """One transfer's I/O state."""
+
+    sock: socket.socket
+    peer: tuple[str, int]
+    transfer: ReadTransfer | WriteTransfer
+    writing: bool
+    file: str
+    mac: str | None
+    source: int | memoryview | None = None  # read: file descriptor or bytes in memory
+    out_fd: int = -1  # write: temporary file
+    temp_path: str = ""
+    final_path: str = ""
+    netascii: bool = False
+    completed: bool = False  # write: the last block is in and the file renamed
+    closed: bool = False
+    bytes_sent: int = 0
+
+
+class LogLimiter:
+    """At most `rate` log lines a second for one kind of noise (malformed packets, refusals)."""
+
+    def __init__(self, rate: int = 20):
+        self.rate = rate
+        self.second = 0
+        self.count = 0
+        self.dropped = 0
+
+    def allow(self) -> bool:
+        second = int(_monotonic())
+        if second != self.second:
+            if self.dropped:
+                log.warning("%d more log lines about refused or malformed requests were dropped", self.dropped)
+            self.second, self.count, self.dropped = second, 0, 0
+        self.count += 1
+        if self.count > self.rate:
+            self.dropped += 1
+            return False
+        return True
+
+
+def _pktinfo_address(ancdata, fallback: str) -> str:
+    for level, kind, data in ancdata:
+        if level == socket.IPPROTO_IP and kind == IP_PKTINFO and len(data) >= IN_PKTINFO.size:
+            _, spec_dst, addr = IN_PKTINFO.unpack_from(data)
+            dst = ipaddress.IPv4Address(addr)
+            # a broadcast or multicast request is answered from the interface's own address
+            if dst.is_multicast or addr == b"\xff\xff\xff\xff" or dst.packed[3] == 255:
+                return str(ipaddress.IPv4Address(spec_dst))
+            return str(dst)
+    return fallback
+
+
+class TftpServer:
+    def __init__(self, policy: Policy, emit: Callable[..., None], instance: int = 0):
+        self.policy = policy
+        self.emit = emit
+        self.instance = instance
+        self.ep = select.epoll()
+        self.wake_r, self.wake_w = os.pipe()
+        os.set_blocking(self.wake_r, False)
+        os.set_blocking(self.wake_w, False)
+        self.ep.register(self.wake_r, select.EPOLLIN)
+        self.listener: socket.socket | None = None
+        self.pending_listener: socket.socket | None = None
+        self.slots: dict[int, Slot] = {}  # socket fd -> slot
+        self.by_peer: dict[tuple[str, int], Slot] = {}
+        self.heap: list = []
+        self.seq = itertools.count()
+        self.out = bytearray(SEND_BUFFER)
+        self.out_view = memoryview(self.out)
+        self.inbuf = bytearray(65536 + 64)
+        self.in_view = memoryview(self.inbuf)
+        self.limiter = LogLimiter()
+        self.running = False
+        self.thread: threading.Thread | None = None
+        self.stats = dict(
+            requests=0, malformed=0, refused=0, started=0, finished=0, failed=0, bytes_sent=0, bytes_received=0,
+            wrong_tid=0, retransmits=0, internal_errors=0,
+        )
+        self.address = "0.0.0.0"
+        self.port = 0
+
+    # -- life ------------------------------------------------------------------------------------------------
+
+    def bind(self, address: str, port: int) -> None:
+        """Open the request socket; called before start() or, for a new address, from any thread."""
+        sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        sock.setsockopt(socket.IPPROTO_IP, IP_PKTINFO, 1)
+        sock.bind((address, port))
+        sock.setblocking(False)
+        self.address, self.port = address, sock.getsockname()[1]
+        if self.thread is None:
+            self._install_listener(sock)
+        else:
+            self.pending_listener = sock
+            self._wake()
+
+    def _install_listener(self, sock: socket.socket) -> None:
+        if self.listener is not None:
+            self.ep.unregister(self.listener.fileno())
+            self.listener.close()
+        self.listener = sock
+        self.ep.register(sock.fileno(), select.EPOLLIN)
+
+    def start(self) -> None:
+        self.running = True
+        self.thread = threading.Thread(target=self._serve, name="tftp-serve", daemon=True)
+        self.thread.start()
+
+    def stop(self, timeout: float = 5.0) -> None:
+        self.running = False
+        self._wake()
+        if self.thread is not None:
+            self.thread.join(timeout)
+        for slot in list(self.slots.values()):
+            self._end(slot, "server stopping", pk.build_error(pk.ERR_UNDEFINED, "server shutting down"))
+        if self.listener is not None:
+            self.listener.close()
+        self.ep.close()
+        os.close(self.wake_r)
+        os.close(self.wake_w)
+
+    def _wake(self) -> None:
+        try:
+            os.write(self.wake_w, b"x")
+        except BlockingIOError:
+            pass
+
+    def counters(self) -> dict[str, float]:
+        return {**self.stats, "active": len(self.slots)}
+
+    # -- the loop ----------------------------------------------------------------------------------------------
+
+    def _serve(self) -> None:
+        poll = self.ep.poll
+        slots = self.slots
+        while self.running:
+            heap = self.heap
+            timeout = 1.0
+            if heap:
+                timeout = min(1.0, max(0.0, heap[0][0] - _monotonic()))
+            try:
+                ready = poll(timeout)
+            except InterruptedError:
+                continue
+            now = _monotonic()
+            listener_fd = self.listener.fileno() if self.listener else -1
+            for fd, _ in ready:
+                slot = slots.get(fd)
+                if slot is not None:
+                    try:
+                        self._on_transfer_packets(slot, now)
+                    except Exception as exc:
+                        self._internal_error(slot, exc)
+                elif fd == listener_fd:
+                    self._on_requests(now)
+                elif fd == self.wake_r:
+                    self._on_wake()
+            if heap and heap[0][0] <= now:
+                self._on_timers(now)
+
+    def _on_wake(self) -> None:
+        try:
+            while os.read(self.wake_r, 256):
+                pass
+        except BlockingIOError:
+            pass
+        if self.pending_listener is not None:
+            sock, self.pending_listener = self.pending_listener, None
+            self._install_listener(sock)
+
+    def _internal_error(self, slot: Slot, exc: BaseException) -> None:
+        self.stats["internal_errors"] += 1
+        log.exception("transfer of %s to %s:%d failed on an internal error", slot.file, *slot.peer, exc_info=exc)
+        if not slot.closed:
+            self._end(slot, f"internal error: {exc}", pk.build_error(pk.ERR_UNDEFINED, "internal error"))
+
+    # -- requests ----------------------------------------------------------------------------------------------
+
+    def _on_requests(self, now: float) -> None:
+        sock = self.listener
+        cmsg_size = socket.CMSG_SPACE(IN_PKTINFO.size)
+        for _ in range(REQUEST_BATCH):
+            try:
+                data, ancdata, _flags, peer = sock.recvmsg(1024, cmsg_size)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:
+                log.warning("request socket: %s", exc)
+                return
+            local = _pktinfo_address(ancdata, self.address)
+            try:
+                self._on_request(data, peer, local, now)
+            except Exception:
+                self.stats["internal_errors"] += 1
+                log.exception("request from %s:%d failed on an internal error", *peer)
+
+    def _refuse(self, peer, local: str, code: int, reason: str, file: str = "", mac: str | None = None,
+                malformed: bool = False) -> None:
+        self.stats["malformed" if malformed else "refused"] += 1
+        if self.limiter.allow():
+            log.warning("%s:%d %s%s: %s (error %d)", peer[0], peer[1], "refused " if not malformed else "",
+                        repr(file) if file else "request", reason, code)
+        self._send_once(local, peer, pk.build_error(code, reason))
+        if not malformed:
+            self.emit(ev.TFTP_FAILED, ip=peer[0], port=peer[1], file=file, mac=mac, reason=reason, code=code)
+
+    def _send_once(self, local: str, peer, packet: bytes) -> None:
+        # a reply outside a transfer leaves from a new TID on the address the request came to
+        try:
+            with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+                s.bind((local, 0))
+                s.sendto(packet, peer)
+        except OSError as exc:
+            log.debug("could not answer %s:%d: %s", *peer, exc)
+
+    def _on_request(self, data: bytes, peer, local: str, now: float) -> None:
+        self.stats["requests"] += 1
+        if peer in self.by_peer:
+            return  # the client repeated its request: the transfer's own timer answers
+        try:
+            request = pk.parse_request(data)
+        except pk.MalformedPacket as exc:
+            if len(data) >= 2 and pk.OPCODE.unpack_from(data)[0] in (pk.RRQ, pk.WRQ):
+                self._refuse(peer, local, pk.ERR_ILLEGAL, str(exc), malformed=True)
+            else:
+                self.stats["malformed"] += 1  # stray DATA/ACK/garbage on the request port: no answer
+                if self.limiter.allow():
+                    log.info("%s:%d ignored on the request port: %s", *peer, exc)
+            return
+        policy = self.policy
+        name = request.filename
+        if len(self.slots) >= policy.tftp.max_transfers:
+            return self._refuse(peer, local, pk.ERR_UNDEFINED, "server busy: too many transfers", name)
+        if request.mode == "mail":
+            return self._refuse(peer, local, pk.ERR_ILLEGAL, "mail mode is not supported", name)
+        netascii = request.mode == "netascii"
+        if netascii and not policy.tftp.netascii:
+            return self._refuse(peer, local, pk.ERR_ILLEGAL, "netascii mode is disabled", name)
+        if request.opcode == pk.WRQ:
+            return self._start_write(request, peer, local, now, netascii)
+        self._start_read(request, peer, local, now, netascii)
+
+    def _open_transfer_socket(self, local: str) -> socket.socket:
+        sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        try:
+            sock.bind((local, 0))
+            sock.setblocking(False)
+        except OSError:
+            sock.close()
+            raise
+        return sock
+
+    def _start_read(self, request: pk.Request, peer, local: str, now: float, netascii: bool) -> None:
+        policy = self.policy
+        name = request.filename
+        mac = None
+        source: int | memoryview
+        try:
+            rendered, named_mac = policy.dynamic.match(name, policy.jail.exists)
+            if rendered:
+                body, mac = policy.dynamic.render(name, peer[0], local, named_mac)
+                if netascii:
+                    body = to_netascii(body)
+                source, size = memoryview(body), len(body)
+            else:
+                opened = policy.jail.open_read(name)
+                source, size = opened.fd, opened.size
+                if netascii:
+                    try:
+                        if size > policy.tftp.netascii_max_size:
+                            raise Refused(pk.ERR_UNDEFINED, f"{name!r} is too large for netascii mode ({size} bytes)")
+                        body = to_netascii(os.pread(opened.fd, size, 0))
+                    finally:
+                        os.close(opened.fd)
+                    source, size = memoryview(body), len(body)
+        except Refused as exc:
+            return self._refuse(peer, local, exc.code, str(exc), name, mac)
+        try:
+            negotiated = negotiate(request.options, policy.options, size)
+            if negotiated.blksize > len(self.out):
+                raise OptionError(f"blksize {negotiated.blksize} is larger than the send buffer")
+            sock = self._open_transfer_socket(local)
+            if negotiated.windowsize > 1:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SNDBUF)
+        except (OptionError, OSError) as exc:
+            if isinstance(source, int):
+                os.close(source)
+            code = pk.ERR_OPTIONS if isinstance(exc, OptionError) else pk.ERR_UNDEFINED
+            return self._refuse(peer, local, code, str(exc), name, mac)
+        oack = pk.build_oack(negotiated.oack) if negotiated.oack else None
+        transfer = ReadTransfer(size, negotiated, policy.tftp.retries, now, oack)
+        slot = Slot(sock, peer, transfer, False, name, mac, source=source, netascii=netascii)
+        self._register(slot, now)
+        self.emit(ev.TFTP_STARTED, ip=peer[0], port=peer[1], file=name, mac=mac, blksize=negotiated.blksize,
+                  windowsize=negotiated.windowsize, tsize=size, mode=request.mode)
+        self._send_blocks(slot, *transfer.start(now))
+
+    def _start_write(self, request: pk.Request, peer, local: str, now: float, netascii: bool) -> None:
+        policy = self.policy
+        name = request.filename
+        try:
+            negotiated = negotiate(request.options, policy.options, None, writing=True)
+            if negotiated.tsize is not None and negotiated.tsize > policy.tftp.upload_max_size:
+                return self._refuse(peer, local, pk.ERR_DISK_FULL,
+                                    f"upload of {negotiated.tsize} bytes is larger than {policy.tftp.upload_max_size}", name)
+            fd, temp, final = policy.jail.open_write(name, policy.tftp.upload_overwrite)
+        except OptionError as exc:
+            return self._refuse(peer, local, pk.ERR_OPTIONS, str(exc), name)
+        except Refused as exc:
+            return self._refuse(peer, local, exc.code, str(exc), name)
+        try:
+            sock = self._open_transfer_socket(local)
+        except OSError as exc:
+            os.close(fd)
+            os.unlink(temp)
+            return self._refuse(peer, local, pk.ERR_UNDEFINED, str(exc), name)
+        oack = pk.build_oack(negotiated.oack) if negotiated.oack else None
+        transfer = WriteTransfer(negotiated, policy.tftp.retries, now, policy.tftp.upload_max_size, oack)
+        slot = Slot(sock, peer, transfer, True, name, None, out_fd=fd, temp_path=temp, final_path=final,
+                    netascii=netascii)
+        self._register(slot, now)
+        self.emit(ev.TFTP_STARTED, ip=peer[0], port=peer[1], file=name, mac=None, blksize=negotiated.blksize,
+                  windowsize=negotiated.windowsize, tsize=negotiated.tsize, mode=request.mode, upload=True)
+        sock.sendto(transfer.start(now), peer)
+
+    def _register(self, slot: Slot, now: float) -> None:
+        fd = slot.sock.fileno()
+        self.slots[fd] = slot
+        self.by_peer[slot.peer] = slot
+        self.ep.register(fd, select.EPOLLIN)
+        heapq.heappush(self.heap, (slot.transfer.deadline, next(self.seq), slot))
+        self.stats["started"] += 1
+
+    # -- transfers ---------------------------------------------------------------------------------------------
+
+    def _send_blocks(self, slot: Slot, first: int, count: int) -> None:
+        if count == 0:
+            return
+        t = slot.transfer
+        sock, peer = slot.sock, slot.peer
+        if first == 0:
+            sock.sendto(t.oack, peer)
+            return
+        blksize = t.blksize
+        source = slot.source
+        sendmsg = sock.sendmsg
+        sent = 0
+        try:
+            if type(source) is int:
+                out = self.out_view
+                per_read = len(self.out) // blksize
+                block = first
+                end = first + count
+                while block < end:
+                    n = min(per_read, end - block)
+                    offset = (block - 1) * blksize
+                    want = min(n * blksize, t.size - offset)
+                    got = os.preadv(source, [out[:want]], offset) if want else 0
+                    if got != want:
+                        raise OSError(f"{slot.file!r} changed size during the transfer")
+                    pos = 0
+                    for b in range(block, block + n):
+                        length = min(blksize, want - pos)
+                        sendmsg([_data_header(pk.DATA, b & 0xFFFF), out[pos:pos + length]], (), 0, peer)
+                        pos += length
+                        sent += length
+                    block += n
+            else:
+                size = t.size
+                for b in range(first, first + count):
+                    offset = (b - 1) * blksize
+                    length = min(blksize, size - offset)
+                    sendmsg([_data_header(pk.DATA, b & 0xFFFF), source[offset:offset + length]], (), 0, peer)
+                    sent += length
+        except BlockingIOError:
+            pass  # the socket buffer is full: the rest of the window goes on the client's ACK or our timer
+        slot.bytes_sent += sent
+        self.stats["bytes_sent"] += sent
+
+    def _on_transfer_packets(self, slot: Slot, now: float) -> None:
+        sock = slot.sock
+        view = self.in_view
+        recv = sock.recvfrom_into
+        t = slot.transfer
+        peer = slot.peer
+        for _ in range(PACKET_BATCH):
+            try:
+                n, addr = recv(self.inbuf)
+            except (BlockingIOError, InterruptedError):
+                break
+            if addr != peer:
+                self.stats["wrong_tid"] += 1
+                if self.limiter.allow():
+                    log.info("%s:%d sent a packet to the transfer of %s to %s:%d: error 5", *addr, slot.file, *peer)
+                try:
+                    sock.sendto(pk.build_error(pk.ERR_UNKNOWN_TID, "unknown transfer ID"), addr)
+                except OSError:
+                    pass
+                continue
+            if slot.writing:
+                write, reply = t.on_packet(view[:n], now)
+                if write is not None:
+                    offset, payload = write
+                    os.pwrite(slot.out_fd, payload, offset)
+                    self.stats["bytes_received"] += len(payload)
+                if t.state is DALLY and not slot.completed:
+                    self._complete_upload(slot)
+                if reply is not None:
+                    sock.sendto(reply, peer)
+            else:
+                self._send_blocks(slot, *t.on_packet(view[:n], now))
+            if t.state is DONE or t.state is FAILED:
+                self._finish(slot, now)
+                return
+
+    def _complete_upload(self, slot: Slot) -> None:
+        slot.completed = True
+        fd, slot.out_fd = slot.out_fd, -1
+        try:
+            if slot.netascii:
+                size = os.fstat(fd).st_size
+                body = from_netascii(os.pread(fd, size, 0))
+                os.ftruncate(fd, 0)
+                os.pwrite(fd, body, 0)
+        finally:
+            os.close(fd)
+        os.rename(slot.temp_path, slot.final_path)
+        t = slot.transfer
+        self.emit(ev.TFTP_FINISHED, ip=slot.peer[0], file=slot.file, mac=slot.mac, bytes=t.size,
+                  duration=round(t.finished - t.started, 6), blksize=t.blksize, windowsize=t.windowsize, upload=True)
+        self.stats["finished"] += 1
+
+    def _on_timers(self, now: float) -> None:
+        heap = self.heap
+        while heap and heap[0][0] <= now:
+            _, _, slot = heapq.heappop(heap)
+            if slot.closed:
+                continue
+            t = slot.transfer
+            if t.deadline > now:
+                heapq.heappush(heap, (t.deadline, next(self.seq), slot))
+                continue
+            try:
+                if slot.writing:
+                    reply = t.on_timer(now)
+                    if reply is not None:
+                        slot.sock.sendto(reply, slot.peer)
+                else:
+                    self._send_blocks(slot, *t.on_timer(now))
+                if t.state is ACTIVE:
+                    self.stats["retransmits"] += 1
+                if t.state is DONE or t.state is FAILED:
+                    self._finish(slot, now)
+                else:
+                    heapq.heappush(heap, (t.deadline, next(self.seq), slot))
+            except Exception as exc:
+                self._internal_error(slot, exc)
+
+    def _finish(self, slot: Slot, now: float) -> None:
+        t = slot.transfer
+        if t.state is DONE:
+            if not slot.writing:
+                self.stats["finished"] += 1
+                self.emit(ev.TFTP_FINISHED, ip=slot.peer[0], file=slot.file, mac=slot.mac, bytes=t.size,
+                          duration=round(t.finished - t.started, 6), blksize=t.blksize, windowsize=t.windowsize,
+                          retransmits=t.retransmits)
+            self._close(slot)
+            return
+        self._end(slot, t.reason, t.reply)
+
+    def _end(self, slot: Slot, reason: str, reply: bytes | None) -> None:
+        """A transfer that failed (or is cut short): tell the client if we decided it, report, close."""
+        if slot.closed:
+            return
+        if reply is not None:
+            try:
+                slot.sock.sendto(reply, slot.peer)
+            except OSError:
+                pass
+        if slot.writing and slot.completed:
+            self._close(slot)  # the upload is in; only the dally was cut short
+            return
+        self.stats["failed"] += 1
+        if self.limiter.allow():
+            log.warning("transfer of %r %s %s:%d failed: %s", slot.file, "from" if slot.writing else "to",
+                        *slot.peer, reason)
+        self.emit(ev.TFTP_FAILED, ip=slot.peer[0], port=slot.peer[1], file=slot.file, mac=slot.mac, reason=reason,
+                  bytes=slot.bytes_sent)
+        self._close(slot)
+
+    def _close(self, slot: Slot) -> None:
+        slot.closed = True
+        fd = slot.sock.fileno()
+        self.slots.pop(fd, None)
+        if self.by_peer.get(slot.peer) is slot:
+            del self.by_peer[slot.peer]
+        try:
+            self.ep.unregister(fd)
+        except (OSError, ValueError):
+            pass
+        slot.sock.close()
+        if type(slot.source) is int:
+            os.close(slot.source)
+        slot.source = None
+        if slot.out_fd >= 0:
+            os.close(slot.out_fd)
+            slot.out_fd = -1
+            try:
+                os.unlink(slot.temp_path)
+            except OSError:
+                pass

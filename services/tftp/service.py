@@ -1,0 +1,40 @@
+"""The TFTP service process: the configuration in, the serving thread (server.py), events out.
+
+`apply` swaps the policy (root, limits, dynamic names) for new requests; transfers in flight keep the file and
+the options they negotiated. A new address or port opens a new request socket; transfers on the old address go on.
+"""
+
+from __future__ import annotations
+
+from shared.service import BaseService
+from services.tftp.server import Policy, TftpServer
+
+
+class TftpService(BaseService):
+    name = "tftp"
+
+    def __init__(self, ctx):
+        super().__init__(ctx)
+        self.server: TftpServer | None = None
+
+    async def start(self, config) -> None:
+        self.server = TftpServer(Policy(config, self.ctx.mac_for_ip), self.ctx.emit, self.ctx.instance)
+        self.server.bind(config.tftp.address, config.tftp.port)
+        self.server.start()
+        t = config.tftp
+        self.log.info("serving %s on %s:%d (%s)", self.server.policy.jail.root, t.address, self.server.port,
+                      f"uploads into {t.upload_dir}" if t.upload_dir else "read-only")
+
+    async def apply(self, config) -> None:
+        old = self.server.policy.tftp
+        self.server.policy = Policy(config, self.ctx.mac_for_ip)
+        if (config.tftp.address, config.tftp.port) != (old.address, old.port):
+            self.server.bind(config.tftp.address, config.tftp.port)
+            self.log.info("now listening on %s:%d", config.tftp.address, self.server.port)
+
+    async def stop(self) -> None:
+        if self.server is not None:
+            self.server.stop()
+
+    def counters(self) -> dict[str, float]:
+        return self.server.counters() if self.server else {}
