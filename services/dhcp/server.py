@@ -51,6 +51,8 @@ CLIENT_PORT = 68
 SERVER_PORT = 67
 _U32 = struct.Struct("!I")
 _TIMES = struct.Struct("!BBIBBIBBI")  # 51, 58, 59 with their lengths
+MIN_MAX_MESSAGE = 576  # RFC 2131: every client takes a 576-byte IP datagram
+ESSENTIAL = frozenset((opt.SUBNET_MASK, opt.ROUTERS, opt.ROOT_PATH, opt.TFTP_SERVER_NAME, opt.BOOTFILE_NAME, opt.IPXE_ENCAP))
 
 
 def ip_int(text: str) -> int:
@@ -141,7 +143,7 @@ class DhcpServer:
         self.offers: dict[int, tuple[str, float, str]] = {}  # ip -> (mac, until, scope)
         self.offer_of: dict[tuple[str, str], int] = {}  # (scope, mac) -> ip
         self.counters = {k: 0 for k in ("received", "replied", "offers", "acks", "naks", "declines", "releases",
-                                        "informs", "ignored", "exhausted", "unknown_clients", "other_server")}
+                                        "informs", "ignored", "exhausted", "unknown_clients", "other_server", "shrunk")}
         self.apply(config)
 
     # -- configuration ---------------------------------------------------------------------------------------
@@ -290,7 +292,7 @@ class DhcpServer:
             siaddr = ip_int(next_server) if next_server else server
         file_field = bootfile.encode()[:127] if bootfile and len(bootfile.encode()) < 128 else b""
         body = b"".join(opt.tlv(code, data) for code, data in merged.items())
-        result = (body, file_field, siaddr, bootfile, rpath)
+        result = (body, file_field, siaddr, bootfile, rpath, merged)
         if len(self._blobs) > 4096:
             self._blobs.clear()
         self._blobs[key] = result
@@ -328,8 +330,23 @@ class DhcpServer:
         else:
             dest, port, arp = yiaddr, CLIENT_PORT, True
         data = pk.build(msg, yiaddr, siaddr, ciaddr, flags, b"", file_field, b"".join(parts))
+        if len(data) + 28 > MIN_MAX_MESSAGE and boot is not None:
+            data = self._shrink(msg, data, parts, boot, yiaddr, siaddr, ciaddr, flags, file_field)
         self.counters["replied"] += 1
         return Reply(data, dest, port, arp, msg.hwaddr, iface)
+
+    def _shrink(self, msg, data, parts, boot, yiaddr, siaddr, ciaddr, flags, file_field) -> bytes:
+        """A reply larger than the client can take (option 57, else 576 bytes, RFC 2131) keeps only the options
+        it asked for (option 55) and the boot essentials."""
+        raw = msg.options.get(opt.MAX_MESSAGE_SIZE)
+        limit = max(MIN_MAX_MESSAGE, int.from_bytes(raw[:2], "big")) if raw and len(raw) >= 2 else MIN_MAX_MESSAGE
+        if len(data) + 28 <= limit:  # the limit counts the IP and UDP headers
+            return data
+        wanted = set(msg.options.get(opt.PARAMETER_REQUEST_LIST, b"")) | ESSENTIAL
+        body = b"".join(opt.tlv(code, value) for code, value in boot[5].items() if code in wanted)
+        parts = [body if p is boot[0] else p for p in parts]
+        self.counters["shrunk"] += 1
+        return pk.build(msg, yiaddr, siaddr, ciaddr, flags, b"", file_field, b"".join(parts))
 
     def _nak(self, msg, iface, scope, mac, ip, reason) -> Reply:
         self.counters["naks"] += 1

@@ -432,3 +432,14 @@ def test_ignores_replies_and_unknown_types(srv):
     data[0] = pk.BOOTREPLY
     assert srv.handle(pk.parse(bytes(data)), IFACE, T0) is None
     assert srv.handle(pk.parse(pk.build_request(13, mac_of(1))), IFACE, T0) is None
+
+
+def test_oversized_reply_keeps_requested_and_boot_options(tmp_path):
+    cfg = base_config(options={f"{200 + i}": {"type": "string", "value": "x" * 60} for i in range(8)})
+    server = DhcpServer(cfg, LeaseStore(tmp_path / "l.sqlite"))
+    _, small = send(server, pk.DISCOVER, mac_of(1), options={**IPXE, opt.PARAMETER_REQUEST_LIST: bytes([1, 3, 201])})
+    assert len(small.options) and 201 in small.options and 202 not in small.options
+    assert small.options[opt.ROOT_PATH] and opt.IPXE_ENCAP in small.options and opt.LEASE_TIME in small.options
+    assert server.counters["shrunk"] == 1
+    _, big = send(server, pk.DISCOVER, mac_of(2), options={**IPXE, opt.MAX_MESSAGE_SIZE: (1500).to_bytes(2, "big")})
+    assert all(200 + i in big.options for i in range(8))
