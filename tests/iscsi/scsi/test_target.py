@@ -1,0 +1,65 @@
+"""ScsiTarget: task management answers, live LUN changes and their unit attentions, nexus loss."""
+
+from __future__ import annotations
+
+from services.iscsi_target.scsi import LogicalUnit, RamBackstore
+
+from .helpers import MiB, cdb16, data, key_asc, nexus, ready_target, tur
+
+A, B = nexus(1), nexus(2)
+
+
+def test_task_management_codes():
+    t = ready_target()
+    assert t.task_management(A, 1, 0) == 1       # ABORT TASK: nothing is pending in this layer
+    assert t.task_management(A, 2, 0) == 0       # ABORT TASK SET
+    assert t.task_management(A, 3, 0) == 5       # CLEAR ACA: never in ACA
+    assert t.task_management(A, 4, 0) == 0       # CLEAR TASK SET
+    assert t.task_management(A, 5, 9) == 2       # LUN RESET of a LUN that does not exist
+    assert t.task_management(A, 7, 0) == 0       # TARGET COLD RESET
+    assert key_asc(t.execute(A, 0, tur(), None)) == (6, 0x29, 0x01)
+    assert t.task_management(A, 9, 0) == 5
+
+
+def test_added_lun_is_reported_and_others_see_luns_changed():
+    t = ready_target()
+    t.execute(B, 0, tur(), None)
+    t.add_lun(1, LogicalUnit(RamBackstore(MiB), 1))
+    assert sorted(t.luns) == [0, 1]
+    assert key_asc(t.execute(A, 0, tur(), None)) == (6, 0x3F, 0x0E)
+    # REPORT LUNS clears it for the nexus that asks
+    rl = data(t.execute(B, 0, cdb16(0xA0, 0, 0, 0, 0, 0, 0, 0, 1, 0, 0, 0), None))
+    assert len(rl) == 24
+    assert t.execute(B, 0, tur(), None).status == 0
+    assert key_asc(t.execute(A, 1, tur(), None)) == (6, 0x29, 0x00)
+
+
+def test_add_lun_with_the_lu_only_and_remove():
+    t = ready_target()
+    lu = LogicalUnit(RamBackstore(MiB), 3)
+    t.add_lun(lu)
+    assert t.luns[3] is lu and lu.target_name == t.name
+    t.execute(A, 0, tur(), None)
+    t.remove_lun(3)
+    assert 3 not in t.luns
+    assert key_asc(t.execute(A, 0, tur(), None)) == (6, 0x3F, 0x0E)
+    assert key_asc(t.execute(A, 3, tur(), None)) == (5, 0x25, 0x00)
+
+
+def test_nexus_lost_forgets_unit_attentions():
+    t = ready_target()
+    t.task_management(A, 5, 0)
+    t.nexus_lost(A)
+    assert key_asc(t.execute(A, 0, tur(), None)) == (6, 0x29, 0x00)  # a new nexus: power on
+    assert t.execute(A, 0, tur(), None).status == 0
+
+
+def test_unit_attentions_come_oldest_first_and_do_not_repeat():
+    t = ready_target()
+    lu = t.luns[0]
+    lu.add_ua(A, (0x2A, 0x09))
+    lu.add_ua(A, (0x2A, 0x09))
+    lu.add_ua(A, (0x3F, 0x0E))
+    assert key_asc(t.execute(A, 0, tur(), None))[1:] == (0x2A, 0x09)
+    assert key_asc(t.execute(A, 0, tur(), None))[1:] == (0x3F, 0x0E)
+    assert t.execute(A, 0, tur(), None).status == 0
