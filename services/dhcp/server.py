@@ -452,8 +452,8 @@ class DhcpServer:
                 return f"{ip_str(ip)} was declined and is quarantined"
             if lease.state == BOUND and lease.mac != mac:
                 return f"{ip_str(ip)} is leased to another client"
-        if lease is not None and lease.mac == mac and lease.state != DECLINED:
-            return None
+        if lease is not None and lease.mac == mac and lease.state == BOUND:
+            return None  # its own lease (a released or expired one must still be free: checked below)
         offer = self.offers.get(ip)
         if offer is not None and offer[0] == mac and offer[1] > now:
             return None

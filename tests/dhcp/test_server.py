@@ -443,3 +443,13 @@ def test_oversized_reply_keeps_requested_and_boot_options(tmp_path):
     assert server.counters["shrunk"] == 1
     _, big = send(server, pk.DISCOVER, mac_of(2), options={**IPXE, opt.MAX_MESSAGE_SIZE: (1500).to_bytes(2, "big")})
     assert all(200 + i in big.options for i in range(8))
+
+
+def test_init_reboot_to_a_released_address_now_offered_to_another_is_naked(srv):
+    _, ack, _ = dora(srv, mac_of(1))
+    send(srv, pk.RELEASE, mac_of(1), ciaddr=ack.yiaddr)
+    # another client is offered the freed address (the pool walks on, so fill it)
+    offered = {send(srv, pk.DISCOVER, mac_of(n))[1].yiaddr for n in range(2, 6)}
+    assert ack.yiaddr in offered
+    _, nak = send(srv, pk.REQUEST, mac_of(1), options={opt.REQUESTED_ADDRESS: struct.pack("!I", ack.yiaddr)})
+    assert nak.msg_type == pk.NAK
