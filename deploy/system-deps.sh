@@ -10,7 +10,7 @@ PACKAGES=(
   isc-dhcp-client udhcpc kea-admin kea-dhcp4-server dnsmasq-base
   tftp-hpa atftp tftpd-hpa
   qemu-system-x86 ipxe-qemu ipxe
-  syslinux extlinux syslinux-common mtools dosfstools fdisk busybox-static cpio
+  syslinux extlinux syslinux-common mtools dosfstools fdisk busybox-static cpio lz4
 )
 
 missing=()

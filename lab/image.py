@@ -15,7 +15,6 @@ Run `python -m lab.image` to build it and print its path.
 from __future__ import annotations
 
 import argparse
-import gzip
 import hashlib
 import io
 import os
@@ -90,7 +89,7 @@ PROMPT 0
 TIMEOUT 0
 LABEL linux
   KERNEL /vmlinuz
-  INITRD /initrd.gz
+  INITRD /initrd.lz4
   APPEND @APPEND@
 """
 
@@ -269,13 +268,17 @@ def build_initramfs(busybox_root: Path, iscsi_root: Path, kernel_root: Path) -> 
     add("etc/modules.order", ("\n".join(modules) + "\n").encode())
     for name in modules:
         add(f"lib/modules/{name}.ko", paths[name].read_bytes())
-    return gzip.compress(cpio.finish(), compresslevel=6, mtime=0)
+    # LZ4 (legacy frame, the kernel's RD_LZ4): unpacks several times faster than gzip under TCG, for 15 % more bytes
+    done = subprocess.run(["lz4", "-l", "-9", "-q", "-c"], input=cpio.finish(), capture_output=True)
+    if done.returncode != 0:
+        raise ImageError(f"lz4 -l failed: {done.stderr.decode(errors='replace').strip()}")
+    return done.stdout
 
 
 MBR = "/usr/lib/syslinux/mbr/mbr.bin"
 _TOOLS = {
     "apt-get": "apt", "apt-cache": "apt", "dpkg-deb": "dpkg", "ldd": "libc-bin", "sfdisk": "fdisk",
-    "mkfs.vfat": "dosfstools", "mcopy": "mtools", "syslinux": "syslinux",
+    "mkfs.vfat": "dosfstools", "mcopy": "mtools", "syslinux": "syslinux", "lz4": "lz4",
 }
 
 
@@ -320,7 +323,7 @@ def build(cache: Path = CACHE, log=print) -> Path:
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
     (work / "syslinux.cfg").write_text(SYSLINUX_CFG.replace("@APPEND@", KERNEL_ARGS))
-    (work / "initrd.gz").write_bytes(initrd)
+    (work / "initrd.lz4").write_bytes(initrd)
     shutil.copyfile(vmlinuz[-1], work / "vmlinuz")
 
     tmp = cache / f"{disk.name}.tmp"
@@ -335,12 +338,12 @@ def build(cache: Path = CACHE, log=print) -> Path:
     part_kib = (size - PARTITION_START * SECTOR) // 1024
     _run(["mkfs.vfat", "-F", "16", "-n", "BOOTFLEET", f"--offset={PARTITION_START}", str(tmp), str(part_kib)])
     at = f"{tmp}@@{PARTITION_START * SECTOR}"
-    files = [str(work / n) for n in ("syslinux.cfg", "vmlinuz", "initrd.gz")]
+    files = [str(work / n) for n in ("syslinux.cfg", "vmlinuz", "initrd.lz4")]
     _run(["mcopy", "-i", at, *files, "::/"])
     _run(["syslinux", "--install", f"--offset={PARTITION_START * SECTOR}", str(tmp)])
     with open(tmp, "r+b") as f:
         f.write(mbr.read_bytes()[:440])  # boot code only: the partition table stays
-    used = sum((work / n).stat().st_size for n in ("vmlinuz", "initrd.gz"))
+    used = sum((work / n).stat().st_size for n in ("vmlinuz", "initrd.lz4"))
     log(f"lab: kernel + initramfs = {used / 1e6:.1f} MB on a {BOOT_DISK_MIB} MiB disk")
     for old in cache.glob("boot-*.img"):
         old.unlink()
