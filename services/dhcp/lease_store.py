@@ -148,6 +148,27 @@ class LeaseStore:
             if not lst:
                 del self.by_mac[lease.mac]
 
+    def refresh(self, ip: int) -> Lease | None:
+        """Re-read one address from the file (several processes share it); queued local writes win."""
+        if ip in self._pending:
+            return self.by_ip.get(ip)
+        row = self.db.execute(
+            "SELECT ip, mac, client_id, scope, state, expires, hostname FROM leases WHERE ip = ?", (ip,)
+        ).fetchone()
+        old = self.by_ip.get(ip)
+        if row is None:
+            if old is not None:
+                del self.by_ip[ip]
+                self._unindex_mac(old)
+            return None
+        if old is not None and (old.mac, old.state, old.expires, old.client_id, old.scope, old.hostname) == (
+            row[1], row[4], row[5], row[2], row[3], row[6]
+        ):
+            return old
+        lease = Lease(*row)
+        self._index(lease)
+        return lease
+
     # -- queries -------------------------------------------------------------------------------------------
 
     def get(self, ip: int) -> Lease | None:

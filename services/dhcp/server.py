@@ -189,6 +189,8 @@ class DhcpServer:
 
     def _is_free(self, scope: ScopeRuntime, ip: int, mac: str, now: float) -> bool:
         lease = self.store.by_ip.get(ip)
+        if self.instances > 1 and lease is not None and not lease.held(now):
+            lease = self.store.refresh(ip)  # another process may have renewed it since we last looked
         if lease is not None and lease.expires > now:
             if lease.state == DECLINED or (lease.state == BOUND and lease.mac != mac):
                 return False
@@ -387,10 +389,12 @@ class DhcpServer:
         if msg.op != pk.BOOTREQUEST or msg.hlen == 0 or mtype not in (pk.DISCOVER, pk.REQUEST, pk.DECLINE, pk.RELEASE, pk.INFORM):
             self.counters["ignored"] += 1
             return None
-        if self.instances > 1:
+        if self.instances > 1 and not msg.giaddr and not msg.ciaddr:
+            # broadcasts reach every process: each answers its own share of clients (RFC 3074 split). A unicast
+            # (relayed, renewing) reaches one process only, which answers whatever client it is from.
             key = msg.options.get(opt.CLIENT_ID) or msg.hwaddr
             if not serves(key, self.instance, self.instances):
-                return None  # another process's client (RFC 3074 split)
+                return None
         scope = self.scope_for(msg, iface)
         if scope is None:
             self.counters["ignored"] += 1
@@ -446,7 +450,8 @@ class DhcpServer:
         res = scope.reservations.get(mac)
         if res is not None and res.ip and ip_int(res.ip) != ip:
             return f"{mac} has the reserved address {res.ip}"
-        lease = self.store.by_ip.get(ip)
+        # several processes share the store: the lease may have been written by another one
+        lease = self.store.refresh(ip) if self.instances > 1 else self.store.by_ip.get(ip)
         if lease is not None and lease.expires > now:
             if lease.state == DECLINED:
                 return f"{ip_str(ip)} was declined and is quarantined"

@@ -10,6 +10,7 @@ import pytest
 from services.dhcp import options as opt
 from services.dhcp import packet as pk
 from services.dhcp.lease_store import LeaseStore
+from services.dhcp.allocator import serves
 from services.dhcp.server import BROADCAST, DhcpServer, Interface, ip_int
 from shared.config.loader import config_from_dict
 
@@ -453,3 +454,26 @@ def test_init_reboot_to_a_released_address_now_offered_to_another_is_naked(srv):
     assert ack.yiaddr in offered
     _, nak = send(srv, pk.REQUEST, mac_of(1), options={opt.REQUESTED_ADDRESS: struct.pack("!I", ack.yiaddr)})
     assert nak.msg_type == pk.NAK
+
+
+def test_two_instances_unicast_reaches_either_process(tmp_path):
+    """Relayed and renewing datagrams are unicast: the kernel hands them to one process, which must serve them
+    using the shared store; the owner of the address re-reads it before reusing it."""
+    path = tmp_path / "shared.sqlite"
+    a = DhcpServer(base_config(), LeaseStore(path), instance=0, instances=2)
+    b = DhcpServer(base_config(), LeaseStore(path), instance=1, instances=2)
+    mac = next(m for m in map(mac_of, range(1, 60)) if serves(m, 0, 2))
+    offer, ack, _ = dora(a, mac, now=T0)  # broadcast: only its hash owner (a) answers
+    assert send(b, pk.DISCOVER, mac)[0] is None
+    # the renewal reaches b: b reads the lease a wrote, extends it
+    _, renew = send(b, pk.REQUEST, mac, now=T0 + 500, ciaddr=ack.yiaddr)
+    assert renew.msg_type == pk.ACK
+    # a's copy says the lease ended at T0 + 600; the store says T0 + 1100: a must not hand the address out
+    for n in range(60, 200):
+        other = mac_of(n)
+        if serves(other, 0, 2):
+            r, o = send(a, pk.DISCOVER, other, now=T0 + 700)
+            assert o is None or o.yiaddr != ack.yiaddr
+    # relayed DISCOVER of a client hashed to a, arriving at b: b answers from its own slice
+    r, rel = send(b, pk.DISCOVER, mac_of(77), giaddr=RELAY)
+    assert rel is not None and rel.msg_type == pk.OFFER
