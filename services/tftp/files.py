@@ -129,3 +129,44 @@ class Jail:
         except OSError as exc:
             raise Refused(pk.ERR_ACCESS, f"{name!r}: cannot create: {exc.strerror}") from None
         return fd, temp, real
+
+
+class FileCache:
+    """Whole files kept in memory, shared by every transfer of them: a boot loader asked by a hundred PCs is
+    read from disk once, and each block is then a slice of it (no read per block).
+
+    Keyed by (device, inode, size, mtime, ctime): a file replaced or rewritten is read again. At most
+    `max_bytes` in total (least recently used first out) and `max_file` per file; a transfer holds its own
+    reference, so eviction never pulls data from under a transfer in flight.
+    """
+
+    def __init__(self, max_bytes: int, max_file: int):
+        self.max_bytes = max_bytes
+        self.max_file = max_file
+        self.entries: dict[tuple, memoryview] = {}
+        self.bytes = 0
+        self.hits = 0
+        self.misses = 0
+
+    def get(self, fd: int) -> memoryview | None:
+        """The file's bytes, or None when it is too large to cache."""
+        st = os.fstat(fd)
+        if st.st_size > self.max_file or st.st_size > self.max_bytes:
+            return None
+        key = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+        data = self.entries.pop(key, None)
+        if data is not None:
+            self.hits += 1
+            self.entries[key] = data  # most recently used last
+            return data
+        self.misses += 1
+        body = os.pread(fd, st.st_size, 0)
+        if len(body) != st.st_size:
+            return None  # changing under us: serve it from disk
+        data = memoryview(body)
+        while self.entries and self.bytes + len(data) > self.max_bytes:
+            old_key = next(iter(self.entries))
+            self.bytes -= len(self.entries.pop(old_key))
+        self.entries[key] = data
+        self.bytes += len(data)
+        return data

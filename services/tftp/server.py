@@ -36,7 +36,7 @@ from shared import events as ev
 from shared.config.model import BootfleetConfig
 from services.tftp import packets as pk
 from services.tftp.dynamic import DynamicFiles
-from services.tftp.files import Jail, Refused, from_netascii, to_netascii
+from services.tftp.files import FileCache, Jail, Refused, from_netascii, to_netascii
 from services.tftp.options import OptionError, OptionPolicy, negotiate
 from services.tftp.transfer import ACTIVE, DALLY, DONE, FAILED, ReadTransfer, WriteTransfer
 
@@ -45,7 +45,6 @@ log = logging.getLogger("bootfleet.tftp")
 IN_PKTINFO = struct.Struct("=i4s4s")  # ifindex, spec_dst, addr
 IP_PKTINFO = getattr(socket, "IP_PKTINFO", 8)  # Linux <netinet/in.h>; Python 3.11 does not export it
 REQUEST_BATCH = 64  # requests read per wake-up of the request socket
-PACKET_BATCH = 64  # datagrams read per wake-up of a transfer socket
 SEND_BUFFER = 4 << 20  # bytes read per preadv at most (a window larger than this is read in parts)
 SNDBUF = 1 << 20
 _data_header = pk.HEADER.pack
@@ -142,6 +141,7 @@ class TftpServer:
         self.inbuf = bytearray(65536 + 64)
         self.in_view = memoryview(self.inbuf)
         self.limiter = LogLimiter()
+        self.cache = FileCache(policy.tftp.cache_mib << 20, policy.tftp.cache_max_file_mib << 20)
         self.running = False
         self.thread: threading.Thread | None = None
         self.stats = dict(
@@ -150,6 +150,7 @@ class TftpServer:
         )
         self.address = "0.0.0.0"
         self.port = 0
+        self.busy_poll = policy.tftp.busy_poll_us / 1e6
 
     # -- life ------------------------------------------------------------------------------------------------
 
@@ -199,29 +200,40 @@ class TftpServer:
             pass
 
     def counters(self) -> dict[str, float]:
-        return {**self.stats, "active": len(self.slots)}
+        return {**self.stats, "active": len(self.slots), "cache_bytes": self.cache.bytes,
+                "cache_hits": self.cache.hits, "cache_misses": self.cache.misses}
 
     # -- the loop ----------------------------------------------------------------------------------------------
 
     def _serve(self) -> None:
         poll = self.ep.poll
         slots = self.slots
+        last_work = 0.0
         while self.running:
             heap = self.heap
-            timeout = 1.0
-            if heap:
-                timeout = min(1.0, max(0.0, heap[0][0] - _monotonic()))
             try:
-                ready = poll(timeout)
+                # busy-poll: for `busy_poll` seconds after the last packet, look without sleeping; a lock-step
+                # client's next ACK then costs no wake-up (the design brief measured 1.8-2.7x at queue depth 1)
+                spin = self.busy_poll
+                ready = poll(0) if spin else None
+                if not ready:
+                    if spin and slots and _monotonic() - last_work < spin:
+                        if heap and heap[0][0] <= _monotonic():
+                            self._on_timers(_monotonic())
+                        continue
+                    timeout = 1.0
+                    if heap:
+                        timeout = min(1.0, max(0.0, heap[0][0] - _monotonic()))
+                    ready = poll(timeout)
             except InterruptedError:
                 continue
-            now = _monotonic()
+            now = last_work = _monotonic()
             listener_fd = self.listener.fileno() if self.listener else -1
             for fd, _ in ready:
                 slot = slots.get(fd)
                 if slot is not None:
                     try:
-                        self._on_transfer_packets(slot, now)
+                        self._on_transfer_packet(slot, now)
                     except Exception as exc:
                         self._internal_error(slot, exc)
                 elif fd == listener_fd:
@@ -338,7 +350,11 @@ class TftpServer:
             else:
                 opened = policy.jail.open_read(name)
                 source, size = opened.fd, opened.size
-                if netascii:
+                cached = self.cache.get(opened.fd) if not netascii else None
+                if cached is not None:
+                    os.close(opened.fd)
+                    source, size = cached, len(cached)
+                elif netascii:
                     try:
                         if size > policy.tftp.netascii_max_size:
                             raise Refused(pk.ERR_UNDEFINED, f"{name!r} is too large for netascii mode ({size} bytes)")
@@ -450,41 +466,39 @@ class TftpServer:
         slot.bytes_sent += sent
         self.stats["bytes_sent"] += sent
 
-    def _on_transfer_packets(self, slot: Slot, now: float) -> None:
+    def _on_transfer_packet(self, slot: Slot, now: float) -> None:
+        # one datagram per readiness: epoll is level-triggered and brings us back for the next, and a lock-step
+        # client never has two queued, so a second recv would only fail with EAGAIN
         sock = slot.sock
-        view = self.in_view
-        recv = sock.recvfrom_into
-        t = slot.transfer
+        try:
+            n, addr = sock.recvfrom_into(self.inbuf)
+        except (BlockingIOError, InterruptedError):
+            return
         peer = slot.peer
-        for _ in range(PACKET_BATCH):
+        if addr != peer:
+            self.stats["wrong_tid"] += 1
+            if self.limiter.allow():
+                log.info("%s:%d sent a packet to the transfer of %s to %s:%d: error 5", *addr, slot.file, *peer)
             try:
-                n, addr = recv(self.inbuf)
-            except (BlockingIOError, InterruptedError):
-                break
-            if addr != peer:
-                self.stats["wrong_tid"] += 1
-                if self.limiter.allow():
-                    log.info("%s:%d sent a packet to the transfer of %s to %s:%d: error 5", *addr, slot.file, *peer)
-                try:
-                    sock.sendto(pk.build_error(pk.ERR_UNKNOWN_TID, "unknown transfer ID"), addr)
-                except OSError:
-                    pass
-                continue
-            if slot.writing:
-                write, reply = t.on_packet(view[:n], now)
-                if write is not None:
-                    offset, payload = write
-                    os.pwrite(slot.out_fd, payload, offset)
-                    self.stats["bytes_received"] += len(payload)
-                if t.state is DALLY and not slot.completed:
-                    self._complete_upload(slot)
-                if reply is not None:
-                    sock.sendto(reply, peer)
-            else:
-                self._send_blocks(slot, *t.on_packet(view[:n], now))
-            if t.state is DONE or t.state is FAILED:
-                self._finish(slot, now)
-                return
+                sock.sendto(pk.build_error(pk.ERR_UNKNOWN_TID, "unknown transfer ID"), addr)
+            except OSError:
+                pass
+            return
+        t = slot.transfer
+        if slot.writing:
+            write, reply = t.on_packet(self.in_view[:n], now)
+            if write is not None:
+                offset, payload = write
+                os.pwrite(slot.out_fd, payload, offset)
+                self.stats["bytes_received"] += len(payload)
+            if t.state is DALLY and not slot.completed:
+                self._complete_upload(slot)
+            if reply is not None:
+                sock.sendto(reply, peer)
+        else:
+            self._send_blocks(slot, *t.on_packet(self.in_view[:n], now))
+        if t.state is DONE or t.state is FAILED:
+            self._finish(slot, now)
 
     def _complete_upload(self, slot: Slot) -> None:
         slot.completed = True

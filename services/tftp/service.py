@@ -28,6 +28,9 @@ class TftpService(BaseService):
     async def apply(self, config) -> None:
         old = self.server.policy.tftp
         self.server.policy = Policy(config, self.ctx.mac_for_ip)
+        self.server.busy_poll = config.tftp.busy_poll_us / 1e6
+        self.server.cache.max_bytes = config.tftp.cache_mib << 20
+        self.server.cache.max_file = config.tftp.cache_max_file_mib << 20
         if (config.tftp.address, config.tftp.port) != (old.address, old.port):
             self.server.bind(config.tftp.address, config.tftp.port)
             self.log.info("now listening on %s:%d", config.tftp.address, self.server.port)

@@ -44,6 +44,15 @@ class TftpConfig(StrictModel):
     max_windowsize: int = Field(
         64, ge=1, le=WINDOWSIZE_MAX, description="blocks sent before an ACK (RFC 7440); a client asking more gets this"
     )
+    busy_poll_us: int = Field(
+        100, ge=0, le=100_000,
+        description="microseconds the serving thread keeps polling without sleeping after a packet while "
+        "transfers run (a lock-step client's next ACK then costs no wake-up); 0 = always sleep",
+    )
+    cache_mib: int = Field(
+        256, ge=0, description="MiB of file contents kept in memory, shared by all transfers (0: read every block)"
+    )
+    cache_max_file_mib: int = Field(64, ge=0, description="MiB; larger files are read block by block from disk")
     max_transfers: int = Field(2000, ge=1, description="transfers in flight per process; more get error 0 'busy'")
     dynamic_files: list[str] = Field(
         default_factory=list,

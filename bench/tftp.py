@@ -1,0 +1,169 @@
+"""TFTP throughput: Bootfleet's server and tftpd-hpa side by side on loopback, one run, interleaved.
+
+    .venv/bin/python bench/tftp.py [--rounds 3] [--parallel 50] [--size-mib 32]
+
+Cases (a 32 MiB file of random bytes, clients write to /dev/null):
+1. one client, curl --tftp-blksize 1468: ours and tftpd-hpa, median of the rounds.
+2. windowsize (RFC 7440): atftp --option "windowsize 16" against ours with windowsize 1 (curl cannot ask it;
+   tftpd-hpa 5.2 does not implement it), both at blksize 1468.
+3. `--parallel` curl clients at once (blksize 1468): aggregate MB/s = bytes of all / wall time, and failures.
+Prints MB/s (10^6 bytes/s) for each and the ratios ours/theirs. Bounded: every client has a timeout.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+CLIENT_TIMEOUT = 60
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def need(tool: str) -> str:
+    path = shutil.which(tool) or (f"/usr/sbin/{tool}" if os.path.exists(f"/usr/sbin/{tool}") else None)
+    if not path:
+        sys.exit(f"bench/tftp.py: {tool} is missing (apt-get install tftpd-hpa atftp curl)")
+    return path
+
+
+def wait_udp(port: int, name: str, deadline: float = 10.0) -> None:
+    # a TFTP request for a missing file gets an ERROR once the server is up
+    end = time.monotonic() + deadline
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.settimeout(0.2)
+        while time.monotonic() < end:
+            s.sendto(b"\0\x01no-such-file\0octet\0", ("127.0.0.1", port))
+            try:
+                s.recvfrom(600)
+                return
+            except OSError:
+                time.sleep(0.1)
+    sys.exit(f"bench/tftp.py: {name} did not answer on port {port}")
+
+
+def curl(port: int, name: str, size: int) -> subprocess.Popen:
+    return subprocess.Popen(
+        ["curl", "-s", "-o", "/dev/null", "-w", "%{size_download}", "--max-time", str(CLIENT_TIMEOUT),
+         "--tftp-blksize", "1468", f"tftp://127.0.0.1:{port}/{name}"],
+        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+    )
+
+
+def ok(proc: subprocess.Popen, size: int) -> bool:
+    out, _ = proc.communicate(timeout=CLIENT_TIMEOUT + 5)
+    return proc.returncode == 0 and out.strip() == str(size).encode()
+
+
+def one_curl(port: int, name: str, size: int) -> float:
+    start = time.perf_counter()
+    proc = curl(port, name, size)
+    good = ok(proc, size)
+    elapsed = time.perf_counter() - start
+    if not good:
+        raise RuntimeError(f"curl download from port {port} failed")
+    return size / elapsed / 1e6
+
+
+def one_atftp(port: int, name: str, size: int, windowsize: int, scratch: Path) -> float:
+    out = scratch / f"atftp-{port}-{windowsize}"
+    args = ["atftp", "--option", "blksize 1468"]
+    if windowsize > 1:
+        args += ["--option", f"windowsize {windowsize}"]
+    args += ["-g", "-r", name, "-l", str(out), "127.0.0.1", str(port)]
+    start = time.perf_counter()
+    proc = subprocess.run(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=CLIENT_TIMEOUT)
+    elapsed = time.perf_counter() - start
+    got = out.stat().st_size if out.exists() else -1
+    out.unlink(missing_ok=True)
+    if proc.returncode != 0 or got != size:
+        raise RuntimeError(f"atftp windowsize {windowsize} from port {port} failed ({got} of {size} bytes)")
+    return size / elapsed / 1e6
+
+
+def parallel(port: int, name: str, size: int, clients: int) -> tuple[float, int]:
+    start = time.perf_counter()
+    procs = [curl(port, name, size) for _ in range(clients)]
+    failures = sum(0 if ok(p, size) else 1 for p in procs)
+    elapsed = time.perf_counter() - start
+    return (clients - failures) * size / elapsed / 1e6, failures
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--parallel", type=int, default=50)
+    parser.add_argument("--size-mib", type=int, default=32)
+    args = parser.parse_args()
+    in_tftpd = need("in.tftpd")
+    need("curl")
+    need("atftp")
+    size = args.size_mib << 20
+    scratch = Path(tempfile.mkdtemp(prefix="bench-tftp-"))
+    procs: list[subprocess.Popen] = []
+    try:
+        root = scratch / "root"
+        root.mkdir()
+        (root / "file").write_bytes(os.urandom(size))
+        os.chmod(scratch, 0o755)
+        os.chmod(root, 0o755)
+        os.chmod(root / "file", 0o644)
+        hpa_port, our_port = free_port(), free_port()
+        procs.append(subprocess.Popen([in_tftpd, "-L", "-s", str(root), "-a", f"127.0.0.1:{hpa_port}"],
+                                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+        config = scratch / "bootfleet.yaml"
+        config.write_text(
+            "version: 1\nlogging: {level: warning}\n"
+            f"tftp: {{root: {root}, address: 127.0.0.1, port: {our_port}}}\n"
+        )
+        procs.append(subprocess.Popen([sys.executable, "-m", "services.tftp", "--config", str(config),
+                                       "--state-dir", str(scratch / "state")], cwd=ROOT,
+                                      env={**os.environ, "PYTHONPATH": str(ROOT)}))
+        wait_udp(hpa_port, "tftpd-hpa")
+        wait_udp(our_port, "bootfleet tftp")
+
+        ours, theirs, ws1, ws16 = [], [], [], []
+        for _ in range(args.rounds):
+            theirs.append(one_curl(hpa_port, "file", size))
+            ours.append(one_curl(our_port, "file", size))
+            ws1.append(one_atftp(our_port, "file", size, 1, scratch))
+            ws16.append(one_atftp(our_port, "file", size, 16, scratch))
+        hpa_par, hpa_fail = parallel(hpa_port, "file", size, args.parallel)
+        our_par, our_fail = parallel(our_port, "file", size, args.parallel)
+
+        o, t, w1, w16 = (statistics.median(x) for x in (ours, theirs, ws1, ws16))
+        print(f"file {args.size_mib} MiB, loopback, medians of {args.rounds} rounds (MB/s = 10^6 bytes/s)")
+        print(f"one client, curl blksize 1468:  ours {o:7.1f} MB/s   tftpd-hpa {t:7.1f} MB/s   ratio {o / t:.2f}")
+        print(f"atftp blksize 1468, ours:       windowsize 16 {w16:7.1f} MB/s   windowsize 1 {w1:7.1f} MB/s   "
+              f"ratio {w16 / w1:.2f}")
+        print(f"{args.parallel} parallel curl clients:    ours {our_par:7.1f} MB/s ({our_fail} failed)   "
+              f"tftpd-hpa {hpa_par:7.1f} MB/s ({hpa_fail} failed)   ratio {our_par / hpa_par:.2f}")
+        print(f"rounds, one client: ours {[round(x, 1) for x in ours]} tftpd-hpa {[round(x, 1) for x in theirs]}; "
+              f"ws16 {[round(x, 1) for x in ws16]} ws1 {[round(x, 1) for x in ws1]}")
+    finally:
+        for proc in procs:
+            proc.send_signal(signal.SIGTERM)
+        for proc in procs:
+            try:
+                proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+        shutil.rmtree(scratch, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
