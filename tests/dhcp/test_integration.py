@@ -9,6 +9,7 @@ import signal
 import socket
 import sqlite3
 import struct
+import sys
 import time
 
 import pytest
@@ -373,3 +374,68 @@ def test_kill_9_during_perfdhcp_then_restart_leases_no_address_twice(fresh_lab):
     after = dict(rows)
     for addr, mac in durable.items():  # every lease granted before the kill survived it, with its owner
         assert after.get(addr) == mac
+
+
+SCALE_CONFIG = """
+logging: {level: info}
+scale: {dhcp: 2}
+dhcp:
+  interfaces: [{name: @SRV_IF@}]
+  lease_file: @TMP@/leases.sqlite
+  scopes:
+    - {name: lan, subnet: 10.77.0.0/24, interface: @SRV_IF@, ranges: [{start: 10.77.0.100, end: 10.77.0.199}]}
+    - {name: remote, subnet: 10.88.0.0/24, ranges: [{start: 10.88.0.100, end: 10.88.0.150}]}
+"""
+
+
+def test_two_processes_share_the_clients_and_the_store(fresh_lab):
+    lab = fresh_lab
+    lab.add_relay_addresses()
+    config = lab.write_config(SCALE_CONFIG)
+    logs = [lab.tmp / f"dhcp{i}.log" for i in range(2)]
+    for i in range(2):
+        lab.spawn(lab.srv, sys.executable, "-m", "services.dhcp", "--config", str(config), "--state-dir", str(lab.tmp),
+                  "--instance", str(i), log=logs[i])
+    deadline = time.monotonic() + 15
+    while not all(p.exists() and "serving " in p.read_text() for p in logs):
+        assert time.monotonic() < deadline, [p.read_text() for p in logs if p.exists()]
+        time.sleep(0.05)
+    with lab.inside(lab.cli):
+        sock = raw_socket(lab.cli_if)
+    replies: dict[int, list] = {}
+    try:
+        for n in range(12):
+            sock.send(frame(f"52:54:00:00:06:{n:02x}", 0x6000 + n, [("message-type", "discover")]))
+        deadline = time.monotonic() + 2
+        while time.monotonic() < deadline:
+            try:
+                eth = Ether(sock.recv(4096))
+            except socket.timeout:
+                continue
+            if UDP in eth and eth[UDP].dport == 68:
+                msg = pk.parse(bytes(eth[UDP].payload))
+                if msg.op == pk.BOOTREPLY and 0x6000 <= msg.xid < 0x6000 + 12:
+                    replies.setdefault(msg.xid, []).append(msg.yiaddr)
+    finally:
+        sock.close()
+    assert sorted(replies) == list(range(0x6000, 0x6000 + 12)), replies
+    assert all(len(v) == 1 for v in replies.values()), "a client got offers from both processes"
+    assert len({v[0] for v in replies.values()}) == 12, "two clients were offered the same address"
+    served = [p.read_text().count("dhcp.lease.offered") for p in logs]
+    assert served[0] and served[1], served  # both processes took part
+    # relayed (unicast): whichever process the kernel picks serves the whole exchange
+    with lab.inside(lab.cli):
+        relay = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        relay.bind((RELAY_IP, 67))
+    relay.settimeout(2.0)
+    giaddr = struct.unpack("!I", socket.inet_aton(RELAY_IP))[0]
+    try:
+        for n in range(4):
+            mac = bytes.fromhex(f"5254000007{n:02x}")
+            relay.sendto(pk.build_request(pk.DISCOVER, mac, xid=0x7000 + n, giaddr=giaddr), (SERVER_IP, 67))
+            offer = pk.parse(relay.recvfrom(2048)[0])
+            relay.sendto(pk.build_request(pk.REQUEST, mac, xid=0x7100 + n, giaddr=giaddr, options={
+                opt.SERVER_ID: socket.inet_aton(SERVER_IP), opt.REQUESTED_ADDRESS: struct.pack("!I", offer.yiaddr)}), (SERVER_IP, 67))
+            assert pk.parse(relay.recvfrom(2048)[0]).msg_type == pk.ACK
+    finally:
+        relay.close()
