@@ -58,6 +58,7 @@ class DhcpService(BaseService):
         self.ras_sent = 0
         self.unicast = "arp"
         self._exhausted_logged: dict[str, float] = {}
+        self._open_failed: set = set()
         self._dest_cache: dict[tuple[int, int], tuple[str, int]] = {}
 
     # -- life ------------------------------------------------------------------------------------------------
@@ -149,8 +150,13 @@ class DhcpService(BaseService):
                 try:
                     sock = open_dhcp_socket(name)
                 except OSError as exc:
-                    self.log.error("interface %s: cannot serve DHCP: %s", name, exc)
+                    if name not in self._open_failed:  # retried each second; said once
+                        self.log.error("interface %s: cannot serve DHCP (retrying): %s", name, exc)
+                        self._open_failed.add(name)
                     continue
+                if name in self._open_failed:
+                    self._open_failed.discard(name)
+                    self.log.warning("interface %s: serving DHCP now", name)
                 self.sockets[name] = sock
                 self.fd_map[sock.fileno()] = ("dhcp", name)
                 self.poller.register(sock.fileno(), select.POLLIN)
@@ -166,8 +172,11 @@ class DhcpService(BaseService):
                 try:
                     sock, ifindex = open_ra_socket(name)
                 except OSError as exc:
-                    self.log.error("interface %s: cannot answer router solicitations: %s", name, exc)
+                    if ("ra", name) not in self._open_failed:
+                        self.log.error("interface %s: cannot answer router solicitations (retrying): %s", name, exc)
+                        self._open_failed.add(("ra", name))
                     continue
+                self._open_failed.discard(("ra", name))
                 mac = interface_mac(sock, name)
                 self.ra_sockets[name] = (sock, ifindex, build_ra(mac))
                 self.fd_map[sock.fileno()] = ("ra", name)
@@ -180,11 +189,12 @@ class DhcpService(BaseService):
         address = interface_address(sock, name)
         known = self.ifaces.get(name)
         if address is None:
-            if known is not None or name not in getattr(self, "_warned", set()):
+            if ("addr", name) not in self._open_failed:
                 self.log.warning("interface %s has no IPv4 address; not answering there", name)
-                self.__dict__.setdefault("_warned", set()).add(name)
+                self._open_failed.add(("addr", name))
             self.ifaces.pop(name, None)
         elif known is None or known.address != address:
+            self._open_failed.discard(("addr", name))
             self.ifaces[name] = Interface(name, address)
 
     def _wake(self) -> None:
@@ -226,8 +236,8 @@ class DhcpService(BaseService):
                         self.store.commit()
                     except Exception:
                         self.log.exception("lease expiry failed")
-                    for name in list(self.sockets):
-                        self._refresh_address(name)
+                    # interfaces that were missing may have appeared; addresses may have changed
+                    self._apply_sockets(self.core.config)
                     self._emit_events()
                     # long-lived leases leave the collector's view: a full collection over tens of
                     # thousands of them would stall the loop for milliseconds (the p99 latency)

@@ -439,3 +439,19 @@ def test_two_processes_share_the_clients_and_the_store(fresh_lab):
             assert pk.parse(relay.recvfrom(2048)[0]).msg_type == pk.ACK
     finally:
         relay.close()
+
+
+def test_interface_that_appears_later_is_served(fresh_lab):
+    lab = fresh_lab
+    config = lab.write_config(KILL_CONFIG.replace("interfaces: [{name: @SRV_IF@}]", "interfaces: [{name: @SRV_IF@}, {name: bflate0}]"))
+    lab.start_server(config)
+    deadline = time.monotonic() + 5
+    while "bflate0: cannot serve DHCP (retrying)" not in lab.log.read_text():
+        assert time.monotonic() < deadline, lab.log.read_text()
+        time.sleep(0.05)
+    lab.run(lab.srv, "ip", "link", "add", "bflate0", "type", "veth", "peer", "name", "bflate1")
+    deadline = time.monotonic() + 5
+    while "bflate0: serving DHCP now" not in lab.log.read_text():
+        assert time.monotonic() < deadline, lab.log.read_text()
+        time.sleep(0.05)
+    assert lab.server.poll() is None
