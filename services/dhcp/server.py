@@ -283,10 +283,13 @@ class DhcpServer:
                 bootfile = res.bootfile
             if res.next_server:
                 next_server = res.next_server
-        if opt.BOOTFILE_NAME in merged:  # set by hand at some level: that is the bootfile
-            bootfile = merged[opt.BOOTFILE_NAME].decode("utf-8", "replace")
+        hand = merged.get(opt.BOOTFILE_NAME)
+        if hand is not None and hand is not scope.base.get(opt.BOOTFILE_NAME):
+            bootfile = hand.decode("utf-8", "replace")  # option 67 from a class or the reservation wins
         elif bootfile:
-            merged[opt.BOOTFILE_NAME] = bootfile.encode()
+            merged[opt.BOOTFILE_NAME] = bootfile.encode()  # the built-in answer beats a global/scope 67
+        elif hand is not None:
+            bootfile = hand.decode("utf-8", "replace")
         if opt.ROOT_PATH in merged:
             rpath = merged[opt.ROOT_PATH].decode("utf-8", "replace")
         siaddr = 0

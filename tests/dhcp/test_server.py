@@ -477,3 +477,13 @@ def test_two_instances_unicast_reaches_either_process(tmp_path):
     # relayed DISCOVER of a client hashed to a, arriving at b: b answers from its own slice
     r, rel = send(b, pk.DISCOVER, mac_of(77), giaddr=RELAY)
     assert rel is not None and rel.msg_type == pk.OFFER
+
+
+def test_global_option_67_yields_to_the_builtin_loader_but_not_to_a_class(tmp_path):
+    server = DhcpServer(base_config(options={"boot-file-name": "pxelinux.0"}), LeaseStore(tmp_path / "l.sqlite"))
+    _, plain = send(server, pk.DISCOVER, mac_of(1))
+    _, bios = send(server, pk.DISCOVER, mac_of(2), options=PXE_BIOS)
+    _, gpxe = send(server, pk.DISCOVER, mac_of(3), options={opt.USER_CLASS: b"gPXE"})
+    assert boot_of(plain)[0] == "pxelinux.0"
+    assert boot_of(bios)[0] == "undionly.kpxe"
+    assert boot_of(gpxe)[0] == "script.gpxe"
