@@ -178,10 +178,16 @@ def main() -> int:
             at_kea_rate = None
             results: dict[str, dict[int, dict]] = {"kea": {}, "ours": {}}
             alive = {"kea": True, "ours": True}
+            retries = {"kea": 1, "ours": 1}
             for rate in RATES:  # alternate, so both see the same drift in machine load
                 for who in ("kea", "ours"):
                     if alive[who]:
                         res = step(ns, who, procs[who].pid, rate)
+                        if not res["ok"] and retries[who]:
+                            # other work on the machine can spoil one step: a server gets one second chance
+                            retries[who] -= 1
+                            time.sleep(1.0)
+                            res = step(ns, who, procs[who].pid, rate)
                         results[who][rate] = res
                         if res["ok"]:
                             best[who] = res
