@@ -16,6 +16,12 @@ def test_rrq_from_tftpy_encoder_with_options_names_lowered():
     assert request == pk.Request(pk.RRQ, "undionly.kpxe", "octet", {"blksize": "1468", "tsize": "0"})
 
 
+def test_empty_option_value_is_legal_and_first_repeat_counts():
+    # RFC 2090 multicast is sent with an empty value; tftpy's own decoder refuses it
+    request = pk.parse_request(b"\0\x01f\0octet\0multicast\0\0blksize\x00512\0BLKSIZE\x00999\0")
+    assert request.options == {"multicast": "", "blksize": "512"}
+
+
 def test_mode_is_case_insensitive_and_wrq_decodes():
     request = pk.parse_request(b"\0\x02up/x.bin\0NetASCII\0")
     assert (request.opcode, request.filename, request.mode, request.options) == (pk.WRQ, "up/x.bin", "netascii", {})
@@ -31,10 +37,11 @@ def test_mode_is_case_insensitive_and_wrq_decodes():
         (b"\0\x01file\0octet", "does not end with a NUL"),
         (b"\0\x01\0octet\0", "empty file name"),
         (b"\0\x01file\0binary\0", "mode 'binary'"),
-        (b"\0\x01file\0octet\0blksize\0", "malformed"),  # an option without a value
-        (b"\0\x01file\0", "malformed"),  # no mode
+        (b"\0\x01file\0octet\0blksize\0", "option b'blksize' has no value"),
+        (b"\0\x01file\0", "no mode"),
+        (b"\0\x01file\0octet\0\0x\0", "empty name"),
         (b"\0\x01" + b"a" * 600 + b"\0octet\0", "longer than 512"),
-        (b"\0\x01fil\xffe\0octet\0", "malformed"),  # not ASCII
+        (b"\0\x01fil\xffe\0octet\0", "non-ASCII byte at 3"),
     ],
 )
 def test_malformed_requests_name_the_problem(data, words):
