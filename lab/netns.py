@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import subprocess
 import time
 import uuid
@@ -31,6 +32,15 @@ def check_tools() -> list[str]:
     if os.geteuid() != 0:
         missing.append("root (network namespaces and tap devices need CAP_NET_ADMIN)")
     return missing
+
+
+def _alive(pid: int) -> bool:
+    """Running (a zombie waiting for its parent to reap it counts as gone)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat.rsplit(")", 1)[-1].split()[0] != "Z"
 
 
 def _ip(*args: str) -> None:
@@ -111,6 +121,23 @@ class Lab:
                 proc.kill()
                 proc.wait(timeout)
 
+    def _stop_leftovers(self) -> None:
+        """Processes still in the namespace (children of a server that was killed) were started by this lab:
+        stop them by PID before the namespace goes, so none outlives the run."""
+        for sig in (signal.SIGTERM, signal.SIGKILL):
+            done = subprocess.run(["ip", "netns", "pids", self.name], capture_output=True, text=True)
+            pids = [int(p) for p in done.stdout.split() if p.isdigit()]
+            if not pids:
+                return
+            for pid in pids:
+                try:
+                    os.kill(pid, sig)
+                except ProcessLookupError:
+                    pass
+            deadline = time.monotonic() + 5
+            while time.monotonic() < deadline and any(_alive(pid) for pid in pids):
+                time.sleep(0.1)
+
     def close(self) -> None:
         """Stop every process started here (by PID), then delete the namespace. Safe to call twice."""
         for proc in reversed(self._procs):
@@ -120,6 +147,7 @@ class Lab:
                 pass
         self._procs.clear()
         if self._up:
+            self._stop_leftovers()
             for _ in range(20):
                 done = subprocess.run(["ip", "netns", "del", self.name], capture_output=True, text=True)
                 if done.returncode == 0 or "No such file" in done.stderr:
