@@ -26,7 +26,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-RATES = (2000, 3000, 4000, 5000, 6000, 7000, 8000, 10000)
+RATES = (1000, 2000, 3000, 4000, 5000, 6000, 7000, 8000, 10000)
 STEP_SECONDS = 3
 CLIENTS = 60000
 TICK = os.sysconf("SC_CLK_TCK")
