@@ -102,3 +102,22 @@ def test_cache_shares_and_notices_changes(tree):
     fd = os.open(tree / "big", os.O_RDONLY)
     assert cache.get(fd) is None  # larger than max_file: read from disk
     os.close(fd)
+
+
+def test_install_loaders_copies_and_names_the_missing(tmp_path):
+    import subprocess
+
+    from support import ROOT
+
+    script = ROOT / "deploy" / "install-loaders.sh"
+    out = subprocess.run(["bash", str(script), str(tmp_path / "a")], capture_output=True, text=True, timeout=30)
+    assert out.returncode == 0
+    for name in ("undionly.kpxe", "ipxe.efi", "snponly.efi"):  # Debian's ipxe package is a test dependency
+        assert (tmp_path / "a" / name).read_bytes() == open(f"/usr/lib/ipxe/{name}", "rb").read()
+    fake = tmp_path / "fake"
+    fake.mkdir()
+    (fake / "ipxe.efi").write_bytes(b"efi")
+    out = subprocess.run(["bash", str(script), str(tmp_path / "b")], capture_output=True, text=True, timeout=30,
+                         env={"PATH": "/usr/bin:/bin", "IPXE_DIR": str(fake)})
+    assert out.returncode == 0 and (tmp_path / "b" / "ipxe.efi").read_bytes() == b"efi"
+    assert "MISSING loader(s): undionly.kpxe snponly.efi" in out.stderr and "apt-get install ipxe" in out.stderr
