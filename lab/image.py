@@ -15,6 +15,7 @@ Run `python -m lab.image` to build it and print its path.
 from __future__ import annotations
 
 import argparse
+import fcntl
 import hashlib
 import io
 import os
@@ -300,7 +301,16 @@ def _fingerprint(debs: list[Path]) -> str:
 
 
 def build(cache: Path = CACHE, log=print) -> Path:
-    """Build (or reuse) the boot disk and return its path. The caller copies it before writing to it."""
+    """Build (or reuse) the boot disk and return its path. The caller copies it before writing to it.
+
+    Serialised by a lock file: a test and a bench started together share one build."""
+    cache.mkdir(parents=True, exist_ok=True)
+    with open(cache / ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        return _build(cache, log)
+
+
+def _build(cache: Path, log) -> Path:
     missing = check_tools()
     if missing:
         raise ImageError("cannot build the boot disk; missing: " + "; ".join(missing))
