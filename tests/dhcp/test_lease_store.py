@@ -41,3 +41,14 @@ def test_release_offline(tmp_path):
     store.close()
     assert release_offline(path, "02:00:00:00:00:01", now=1500.0) == ["10.0.0.100"]
     assert LeaseStore.open_readonly(path).list(now=1500.0) == []
+
+
+@pytest.mark.parametrize("durability,level", [("process", 1), ("power", 2)])  # NORMAL, FULL
+def test_durability_setting(tmp_path, durability, level):
+    store = LeaseStore(tmp_path / "l.sqlite", durability)
+    assert store.db.execute("PRAGMA synchronous").fetchone()[0] == level
+    assert store.db.execute("PRAGMA wal_autocheckpoint").fetchone()[0] == 0
+    store.put(Lease(1, "02:00:00:00:00:01", None, "lan", BOUND, 2000.0, None), 1000.0)
+    store.commit()
+    store.checkpoint()
+    assert [(l.ip, l.mac) for l in LeaseStore.open_readonly(tmp_path / "l.sqlite").by_ip.values()] == [(1, "02:00:00:00:00:01")]
