@@ -362,7 +362,10 @@ class DhcpServer:
     def _bind(self, scope: ScopeRuntime, msg: pk.Message, mac: str, ip: int, now: float, cls, boot) -> None:
         store = self.store
         existing = store.by_ip.get(ip)
-        renewed = existing is not None and existing.mac == mac and existing.state == BOUND and existing.expires > now
+        # RENEWING/REBINDING (ciaddr, no server id) extends a lease; any other ACK starts one, also the ACK of a
+        # PC that boots again with its old address: a boot timeline gets its "DHCP ack" each time
+        renewed = (msg.ciaddr != 0 and opt.SERVER_ID not in msg.options and existing is not None
+                   and existing.mac == mac and existing.state == BOUND and existing.expires > now)
         for other in list(store.by_mac.get(mac, ())):
             if other.ip != ip and other.scope == scope.name and other.state == BOUND:
                 store.set_state(other, RELEASED, now, now)  # one address per client and scope
