@@ -31,6 +31,7 @@ from services.dhcp.transport import (
 BATCH = 16  # datagrams per turn: bounds the wait of the first one (latency) while grouping commits
 HOUSEKEEPING = 1.0
 CHECKPOINT_INTERVAL = 2.0
+GC_SWEEP = 600.0  # seconds between full collections (~0.1 s pause with 65,000 leases)
 
 
 class DhcpService(BaseService):
@@ -59,6 +60,7 @@ class DhcpService(BaseService):
         self.unicast = "arp"
         self._exhausted_logged: dict[str, float] = {}
         self._open_failed: set = set()
+        self._next_sweep = time.monotonic() + GC_SWEEP
         self._dest_cache: dict[tuple[int, int], tuple[str, int]] = {}
 
     # -- life ------------------------------------------------------------------------------------------------
@@ -240,7 +242,12 @@ class DhcpService(BaseService):
                     self._apply_sockets(self.core.config)
                     self._emit_events()
                     # long-lived leases leave the collector's view: a full collection over tens of
-                    # thousands of them would stall the loop for milliseconds (the p99 latency)
+                    # thousands of them would stall the loop for milliseconds (the p99 latency). Every
+                    # GC_SWEEP seconds one full collection reclaims any cyclic garbage frozen meanwhile.
+                    if time.monotonic() >= self._next_sweep:
+                        self._next_sweep = time.monotonic() + GC_SWEEP
+                        gc.unfreeze()
+                        gc.collect()
                     gc.freeze()
 
     def _checkpoints(self) -> None:
