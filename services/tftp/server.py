@@ -19,6 +19,7 @@ bytes and keeps the books.
 
 from __future__ import annotations
 
+import errno
 import heapq
 import ipaddress
 import itertools
@@ -45,6 +46,10 @@ log = logging.getLogger("bootfleet.tftp")
 IN_PKTINFO = struct.Struct("=i4s4s")  # ifindex, spec_dst, addr
 IP_PKTINFO = getattr(socket, "IP_PKTINFO", 8)  # Linux <netinet/in.h>; Python 3.11 does not export it
 REQUEST_BATCH = 64  # requests read per wake-up of the request socket
+GSO_MAX_SEGMENTS = 64  # UDP_MAX_SEGMENTS in the kernel
+GSO_MAX_BYTES = 65000  # a GSO send is one IP datagram before segmentation: under 64 KiB in all
+UDP_SEGMENT = getattr(socket, "UDP_SEGMENT", 103)  # <netinet/udp.h>
+_gso_size = struct.Struct("=H").pack
 SEND_BUFFER = 4 << 20  # bytes read per preadv at most (a window larger than this is read in parts)
 SNDBUF = 1 << 20
 _data_header = pk.HEADER.pack
@@ -151,6 +156,7 @@ class TftpServer:
         self.address = "0.0.0.0"
         self.port = 0
         self.busy_poll = policy.tftp.busy_poll_us / 1e6
+        self.gso = policy.tftp.gso  # UDP generic segmentation offload for windows; off after a refusal
 
     # -- life ------------------------------------------------------------------------------------------------
 
@@ -227,7 +233,7 @@ class TftpServer:
                     ready = poll(timeout)
             except InterruptedError:
                 continue
-            now = last_work = _monotonic()
+            now = _monotonic()
             listener_fd = self.listener.fileno() if self.listener else -1
             for fd, _ in ready:
                 slot = slots.get(fd)
@@ -242,6 +248,7 @@ class TftpServer:
                     self._on_wake()
             if heap and heap[0][0] <= now:
                 self._on_timers(now)
+            last_work = _monotonic()  # the spin counts idle time from the end of the work
 
     def _on_wake(self) -> None:
         try:
@@ -426,20 +433,17 @@ class TftpServer:
         if count == 0:
             return
         t = slot.transfer
-        sock, peer = slot.sock, slot.peer
         if first == 0:
-            sock.sendto(t.oack, peer)
+            slot.sock.sendto(t.oack, slot.peer)
             return
         blksize = t.blksize
         source = slot.source
-        sendmsg = sock.sendmsg
         sent = 0
         try:
             if type(source) is int:
                 out = self.out_view
                 per_read = len(self.out) // blksize
-                block = first
-                end = first + count
+                block, end = first, first + count
                 while block < end:
                     n = min(per_read, end - block)
                     offset = (block - 1) * blksize
@@ -447,24 +451,52 @@ class TftpServer:
                     got = os.preadv(source, [out[:want]], offset) if want else 0
                     if got != want:
                         raise OSError(f"{slot.file!r} changed size during the transfer")
-                    pos = 0
-                    for b in range(block, block + n):
-                        length = min(blksize, want - pos)
-                        sendmsg([_data_header(pk.DATA, b & 0xFFFF), out[pos:pos + length]], (), 0, peer)
-                        pos += length
-                        sent += length
+                    sent += self._send_views(slot, block, n, out, 0, want, blksize)
                     block += n
             else:
-                size = t.size
-                for b in range(first, first + count):
-                    offset = (b - 1) * blksize
-                    length = min(blksize, size - offset)
-                    sendmsg([_data_header(pk.DATA, b & 0xFFFF), source[offset:offset + length]], (), 0, peer)
-                    sent += length
+                offset = (first - 1) * blksize
+                want = min(count * blksize, t.size - offset)
+                sent = self._send_views(slot, first, count, source, offset, want, blksize)
         except BlockingIOError:
             pass  # the socket buffer is full: the rest of the window goes on the client's ACK or our timer
         slot.bytes_sent += sent
         self.stats["bytes_sent"] += sent
+
+    def _send_views(self, slot: Slot, first: int, count: int, data: memoryview, pos: int, length: int,
+                    blksize: int) -> int:
+        """Send blocks first..first+count-1 whose bytes are data[pos:pos+length]; -> payload bytes sent."""
+        sock, peer = slot.sock, slot.peer
+        end = pos + length
+        if count == 1 or not self.gso or blksize + 4 > GSO_MAX_BYTES // 2:
+            for b in range(first, first + count):
+                stop = min(pos + blksize, end)
+                sock.sendmsg([_data_header(pk.DATA, b & 0xFFFF), data[pos:stop]], (), 0, peer)
+                pos = stop
+            return length
+        # UDP GSO: one sendmsg carries up to GSO_MAX_SEGMENTS blocks; the kernel cuts it into one datagram per
+        # block (every segment blksize + 4 bytes, the last may be shorter: exactly TFTP's last block)
+        per_call = min(GSO_MAX_SEGMENTS, GSO_MAX_BYTES // (blksize + 4))
+        cmsg = [(socket.SOL_UDP, UDP_SEGMENT, _gso_size(blksize + 4))]
+        b, last = first, first + count
+        while b < last:
+            n = min(per_call, last - b)
+            iov = []
+            for block in range(b, b + n):
+                stop = min(pos + blksize, end)
+                iov.append(_data_header(pk.DATA, block & 0xFFFF))
+                iov.append(data[pos:stop])
+                pos = stop
+            try:
+                sock.sendmsg(iov, cmsg if n > 1 else (), 0, peer)
+            except OSError as exc:
+                if exc.errno not in (errno.EIO, errno.EINVAL, errno.ENOPROTOOPT, errno.EOPNOTSUPP):
+                    raise
+                log.info("UDP GSO is not available (%s); sending one datagram per block", exc)
+                self.gso = False
+                back = pos - sum(len(v) for v in iov[1::2])
+                return length - (end - back) + self._send_views(slot, b, last - b, data, back, end - back, blksize)
+            b += n
+        return length
 
     def _on_transfer_packet(self, slot: Slot, now: float) -> None:
         # one datagram per readiness: epoll is level-triggered and brings us back for the next, and a lock-step

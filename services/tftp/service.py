@@ -29,6 +29,7 @@ class TftpService(BaseService):
         old = self.server.policy.tftp
         self.server.policy = Policy(config, self.ctx.mac_for_ip)
         self.server.busy_poll = config.tftp.busy_poll_us / 1e6
+        self.server.gso = config.tftp.gso
         self.server.cache.max_bytes = config.tftp.cache_mib << 20
         self.server.cache.max_file = config.tftp.cache_max_file_mib << 20
         if (config.tftp.address, config.tftp.port) != (old.address, old.port):

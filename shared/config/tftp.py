@@ -49,6 +49,11 @@ class TftpConfig(StrictModel):
         description="microseconds the serving thread keeps polling without sleeping after a packet while "
         "transfers run (a lock-step client's next ACK then costs no wake-up); 0 = always sleep",
     )
+    gso: bool = Field(
+        True,
+        description="send a window's blocks in one call with UDP generic segmentation offload (Linux 4.18+); "
+        "turned off by itself where the kernel refuses it",
+    )
     cache_mib: int = Field(
         256, ge=0, description="MiB of file contents kept in memory, shared by all transfers (0: read every block)"
     )

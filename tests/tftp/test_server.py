@@ -102,8 +102,9 @@ def test_real_clients_download_checksummed(start, root, tmp_path):
     assert "file=big.bin" in log and "bytes=3145728" in log and "windowsize=16" in log and "blksize=1468" in log
 
 
-def test_option_negotiation_over_the_wire(start, root):
-    server = start(max_windowsize=8, max_blksize=4096)
+@pytest.mark.parametrize("gso", [True, False])
+def test_option_negotiation_over_the_wire(start, root, gso):
+    server = start(max_windowsize=8, max_blksize=4096, gso=gso)
     size = (root / "big.bin").stat().st_size
     s, data, tid = request(server.port, "big.bin", {"BLKSIZE": 1000, "TSize": 0, "windowSIZE": 4, "timeout": 2,
                                                    "multicast": ""})
@@ -118,6 +119,12 @@ def test_option_negotiation_over_the_wire(start, root):
             s.recvfrom(2000)  # and no fifth
         s.sendto(pk.build_ack(2), tid)  # part of the window: the next one starts at 3
         assert pk.HEADER.unpack_from(s.recvfrom(2000)[0])[1] == 3
+    s, data, tid = request(server.port, "big.bin", {"blksize": 1000, "windowsize": 8})
+    with s:  # a whole window, in order, with the right sizes (one GSO send when gso is on)
+        s.sendto(pk.build_ack(0), tid)
+        got = [s.recvfrom(2000)[0] for _ in range(8)]
+        assert [pk.HEADER.unpack_from(d)[1] for d in got] == list(range(1, 9))
+        assert b"".join(d[4:] for d in got) == (root / "big.bin").read_bytes()[:8000]
     # capped values
     content, oack = fetch(server.port, "small.bin", {"blksize": 65464, "windowsize": 1})
     assert oack == {"blksize": "4096", "windowsize": "1"} and content == (root / "small.bin").read_bytes()
