@@ -65,6 +65,7 @@ fail() { echo "BOOTFLEET-FAIL $*"; poweroff -f; sleep 30; }
 [ -d /sys/firmware/ibft ] || fail "no iBFT: did iPXE keep the SAN (set keep-san 1)?"
 echo "BOOTFLEET-IBFT target=$(cat /sys/firmware/ibft/target0/target-name 2>/dev/null) lun=$(cat /sys/firmware/ibft/target0/lun 2>/dev/null)"
 iscsistart -N >/tmp/net.log 2>&1 || { cat /tmp/net.log; fail "iscsistart -N (network from iBFT)"; }
+echo "BOOTFLEET-NET $(ip -4 -o addr show | grep -v ' lo ' | tr -s ' ' | cut -d' ' -f2,4) uptime=$(up)"
 iscsistart -b >/tmp/login.log 2>&1 || { cat /tmp/login.log; fail "iscsistart -b (login from iBFT)"; }
 echo "BOOTFLEET-LOGIN uptime=$(up)"
 disk=""
@@ -76,7 +77,9 @@ done
 [ -n "$disk" ] || fail "no disk appeared after the iSCSI login"
 token=$(dd if=/dev/$disk bs=512 skip=@TOKEN_SECTOR@ count=1 2>/dev/null | tr -dc 'A-Za-z0-9-' | head -c 64)
 echo "BOOTFLEET-TOKEN $token"
-nonce=$(head -c 16 /dev/urandom | od -An -tx1 | tr -d ' \n')
+# /dev/urandom would wait ~1 s under TCG for the entropy jitter dance (crng not ready this early); the kernel's
+# random UUIDs do not wait, and a nonce needs no more than that
+nonce=$(cat /proc/sys/kernel/random/uuid /proc/sys/kernel/random/uuid | tr -d '\n-' | head -c 32)
 printf 'BOOTFLEET-NONCE %s\n' "$nonce" | dd of=/dev/$disk bs=512 seek=@NONCE_SECTOR@ count=1 conv=sync,fsync 2>/dev/null \
     || fail "write of the nonce to /dev/$disk"
 echo "BOOTFLEET-NONCE $nonce uptime=$(up)"

@@ -130,7 +130,11 @@ class BootfleetStack:
         while time.monotonic() < deadline:
             if self.supervisord and self.supervisord.poll() is not None:
                 raise LabError(f"supervisord exited ({self.supervisord.returncode}): {self.logs()}")
-            done = self.cli("--json", "status", timeout=5)
+            try:
+                done = self.cli("--timeout", "3", "--json", "status", timeout=15)
+            except subprocess.TimeoutExpired:
+                last = "bootfleet status did not answer within 15 s"
+                continue
             if done.returncode == 0:
                 last = done.stdout
                 if self._all_applied(json.loads(done.stdout)):
