@@ -62,7 +62,7 @@ def need(tool: str) -> str:
 
 
 def start_tgtd(tmp: Path, image: Path, port: int) -> subprocess.Popen:
-    ctl = str(20000 + os.getpid() % 20000)
+    ctl = str(100 + os.getpid() % 30000)  # tgtd accepts control ports up to 32767
     log = open(tmp / "tgtd.log", "wb")
     proc = subprocess.Popen([need("tgtd"), "-f", "-C", ctl, "--iscsi", f"portal=127.0.0.1:{port}"],
                             stdout=log, stderr=subprocess.STDOUT)
@@ -112,9 +112,9 @@ def figure(unit: str, args: list[str], count: int, seconds: float) -> float:
     return count * size / seconds / 1e6
 
 
-def stop(proc: subprocess.Popen) -> None:
+def stop(proc: subprocess.Popen, hard: bool = False) -> None:
     if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
+        proc.send_signal(signal.SIGKILL if hard else signal.SIGTERM)  # tgtd ignores SIGTERM
         try:
             proc.wait(10)
         except subprocess.TimeoutExpired:
@@ -160,8 +160,8 @@ def main() -> None:
             theirs = statistics.median(results[name]["tgtd"])
             print(f"{name:32} {ours:10.0f} {theirs:10.0f} {ours / theirs:6.2f}x")
     finally:
-        for proc in procs:
-            stop(proc)
+        for i, proc in enumerate(procs):
+            stop(proc, hard=i == 0)
         shutil.rmtree(tmp, ignore_errors=True)
 
 

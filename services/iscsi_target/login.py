@@ -181,7 +181,8 @@ class LoginMachine:
         # operational stage
         if not self.authenticated:
             if self.policy.requires_chap:
-                raise LoginFailed(AUTH_FAILURE, "operational stage requested without authentication")
+                raise LoginFailed(AUTH_FAILURE, "no CHAP credentials: the initiator skipped authentication "
+                                                "but this target requires CHAP")
             self.authenticated = True
             self.auth_method = "None"
         for k in ("AuthMethod", "CHAP_A", "CHAP_N", "CHAP_R", "CHAP_I", "CHAP_C"):
