@@ -22,6 +22,7 @@ import os
 import threading
 
 ZERO_CHUNK = 1 << 20
+POPULATE_LIMIT = 1 << 30  # prefault mappings up to this size; larger ones fault in as they are read
 _ZEROS = bytes(ZERO_CHUNK)
 
 _FALLOC_FL_KEEP_SIZE = 0x01
@@ -168,7 +169,9 @@ class FileBackstore(Backstore):
 
     def _map(self) -> None:
         prot = mmap.PROT_READ if self.readonly else mmap.PROT_READ | mmap.PROT_WRITE
-        flags = mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0)
+        flags = mmap.MAP_SHARED
+        if self.size <= POPULATE_LIMIT:  # a bigger image would be read whole at start-up
+            flags |= getattr(mmap, "MAP_POPULATE", 0)
         self.map = mmap.mmap(self.fd, self.size, flags=flags, prot=prot)
         self.view = memoryview(self.map)
 

@@ -75,7 +75,7 @@ class LogicalUnit:
         self.started = True
         self.lock = threading.Lock()  # unit attentions, COMPARE AND WRITE, mode changes
         self.ua: dict = {}            # nexus -> [(asc, ascq), ...]; empty dict: the fast path
-        self.known: set = set()       # nexuses that already got their power-on unit attention
+        self.known: dict = {}         # nexus -> session number, for nexuses that got their power-on UA
         self.res = Reservations(self.add_ua)
         backstore.resize_listeners.append(self._resized)
 
@@ -109,10 +109,11 @@ class LogicalUnit:
                     self.add_ua(nexus, code)
 
     def first_contact(self, nexus) -> None:
+        """A command from a nexus not seen before, or from a new session of a known one (same ports)."""
         with self.lock:
             if nexus not in self.known:
-                self.known.add(nexus)
                 self.add_ua(nexus, S.POWER_ON_RESET)
+            self.known[nexus] = nexus.session
 
     def take_ua(self, nexus):
         """The oldest pending unit attention of this nexus, consumed; None if none."""
@@ -126,11 +127,17 @@ class LogicalUnit:
             return code
 
     def forget(self, nexus) -> None:
-        """The nexus is gone (session closed): its unit attentions and SPC-2 reservation go with it."""
+        """The session is gone: its unit attentions and SPC-2 reservation go with it.
+
+        Only if that session is still the one this LU knows for these ports: a closing connection may
+        report its loss after the same initiator port has logged in again (libiscsi reuses its ISID),
+        and the new session's state must survive that late report."""
         with self.lock:
-            self.known.discard(nexus)
+            if self.known.get(nexus, nexus.session) != nexus.session:
+                return
+            self.known.pop(nexus, None)
             self.ua.pop(nexus, None)
-        self.res.drop_spc2(nexus)
+        self.res.drop_spc2(nexus, session=nexus.session)
 
     def reset(self, code: tuple[int, int], by=None) -> None:
         """LOGICAL UNIT RESET or a target reset: SPC-2 reservation ends, others see `code`."""

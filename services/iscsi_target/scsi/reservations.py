@@ -113,7 +113,7 @@ class Reservations:
             if self.keys and self.spc2 is None:
                 # registrations without a reservation still bar SPC-2 reservations (SPC-4 5.12.2)
                 raise _conflict()
-            self.spc2 = nexus
+            self.spc2 = nexus  # this session's object: nexus loss of an older session leaves it alone
 
     def release6(self, nexus) -> None:
         with self.lock:
@@ -122,10 +122,13 @@ class Reservations:
             if self.spc2 == nexus:
                 self.spc2 = None
 
-    def drop_spc2(self, nexus=None) -> None:
-        """Resets and nexus loss end an SPC-2 reservation (of this nexus, or of anyone)."""
+    def drop_spc2(self, nexus=None, session=None) -> None:
+        """Resets and nexus loss end an SPC-2 reservation (of this nexus and session, or of anyone)."""
         with self.lock:
-            if nexus is None or self.spc2 == nexus:
+            holder = self.spc2
+            if holder is None:
+                return
+            if nexus is None or (holder == nexus and (session is None or holder.session == session)):
                 self.spc2 = None
 
     # ---------------------------------------------------------------- PERSISTENT RESERVE IN

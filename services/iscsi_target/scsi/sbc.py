@@ -325,6 +325,8 @@ _UNMAP_DESC = struct.Struct(">QI4x")
 def unmap(target, lu, nexus, cdb, data_out):
     if cdb[1] & 0x01:  # ANCHOR
         raise S.illegal(S.INVALID_FIELD_IN_CDB, S.field_pointer(1, 0))
+    if lu.readonly or lu.swp:
+        raise _write_protect(lu)
     length = U16.unpack_from(cdb, 7)[0]
     if not length:
         return GOOD
@@ -333,8 +335,6 @@ def unmap(target, lu, nexus, cdb, data_out):
     data = bytes(data_out[:length]) if data_out is not None else b""
     if len(data) < length:
         raise S.illegal(S.PARAMETER_LIST_LENGTH_ERROR)
-    if lu.readonly or lu.swp:
-        raise _write_protect(lu)
     bd_len = U16.unpack_from(data, 2)[0]
     bd_len = min(bd_len, len(data) - 8) // 16 * 16
     if bd_len // 16 > MAX_UNMAP_DESCRIPTORS:

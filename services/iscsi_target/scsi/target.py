@@ -145,9 +145,17 @@ def report_supported_opcodes(target, lu, nexus, cdb, data_out):
     return good(bytes([0, ctdp | 0x03]) + U16.pack(len(usage)) + bytes(usage) + timeouts, alloc)
 
 
+# commands that change the medium: on a write-protected unit they fail before any data is looked at
+MEDIUM_WRITES = frozenset((0x0A, 0x2A, 0xAA, 0x8A, 0x2E, 0xAE, 0x8E, 0x41, 0x93, 0x42, 0x89, 0x8B))
+
+
 def _data_out_length(lu, cdb) -> int:
     op = cdb[0]
     bs = lu.block_size
+    if op in MEDIUM_WRITES and (lu.readonly or lu.swp):
+        # The command ends in WRITE PROTECTED whatever data comes: ask for none, so the transport
+        # does not refuse a mismatch first (an UNMAP-only WRITE SAME may carry no data at all).
+        return 0
     if op in (0x2A, 0x2E):
         return U16.unpack_from(cdb, 7)[0] * bs
     if op in (0x8A, 0x8E, 0x8B):
@@ -208,7 +216,7 @@ class ScsiTarget:
                 if op in (0x12, 0xA0, 0x03):
                     return HANDLERS[op](self, None, nexus, cdb, data_out)
                 raise S.illegal(S.LUN_NOT_SUPPORTED)
-            if nexus not in lu.known:
+            if lu.known.get(nexus) != nexus.session:
                 lu.first_contact(nexus)
             if lu.ua and op not in NO_UA and nexus in lu.ua:
                 code = lu.take_ua(nexus)
@@ -274,13 +282,13 @@ class ScsiTarget:
             luns = dict(self.luns)
             luns[lu.lun_id] = lu
             self.luns = luns  # one assignment: commands in flight see the old or the new dict
-            nexuses = set()
+            nexuses = {}
             for other in others:
-                nexuses |= other.known
+                nexuses.update(other.known)
             # nexuses already logged in know the target: tell them (and the new LU starts with them seen)
             with lu.lock:
-                for nexus in nexuses:
-                    lu.known.add(nexus)
+                for nexus, session in nexuses.items():
+                    lu.known[nexus] = session
                     lu.add_ua(nexus, S.POWER_ON_RESET)
         if old is not None and old is not lu:
             old.close()

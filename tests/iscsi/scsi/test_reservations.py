@@ -180,3 +180,17 @@ def test_registration_survives_a_new_session_of_the_same_initiator_port():
     register(t, A, 0xA)
     again = Nexus(A.initiator_port, A.target_port, session=99)
     assert t.execute(again, 0, pr_out(1, 1), pr_params(0xA)).status == 0
+
+
+def test_late_loss_of_an_old_session_leaves_the_new_sessions_reservation():
+    from services.iscsi_target.scsi import Nexus
+
+    t = target()
+    old = A
+    new = Nexus(A.initiator_port, A.target_port, session=77)  # same initiator port logged in again
+    t.execute(new, 0, tur(), None)
+    assert reserve6(t, new) == 0
+    t.nexus_lost(old)  # the old connection reports its end only now
+    assert reserve6(t, B) == 0x18
+    t.nexus_lost(new)
+    assert reserve6(t, B) == 0
