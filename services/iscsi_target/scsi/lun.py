@@ -13,7 +13,7 @@ import hashlib
 import threading
 
 from services.iscsi_target.scsi import sense as S
-from services.iscsi_target.scsi.reservations import Reservations
+from services.iscsi_target.scsi.reservations import Reservations, session_newer
 
 MAX_UA_QUEUE = 8  # more than this and the oldest are dropped (an initiator that never looks)
 
@@ -129,11 +129,12 @@ class LogicalUnit:
     def forget(self, nexus) -> None:
         """The session is gone: its unit attentions and SPC-2 reservation go with it.
 
-        Only if that session is still the one this LU knows for these ports: a closing connection may
-        report its loss after the same initiator port has logged in again (libiscsi reuses its ISID),
-        and the new session's state must survive that late report."""
+        Unless a newer session of the same ports is already at work here: a closing connection may
+        report its loss after the same initiator port has logged in again, and the new session's state
+        must survive that late report. (At session reinstatement the transport reports the loss with
+        the new session's nexus: that one does clear the old state.)"""
         with self.lock:
-            if self.known.get(nexus, nexus.session) != nexus.session:
+            if session_newer(self.known.get(nexus, nexus.session), nexus.session):
                 return
             self.known.pop(nexus, None)
             self.ua.pop(nexus, None)

@@ -56,6 +56,11 @@ _PARAMS = struct.Struct(">QQ4xB")  # reservation key, service action reservation
 _TYPE_MASK = 0xEA01  # WR_EX_AR, EX_AC_RO, WR_EX_RO, EX_AC, WR_EX, EX_AC_AR (SPC-4 table 203)
 
 
+def session_newer(a: int, b: int) -> bool:
+    """Session number a was handed out after b (TSIHs count up 1..65535 and wrap)."""
+    return 0 < (a - b) % 0xFFFF < 0x8000
+
+
 def _conflict():
     return S.ReservationConflict()
 
@@ -123,12 +128,13 @@ class Reservations:
                 self.spc2 = None
 
     def drop_spc2(self, nexus=None, session=None) -> None:
-        """Resets and nexus loss end an SPC-2 reservation (of this nexus and session, or of anyone)."""
+        """Resets and nexus loss end an SPC-2 reservation (of this nexus, unless a newer session of it
+        took the reservation; or of anyone)."""
         with self.lock:
             holder = self.spc2
             if holder is None:
                 return
-            if nexus is None or (holder == nexus and (session is None or holder.session == session)):
+            if nexus is None or (holder == nexus and (session is None or not session_newer(holder.session, session))):
                 self.spc2 = None
 
     # ---------------------------------------------------------------- PERSISTENT RESERVE IN

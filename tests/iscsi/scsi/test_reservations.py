@@ -194,3 +194,18 @@ def test_late_loss_of_an_old_session_leaves_the_new_sessions_reservation():
     assert reserve6(t, B) == 0x18
     t.nexus_lost(new)
     assert reserve6(t, B) == 0
+
+
+def test_reinstatement_reported_with_the_new_nexus_releases_the_old_reservation():
+    from services.iscsi_target.scsi import Nexus
+
+    t = target()
+    assert reserve6(t, A) == 0  # session 1
+    t.nexus_lost(Nexus(A.initiator_port, A.target_port, session=5))  # reinstated by session 5
+    assert reserve6(t, B) == 0
+
+
+def test_session_numbers_wrap():
+    from services.iscsi_target.scsi.lun import session_newer
+
+    assert session_newer(2, 1) and not session_newer(1, 2) and session_newer(1, 0xFFFF) and not session_newer(3, 3)
