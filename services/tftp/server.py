@@ -355,6 +355,7 @@ class TftpServer:
                     body = to_netascii(body)
                 source, size = memoryview(body), len(body)
             else:
+                mac = policy.dynamic.mac_for_ip(peer[0])  # for the client's boot timeline
                 opened = policy.jail.open_read(name)
                 source, size = opened.fd, opened.size
                 cached = self.cache.get(opened.fd) if not netascii else None
