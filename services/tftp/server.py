@@ -89,6 +89,7 @@ class Slot:
     completed: bool = False  # write: the last block is in and the file renamed
     closed: bool = False
     bytes_sent: int = 0
+    gso: bool = True  # off for a transfer whose blocks the kernel will not segment (larger than the MTU)
 
 
 class LogLimiter:
@@ -468,7 +469,7 @@ class TftpServer:
         """Send blocks first..first+count-1 whose bytes are data[pos:pos+length]; -> payload bytes sent."""
         sock, peer = slot.sock, slot.peer
         end = pos + length
-        if count == 1 or not self.gso or blksize + 4 > GSO_MAX_BYTES // 2:
+        if count == 1 or not (self.gso and slot.gso) or blksize + 4 > GSO_MAX_BYTES // 2:
             for b in range(first, first + count):
                 stop = min(pos + blksize, end)
                 sock.sendmsg([_data_header(pk.DATA, b & 0xFFFF), data[pos:stop]], (), 0, peer)
@@ -490,10 +491,13 @@ class TftpServer:
             try:
                 sock.sendmsg(iov, cmsg if n > 1 else (), 0, peer)
             except OSError as exc:
-                if exc.errno not in (errno.EIO, errno.EINVAL, errno.ENOPROTOOPT, errno.EOPNOTSUPP):
+                if exc.errno == errno.EINVAL:
+                    slot.gso = False  # a segment larger than the path's MTU (a big blksize): this transfer only
+                elif exc.errno in (errno.EIO, errno.ENOPROTOOPT, errno.EOPNOTSUPP):
+                    log.info("UDP GSO is not available (%s); sending one datagram per block", exc)
+                    self.gso = False
+                else:
                     raise
-                log.info("UDP GSO is not available (%s); sending one datagram per block", exc)
-                self.gso = False
                 back = pos - sum(len(v) for v in iov[1::2])
                 return length - (end - back) + self._send_views(slot, b, last - b, data, back, end - back, blksize)
             b += n

@@ -6,6 +6,9 @@ the options they negotiated. A new address or port opens a new request socket; t
 
 from __future__ import annotations
 
+import os
+import resource
+
 from shared.service import BaseService
 from services.tftp.server import Policy, TftpServer
 
@@ -18,12 +21,14 @@ class TftpService(BaseService):
         self.server: TftpServer | None = None
 
     async def start(self, config) -> None:
+        _raise_file_limit(config.tftp.max_transfers * 2 + 64)  # a socket and maybe a file per transfer
         self.server = TftpServer(Policy(config, self.ctx.mac_for_ip), self.ctx.emit, self.ctx.instance)
         self.server.bind(config.tftp.address, config.tftp.port)
         self.server.start()
         t = config.tftp
         self.log.info("serving %s on %s:%d (%s)", self.server.policy.jail.root, t.address, self.server.port,
                       f"uploads into {t.upload_dir}" if t.upload_dir else "read-only")
+        self._check_root(config)
 
     async def apply(self, config) -> None:
         old = self.server.policy.tftp
@@ -35,6 +40,12 @@ class TftpService(BaseService):
         if (config.tftp.address, config.tftp.port) != (old.address, old.port):
             self.server.bind(config.tftp.address, config.tftp.port)
             self.log.info("now listening on %s:%d", config.tftp.address, self.server.port)
+        self._check_root(config)
+
+    def _check_root(self, config) -> None:
+        root = self.server.policy.jail.root
+        if not os.path.isdir(root):
+            self.log.warning("tftp.root %s does not exist: every read will get 'File not found'", root)
 
     async def stop(self) -> None:
         if self.server is not None:
@@ -42,3 +53,10 @@ class TftpService(BaseService):
 
     def counters(self) -> dict[str, float]:
         return self.server.counters() if self.server else {}
+
+
+def _raise_file_limit(wanted: int) -> None:
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != resource.RLIM_INFINITY and soft < wanted:
+        target = wanted if hard == resource.RLIM_INFINITY else min(wanted, hard)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
