@@ -491,7 +491,7 @@ class TftpServer:
             try:
                 sock.sendmsg(iov, cmsg if n > 1 else (), 0, peer)
             except OSError as exc:
-                if exc.errno == errno.EINVAL:
+                if exc.errno in (errno.EINVAL, errno.EMSGSIZE):
                     slot.gso = False  # a segment larger than the path's MTU (a big blksize): this transfer only
                 elif exc.errno in (errno.EIO, errno.ENOPROTOOPT, errno.EOPNOTSUPP):
                     log.info("UDP GSO is not available (%s); sending one datagram per block", exc)
