@@ -123,8 +123,15 @@ def _run(cmd: list[str], cwd: Path | None = None) -> str:
 
 def kernel_package() -> str:
     """The versioned kernel package the metapackage depends on (e.g. linux-image-6.1.0-56-cloud-amd64)."""
-    out = _run(["apt-cache", "depends", KERNEL_METAPACKAGE])
+    try:
+        out = _run(["apt-cache", "depends", KERNEL_METAPACKAGE])
+    except ImageError:
+        out = ""
     m = re.search(r"Depends: (linux-image-[0-9][^\s]*-amd64)", out)
+    if not m and os.geteuid() == 0:
+        _run(["apt-get", "update", "-qq"])  # a fresh container has no package lists yet
+        out = _run(["apt-cache", "depends", KERNEL_METAPACKAGE])
+        m = re.search(r"Depends: (linux-image-[0-9][^\s]*-amd64)", out)
     if not m:
         raise ImageError(f"apt-cache depends {KERNEL_METAPACKAGE} names no kernel package:\n{out}")
     return m.group(1)
@@ -186,10 +193,18 @@ def load_order(paths: dict[str, Path], wanted: list[str], builtin: set[str] = fr
     return order
 
 
-def shared_libs(binary: Path) -> list[Path]:
-    """The shared libraries (and the loader) a binary needs, as `ldd` resolves them on this Debian host."""
+def shared_libs(binary: Path, package_root: Path | None = None) -> list[Path]:
+    """The shared libraries (and the loader) a binary needs, as `ldd` resolves them on this Debian host;
+    one the host lacks is taken from the binary's own package (`package_root`) when it ships it."""
     libs = []
     for line in _run(["ldd", str(binary)]).splitlines():
+        missing = re.match(r"\s*(\S+) => not found", line)
+        if missing:
+            found = sorted(package_root.glob(f"**/{missing.group(1)}")) if package_root else []
+            if not found:
+                raise ImageError(f"{binary.name} needs {missing.group(1)}, which neither this host nor its package has")
+            libs.append(found[0])
+            continue
         m = re.search(r"(/\S+) \(0x", line)
         if m:
             libs.append(Path(m.group(1)))
@@ -262,7 +277,7 @@ def build_initramfs(busybox_root: Path, iscsi_root: Path, kernel_root: Path) -> 
     if iscsistart is None:
         raise ImageError(f"iscsistart missing from open-iscsi (looked in {iscsi_root})")
     add("sbin/iscsistart", iscsistart.read_bytes(), 0o755)
-    for lib in shared_libs(iscsistart):
+    for lib in shared_libs(iscsistart, iscsi_root):
         real = lib.resolve()
         if str(lib).startswith("/lib64/"):
             add(str(lib), real.read_bytes(), 0o755)  # the loader path is baked into the binary
