@@ -27,7 +27,6 @@ from lab.qemu import ConsoleLine, VirtualPC
 from lab.reference import ReferenceStack, ReferenceTarget, read_through_target
 from lab.stack import BootfleetStack, LabClient, LabConfig
 
-MARKER_RE = image.MARKER
 IQN_PREFIX = "iqn.2026-11.org.bootfleet:lab-"
 
 

@@ -12,7 +12,7 @@ import os
 import subprocess
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import yaml
@@ -41,7 +41,6 @@ class LabConfig:
     tftp_root: Path
     ipv6_ra: bool = True  # end iPXE's IPv6 wait at once (dhcp.interfaces[].ipv6_ra); the bench turns it off to compare
     log_level: str = "info"
-    extra: dict = field(default_factory=dict)
 
     def document(self) -> dict:
         doc = {
@@ -66,8 +65,6 @@ class LabConfig:
             },
             "tftp": {"root": str(self.tftp_root), "address": SERVER_IP, "port": 69},
         }
-        for key, value in self.extra.items():
-            doc.setdefault(key, {}).update(value) if isinstance(value, dict) else doc.__setitem__(key, value)
         return doc
 
     def write(self, path: Path) -> Path:
