@@ -64,6 +64,7 @@ SENSE_INVALID_IU = bytes([0x70, 0, 0x05, 0, 0, 0, 0, 10, 0, 0, 0, 0, 0x0E, 0x03,
 # Sense: ILLEGAL REQUEST, LOGICAL UNIT NOT SUPPORTED (no such LUN: the SCSI layer is never asked)
 # Sense: ABORTED COMMAND, DATA PHASE ERROR (a Data-Out sequence we cannot accept)
 SENSE_DATA_PHASE_ERROR = bytes([0x70, 0, 0x0B, 0, 0, 0, 0, 10, 0, 0, 0, 0, 0x4B, 0x00, 0, 0, 0, 0])
+READ_OPCODES = frozenset({0x08, 0x28, 0xA8, 0x88})
 SENSE_NO_LUN = bytes([0x70, 0, 0x05, 0, 0, 0, 0, 10, 0, 0, 0, 0, 0x25, 0x00, 0, 0, 0, 0])
 
 
@@ -535,8 +536,36 @@ class Connection:
 
     def _execute(self, itt: int, lun: int, cdb: bytes, flags: int, edtl: int, data_out, start_ns: int) -> None:
         scsi = self.scsi
-        stats = self.session.lun_stats(lun)
-        if lun not in scsi.luns and cdb[0] not in (0x12, 0xA0, 0x03):
+        stats = self.session.stats.get(lun) or self.session.lun_stats(lun)
+        op = cdb[0]
+        if op in READ_OPCODES and data_out is None and lun in scsi.luns:
+            # The hot path: a READ moves no Data-Out, so none of the write-length checks below apply.
+            resp = scsi.execute(self.nexus, lun, memoryview(cdb), None)
+            parts = resp.data
+            if parts:
+                total = len(parts[0]) if len(parts) == 1 else sum(len(p) for p in parts)
+            else:
+                parts = []
+                total = 0
+            limit = edtl if flags & F_READ else 0
+            res_flag = residual = 0
+            if total > limit:
+                res_flag, residual = F_OVERFLOW, total - limit
+                parts = _cut(parts, limit)
+                total = limit
+            elif total < limit:
+                res_flag, residual = F_UNDERFLOW, limit - total
+            if resp.status == STATUS_GOOD and total:
+                stats.reads += 1
+                stats.read_bytes += total
+                if not self.session.first_read_seen:
+                    self._first_read(lun)
+            else:
+                stats.others += 1
+            self._respond(itt, resp.status, resp.sense, parts, flags, edtl, res_flag, residual, total)
+            stats.latency_ns += self.clock_ns() - start_ns
+            return
+        if lun not in scsi.luns and op not in (0x12, 0xA0, 0x03):
             # INQUIRY, REPORT LUNS and REQUEST SENSE answer for any LUN; the rest need one that exists.
             self._respond(itt, STATUS_CHECK_CONDITION, SENSE_NO_LUN, [], flags, edtl, 0, 0)
             stats.others += 1
@@ -592,14 +621,17 @@ class Connection:
                 stats.reads += 1
                 stats.read_bytes += total
                 if not self.session.first_read_seen:
-                    self.session.first_read_seen = True
-                    self.events.append((ev.FIRST_READ, {"ip": self.peer_ip, "initiator": self.session.initiator,
-                                                        "target": self.session.target, "tsih": self.session.tsih,
-                                                        "lun": lun}))
+                    self._first_read(lun)
             else:
                 stats.others += 1
         self._respond(itt, resp.status, resp.sense, parts, flags, edtl, res_flag, residual, total)
         stats.latency_ns += self.clock_ns() - start_ns
+
+    def _first_read(self, lun: int) -> None:
+        s = self.session
+        s.first_read_seen = True
+        self.events.append((ev.FIRST_READ, {"ip": self.peer_ip, "initiator": s.initiator, "target": s.target,
+                                            "tsih": s.tsih, "lun": lun}))
 
     def _respond(self, itt, status, sense, parts, flags, edtl, res_flag, residual, total=0) -> None:
         lun_field = 0

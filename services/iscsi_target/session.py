@@ -77,7 +77,7 @@ class Session:
         """True if a command with this CmdSN is in the window; advances ExpCmdSN for non-immediate ones."""
         if immediate:
             return True
-        if not (sn_le(self.exp_cmdsn, cmdsn) and sn_le(cmdsn, self.max_cmdsn)):
+        if ((cmdsn - self.exp_cmdsn) & MASK32) >= self.window:  # outside [ExpCmdSN, MaxCmdSN]
             return False
         self.exp_cmdsn = (cmdsn + 1) & MASK32
         return True
