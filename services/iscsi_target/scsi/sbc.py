@@ -255,6 +255,14 @@ def service_action_in_16(target, lu, nexus, cdb, data_out):
     raise S.illegal(S.INVALID_FIELD_IN_CDB, S.field_pointer(1, 4))
 
 
+def read_defect_data(target, lu, nexus, cdb, data_out):
+    """A virtual medium has no defects: an empty list in the format asked for."""
+    flags = cdb[2 if cdb[0] == 0x37 else 1] & 0x1F  # REQ_PLIST, REQ_GLIST, list format
+    if cdb[0] == 0x37:
+        return good(bytes([0, flags, 0, 0]), U16.unpack_from(cdb, 7)[0])
+    return good(bytes([0, flags, 0, 0, 0, 0, 0, 0]), U32.unpack_from(cdb, 6)[0])
+
+
 # ---------------------------------------------------------------------------------------------- cache
 def synchronize_cache(target, lu, nexus, cdb, data_out):
     flags, lba, n = _fields(cdb)

@@ -56,6 +56,7 @@ COMMANDS = {
     0x2F: (sbc.verify, _READ, None, _usage(0x2F, 0x16, _F, _F, _F, _F, _G, _F, _F, 0)),
     0x34: (sbc.prefetch, _READ, None, _usage(0x34, 0x02, _F, _F, _F, _F, _G, _F, _F, 0)),
     0x35: (sbc.synchronize_cache, _WRITE, None, _usage(0x35, 0x06, _F, _F, _F, _F, _G, _F, _F, 0)),
+    0x37: (sbc.read_defect_data, _SENSE, None, _usage(0x37, 0, 0x1F, 0, 0, 0, 0, _F, _F, 0)),
     0x41: (sbc.write_same, _WRITE, None, _usage(0x41, 0x08, _F, _F, _F, _F, _G, _F, _F, 0)),
     0x42: (sbc.unmap, _WRITE, None, _usage(0x42, 0, 0, 0, 0, 0, _G, _F, _F, 0)),
     0x55: (spc.mode_select, _WRITE, None, _usage(0x55, 0x11, 0, 0, 0, 0, 0, _F, _F, 0)),
@@ -81,6 +82,7 @@ COMMANDS = {
     0xA8: (sbc.read_any, _READ, None, _usage(0xA8, 0x1C, *[_F] * 8, _G, 0)),
     0xAA: (sbc.write_any, _WRITE, None, _usage(0xAA, 0x18, *[_F] * 8, _G, 0)),
     0xAE: (sbc.write_and_verify, _WRITE, None, _usage(0xAE, 0x12, *[_F] * 8, _G, 0)),
+    0xB7: (sbc.read_defect_data, _SENSE, None, _usage(0xB7, 0x1F, 0, 0, 0, 0, _F, _F, _F, _F, 0, 0)),
     0xAF: (sbc.verify, _READ, None, _usage(0xAF, 0x16, *[_F] * 8, _G, 0)),
 }
 NO_UA = frozenset((0x12, 0xA0, 0x03))  # INQUIRY, REPORT LUNS, REQUEST SENSE neither see nor clear UAs

@@ -295,3 +295,11 @@ def test_4096_byte_blocks_address_by_block():
     assert t.execute(NX, 0, write16(10, 2), payload).status == 0
     assert data(t.execute(NX, 0, read10(10, 2), None)) == payload
     assert key_asc(t.execute(NX, 0, read10(255, 2), None)) == (5, 0x21, 0)
+
+
+def test_read_defect_data_is_an_empty_list():
+    t = ready_target()
+    d = data(t.execute(NX, 0, cdb16(0x37, 0, 0x18, 0, 0, 0, 0, 0, 32, 0), None))
+    assert d == bytes([0, 0x18, 0, 0])
+    d = data(t.execute(NX, 0, cdb16(0xB7, 0x0D, 0, 0, 0, 0, 0, 0, 0, 32, 0, 0), None))
+    assert d == bytes([0, 0x0D]) + bytes(6)
