@@ -12,6 +12,7 @@ from __future__ import annotations
 import errno
 import os
 import stat
+import threading
 from dataclasses import dataclass
 
 from services.tftp import packets as pk
@@ -147,9 +148,14 @@ class FileCache:
         self.bytes = 0
         self.hits = 0
         self.misses = 0
+        self.lock = threading.Lock()  # serving threads share one cache; taken once per request, never per block
 
     def get(self, fd: int) -> memoryview | None:
         """The file's bytes, or None when it is too large to cache."""
+        with self.lock:
+            return self._get(fd)
+
+    def _get(self, fd: int) -> memoryview | None:
         st = os.fstat(fd)
         if st.st_size > self.max_file or st.st_size > self.max_bytes:
             return None

@@ -10,6 +10,7 @@ import os
 import resource
 
 from shared.service import BaseService
+from services.tftp.files import FileCache
 from services.tftp.server import Policy, TftpServer
 
 
@@ -18,41 +19,62 @@ class TftpService(BaseService):
 
     def __init__(self, ctx):
         super().__init__(ctx)
-        self.server: TftpServer | None = None
+        self.servers: list[TftpServer] = []
+        self.cache: FileCache | None = None
 
     async def start(self, config) -> None:
-        _raise_file_limit(config.tftp.max_transfers * 2 + 64)  # a socket and maybe a file per transfer
-        self.server = TftpServer(Policy(config, self.ctx.mac_for_ip), self.ctx.emit, self.ctx.instance)
-        self.server.bind(config.tftp.address, config.tftp.port)
-        self.server.start()
         t = config.tftp
-        self.log.info("serving %s on %s:%d (%s)", self.server.policy.jail.root, t.address, self.server.port,
+        _raise_file_limit(t.max_transfers * 2 * t.threads + 64)  # a socket and maybe a file per transfer
+        policy = Policy(config, self.ctx.mac_for_ip)
+        self.cache = FileCache(t.cache_mib << 20, t.cache_max_file_mib << 20)
+        port = t.port
+        for i in range(t.threads):
+            server = TftpServer(policy, self.ctx.emit, self.ctx.instance, self.cache, name=f"tftp-serve-{i}")
+            server.bind(t.address, port)  # each thread its own SO_REUSEPORT socket: the kernel spreads clients
+            port = server.port
+            self.servers.append(server)
+        for server in self.servers:
+            server.start()
+        self.log.info("serving %s on %s:%d with %d thread(s) (%s)", policy.jail.root, t.address, port, t.threads,
                       f"uploads into {t.upload_dir}" if t.upload_dir else "read-only")
-        self._check_root(config)
+        self._check_root(policy)
 
     async def apply(self, config) -> None:
-        old = self.server.policy.tftp
-        self.server.policy = Policy(config, self.ctx.mac_for_ip)
-        self.server.busy_poll = config.tftp.busy_poll_us / 1e6
-        self.server.gso = config.tftp.gso
-        self.server.cache.max_bytes = config.tftp.cache_mib << 20
-        self.server.cache.max_file = config.tftp.cache_max_file_mib << 20
-        if (config.tftp.address, config.tftp.port) != (old.address, old.port):
-            self.server.bind(config.tftp.address, config.tftp.port)
-            self.log.info("now listening on %s:%d", config.tftp.address, self.server.port)
-        self._check_root(config)
+        t = config.tftp
+        old = self.servers[0].policy.tftp
+        if t.threads != len(self.servers):
+            self.log.warning("tftp.threads changes on restart only; still %d", len(self.servers))
+        policy = Policy(config, self.ctx.mac_for_ip)
+        self.cache.max_bytes = t.cache_mib << 20
+        self.cache.max_file = t.cache_max_file_mib << 20
+        for server in self.servers:
+            server.policy = policy
+            server.busy_poll = t.busy_poll_us / 1e6
+            server.gso = t.gso
+        if (t.address, t.port) != (old.address, old.port):
+            port = t.port
+            for server in self.servers:
+                server.bind(t.address, port)
+                port = server.port
+            self.log.info("now listening on %s:%d", t.address, port)
+        self._check_root(policy)
 
-    def _check_root(self, config) -> None:
-        root = self.server.policy.jail.root
-        if not os.path.isdir(root):
-            self.log.warning("tftp.root %s does not exist: every read will get 'File not found'", root)
+    def _check_root(self, policy) -> None:
+        if not os.path.isdir(policy.jail.root):
+            self.log.warning("tftp.root %s does not exist: every read will get 'File not found'", policy.jail.root)
 
     async def stop(self) -> None:
-        if self.server is not None:
-            self.server.stop()
+        for server in self.servers:
+            server.stop()
 
     def counters(self) -> dict[str, float]:
-        return self.server.counters() if self.server else {}
+        total: dict[str, float] = {}
+        for server in self.servers:
+            for key, value in server.counters().items():
+                total[key] = total.get(key, 0) + value
+        if self.cache is not None:  # shared: counted once
+            total.update(cache_bytes=self.cache.bytes, cache_hits=self.cache.hits, cache_misses=self.cache.misses)
+        return total
 
 
 def _raise_file_limit(wanted: int) -> None:

@@ -58,6 +58,11 @@ class TftpConfig(StrictModel):
         256, ge=0, description="MiB of file contents kept in memory, shared by all transfers (0: read every block)"
     )
     cache_max_file_mib: int = Field(64, ge=0, description="MiB; larger files are read block by block from disk")
+    threads: int = Field(
+        1, ge=1, le=64,
+        description="serving threads in each process, each with its own SO_REUSEPORT socket and epoll loop "
+        "(socket calls release the GIL, so two threads overlap kernel work); processes: scale.tftp",
+    )
     max_transfers: int = Field(2000, ge=1, description="transfers in flight per process; more get error 0 'busy'")
     dynamic_files: list[str] = Field(
         default_factory=list,
