@@ -63,7 +63,7 @@ class TftpConfig(StrictModel):
         description="serving threads in each process, each with its own SO_REUSEPORT socket and epoll loop "
         "(socket calls release the GIL, so two threads overlap kernel work); processes: scale.tftp",
     )
-    max_transfers: int = Field(2000, ge=1, description="transfers in flight per process; more get error 0 'busy'")
+    max_transfers: int = Field(2000, ge=1, description="transfers in flight per serving thread; more get error 0 'server busy'")
     dynamic_files: list[str] = Field(
         default_factory=list,
         description="file names rendered per client as the iPXE script, besides boot.script",

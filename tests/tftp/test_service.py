@@ -2,6 +2,8 @@
 
 import asyncio
 import socket
+
+import pytest
 import sys
 from pathlib import Path
 
@@ -19,7 +21,8 @@ def config(root, port, **tftp):
     return BootfleetConfig.model_validate({"tftp": {"root": str(root), "address": "127.0.0.1", "port": port, **tftp}})
 
 
-def test_apply_keeps_transfers_in_flight(tmp_path):
+@pytest.mark.parametrize("threads", [1, 2])
+def test_apply_keeps_transfers_in_flight(tmp_path, threads):
     one, two = tmp_path / "one", tmp_path / "two"
     one.mkdir()
     two.mkdir()
@@ -32,9 +35,9 @@ def test_apply_keeps_transfers_in_flight(tmp_path):
     port1, port2 = support.free_port(socket.SOCK_DGRAM), support.free_port(socket.SOCK_DGRAM)
 
     async def scenario():
-        await service.start(config(one, port1))
+        await service.start(config(one, port1, threads=threads))
         s, data, tid = await asyncio.to_thread(request, port1, "a.bin")  # a transfer in flight
-        await service.apply(config(two, port2, busy_poll_us=0))
+        await service.apply(config(two, port2, busy_poll_us=0, threads=threads))
         got = [data[4:]]
         with s:
             while len(data) == 516:
