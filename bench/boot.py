@@ -13,6 +13,7 @@ ours / theirs (lower is better; the goal is <= 1/3).
 from __future__ import annotations
 
 import argparse
+import os
 import shutil
 import statistics
 import sys
@@ -50,6 +51,7 @@ def main() -> int:
         print("bench/boot.py needs: " + "; ".join(missing), file=sys.stderr)
         return 1
     disk = image.build()
+    load_before = os.getloadavg()[0]
     runs: dict[str, list[dict]] = {"dnsmasq+tgtd": [], "bootfleet": []}
     started = time.monotonic()
     for _ in range(args.runs):
@@ -57,7 +59,11 @@ def main() -> int:
         runs["bootfleet"].append(one("bootfleet", disk))
     med = {k: {f: statistics.median(r[f] for r in v) for f in ("marker", "nonce", "dhcp")} for k, v in runs.items()}
     print(f"boot of one virtual PC (QEMU TCG), power-on to ..., median of {args.runs} run(s), "
-          f"{time.monotonic() - started:.0f} s in all")
+          f"{time.monotonic() - started:.0f} s in all; host load average {load_before:.1f} -> {os.getloadavg()[0]:.1f} "
+          f"on {os.cpu_count()} CPUs (TCG is CPU-bound, iPXE's waits are not: a busy host raises the ratio)")
+    if args.runs > 1:
+        for name, rs in runs.items():
+            print(f"  {name:<14} markers: " + ", ".join(f"{r['marker']:.2f}" for r in rs))
     print(f"{'server':<14} {'marker s':>9} {'nonce s':>9} {'iPXE DHCP s':>12}")
     for name, m in med.items():
         print(f"{name:<14} {m['marker']:>9.2f} {m['nonce']:>9.2f} {m['dhcp']:>12.2f}")
