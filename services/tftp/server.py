@@ -461,7 +461,13 @@ class TftpServer:
         source = slot.source
         sent = 0
         try:
-            if type(source) is int:
+            if count == 1 and type(source) is memoryview:  # the lock-step case, from memory: one call, no loop
+                offset = (first - 1) * blksize
+                length = min(blksize, t.size - offset)
+                slot.sock.sendmsg([_data_header(pk.DATA, first & 0xFFFF), source[offset:offset + length]], (), 0,
+                                  slot.peer)
+                sent = length
+            elif type(source) is int:
                 out = self.out_view
                 per_read = len(self.out) // blksize
                 block, end = first, first + count
