@@ -73,7 +73,7 @@ class LogicalUnit:
         self.wce = not getattr(backstore, "write_through", False)
         self.swp = False
         self.started = True
-        self.lock = threading.Lock()  # unit attentions, COMPARE AND WRITE, mode changes
+        self.lock = threading.RLock()  # unit attentions, COMPARE AND WRITE, mode changes
         self.ua: dict = {}            # nexus -> [(asc, ascq), ...]; empty dict: the fast path
         self.known: dict = {}         # nexus -> session number, for nexuses that got their power-on UA
         self.res = Reservations(self.add_ua)
@@ -96,11 +96,12 @@ class LogicalUnit:
 
     # ---------------------------------------------------------------- unit attentions
     def add_ua(self, nexus, code: tuple[int, int]) -> None:
-        """Queue a unit attention for one nexus (callers may or may not hold self.lock: a dict op is atomic)."""
-        queue = self.ua.setdefault(nexus, [])
-        if code not in queue:
-            queue.append(code)
-            del queue[:-MAX_UA_QUEUE]
+        """Queue a unit attention for one nexus."""
+        with self.lock:
+            queue = self.ua.setdefault(nexus, [])
+            if code not in queue:
+                queue.append(code)
+                del queue[:-MAX_UA_QUEUE]
 
     def add_ua_all(self, code: tuple[int, int], except_nexus=None) -> None:
         with self.lock:
