@@ -125,7 +125,7 @@ def stop(proc: subprocess.Popen, hard: bool = False) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--busy-poll-us", type=int, default=50, help="our iscsi.busy_poll_us for the run")
+    parser.add_argument("--busy-poll-us", type=int, default=0, help="our iscsi.busy_poll_us for the run")
     parser.add_argument("--size-mib", type=int, default=128)
     args = parser.parse_args()
     tmp = Path(tempfile.mkdtemp(prefix="bench-iscsi-"))

@@ -64,6 +64,9 @@ SENSE_INVALID_IU = bytes([0x70, 0, 0x05, 0, 0, 0, 0, 10, 0, 0, 0, 0, 0x0E, 0x03,
 # Sense: ILLEGAL REQUEST, LOGICAL UNIT NOT SUPPORTED (no such LUN: the SCSI layer is never asked)
 # Sense: ABORTED COMMAND, DATA PHASE ERROR (a Data-Out sequence we cannot accept)
 SENSE_DATA_PHASE_ERROR = bytes([0x70, 0, 0x0B, 0, 0, 0, 0, 10, 0, 0, 0, 0, 0x4B, 0x00, 0, 0, 0, 0])
+# Sense: ILLEGAL REQUEST, INVALID FIELD IN CDB
+SENSE_INVALID_CDB = bytes([0x70, 0, 0x05, 0, 0, 0, 0, 10, 0, 0, 0, 0, 0x24, 0x00, 0, 0, 0, 0])
+MAX_WRITE_BUFFER = 64 << 20  # bytes of Data-Out one command may collect
 READ_OPCODES = frozenset({0x08, 0x28, 0xA8, 0x88})
 SENSE_NO_LUN = bytes([0x70, 0, 0x05, 0, 0, 0, 0, 10, 0, 0, 0, 0, 0x25, 0x00, 0, 0, 0, 0])
 
@@ -457,6 +460,12 @@ class Connection:
                 return
             if imm == edtl:
                 self._execute(pdu.itt, lun, pdu.cdb, flags, edtl, data, start)
+                return
+            if edtl > MAX_WRITE_BUFFER:
+                # We would have to hold it all in memory: refuse before allocating (the Block Limits VPD
+                # page advertises 32 MiB per command). Data the initiator sends anyway is dropped.
+                self.failed_itts.append(pdu.itt)
+                self._respond(pdu.itt, STATUS_CHECK_CONDITION, SENSE_INVALID_CDB, [], flags, edtl, 0, 0)
                 return
             task = WriteTask(pdu.itt, lun, pdu.cdb, flags, edtl, bytearray(edtl), received=imm, start_ns=start)
             if imm:

@@ -285,3 +285,12 @@ def test_unknown_lun():
     _, raw = ini.cmd(read10(0, 1), edtl=512, read=True, lun=3)
     (rsp,) = ini.send(raw)
     assert rsp.b3 == 2 and rsp.data[2 + 12] == 0x25
+
+
+def test_huge_write_is_refused_before_allocating():
+    ini = logged_in()
+    itt, raw = ini.cmd(write10(0, 0xFFFF), edtl=0xFFFFFFFF, write=True, data=b"x" * 512, final=False)
+    (rsp,) = ini.send(raw)
+    assert rsp.opcode == P.OP_SCSI_RSP and rsp.b3 == 2 and rsp.data[2 + 12] == 0x24
+    assert not ini.conn.tasks
+    assert ini.send(ini.data_out(itt, 0xFFFFFFFF, 0, 512, b"y" * 512)) == []
