@@ -116,3 +116,28 @@ iscsi:
         for p in procs:
             p.terminate()
             p.wait(12)
+
+
+def test_session_reinstatement_closes_the_old_connection(tmp_path):
+    events = []
+    ctx = ServiceContext("iscsi_target", 0, tmp_path, lambda t, f: events.append((t, f)))
+    svc = IscsiTargetService(ctx)
+    port = free_port()
+
+    async def scenario():
+        await svc.start(config(port, [target(A, 0)]))
+        first, head = await asyncio.to_thread(login, port, A)
+        tsih1 = int.from_bytes(head[14:16], "big")
+        second, head = await asyncio.to_thread(login, port, A)  # same initiator name and ISID
+        assert head[36] == 0 and int.from_bytes(head[14:16], "big") != tsih1
+        closed = await asyncio.to_thread(lambda: first.recv(100) == b"")
+        assert closed
+        assert len(svc.server.sessions) == 1
+        first.close()
+        second.close()
+        await svc.stop()
+
+    asyncio.run(scenario())
+    logins = [f for t, f in events if t == "iscsi.login"]
+    assert [f["reinstated"] for f in logins] == [False, True]
+    assert any("reinstated" in f.get("reason", "") for t, f in events if t == "iscsi.logout")
