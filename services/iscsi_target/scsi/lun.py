@@ -10,6 +10,7 @@ that is not INQUIRY, REPORT LUNS or REQUEST SENSE reports the oldest one and con
 from __future__ import annotations
 
 import hashlib
+import operator
 import threading
 
 from services.iscsi_target.scsi import sense as S
@@ -18,30 +19,24 @@ from services.iscsi_target.scsi.reservations import Reservations, session_newer
 MAX_UA_QUEUE = 8  # more than this and the oldest are dropped (an initiator that never looks)
 
 
-class Nexus:
+class Nexus(tuple):
     """An I_T nexus: initiator port `<iqn>,i,0x<isid>` and target port `<iqn>,t,0x<tpgt>`.
 
-    Equality and hash use the two ports only: the session number tells connections apart for logging,
-    but a session reinstated by the same initiator port is the same nexus to SCSI (SAM-5).
+    Equality and hash use the two ports only (it is the tuple of them, so both run in C on the hot path):
+    the session number tells sessions apart, but a new session of the same initiator port is the same
+    nexus to SCSI (SAM-5), and keeps its registrations.
     """
 
-    __slots__ = ("initiator_port", "target_port", "session", "_hash")
-
-    def __init__(self, initiator_port: str, target_port: str, session: int = 0):
-        self.initiator_port = initiator_port
-        self.target_port = target_port
+    def __new__(cls, initiator_port: str, target_port: str, session: int = 0):
+        self = tuple.__new__(cls, (initiator_port, target_port))
         self.session = session
-        self._hash = hash((initiator_port, target_port))
+        return self
 
-    def __hash__(self) -> int:
-        return self._hash
-
-    def __eq__(self, other) -> bool:
-        return (isinstance(other, Nexus) and self._hash == other._hash
-                and self.initiator_port == other.initiator_port and self.target_port == other.target_port)
+    initiator_port = property(operator.itemgetter(0))
+    target_port = property(operator.itemgetter(1))
 
     def __repr__(self) -> str:
-        return f"Nexus({self.initiator_port!r}, {self.target_port!r}, session={self.session})"
+        return f"Nexus({self[0]!r}, {self[1]!r}, session={self.session})"
 
 
 def derived_ids(target_name: str, lun_id: int) -> tuple[bytes, str]:
