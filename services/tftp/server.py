@@ -138,6 +138,7 @@ class TftpServer:
         os.set_blocking(self.wake_w, False)
         self.ep.register(self.wake_r, select.EPOLLIN)
         self.listener: socket.socket | None = None
+        self.listener_fd = -1
         self.pending_listener: socket.socket | None = None
         self.slots: dict[int, Slot] = {}  # socket fd -> slot
         self.by_peer: dict[tuple[str, int], Slot] = {}
@@ -147,6 +148,7 @@ class TftpServer:
         self.out_view = memoryview(self.out)
         self.inbuf = bytearray(65536 + 64)
         self.in_view = memoryview(self.inbuf)
+        self.in_view4 = self.in_view[:4]  # an ACK: no new view per packet
         self.limiter = LogLimiter()
         self.cache = cache or FileCache(policy.tftp.cache_mib << 20, policy.tftp.cache_max_file_mib << 20)
         self.name = name
@@ -182,6 +184,7 @@ class TftpServer:
             self.ep.unregister(self.listener.fileno())
             self.listener.close()
         self.listener = sock
+        self.listener_fd = sock.fileno()
         self.ep.register(sock.fileno(), select.EPOLLIN)
 
     def start(self) -> None:
@@ -209,7 +212,8 @@ class TftpServer:
             pass
 
     def counters(self) -> dict[str, float]:
-        return {**self.stats, "active": len(self.slots), "cache_bytes": self.cache.bytes,
+        in_flight = sum(slot.bytes_sent for slot in list(self.slots.values()))
+        return {**self.stats, "bytes_sent": self.stats["bytes_sent"] + in_flight, "active": len(self.slots), "cache_bytes": self.cache.bytes,
                 "cache_hits": self.cache.hits, "cache_misses": self.cache.misses}
 
     # -- the loop ----------------------------------------------------------------------------------------------
@@ -254,7 +258,7 @@ class TftpServer:
             except InterruptedError:
                 continue
             now = _monotonic()
-            listener_fd = self.listener.fileno() if self.listener else -1
+            listener_fd = self.listener_fd
             for fd, _ in ready:
                 slot = slots.get(fd)
                 if slot is not None:
@@ -461,13 +465,7 @@ class TftpServer:
         source = slot.source
         sent = 0
         try:
-            if count == 1 and type(source) is memoryview:  # the lock-step case, from memory: one call, no loop
-                offset = (first - 1) * blksize
-                length = min(blksize, t.size - offset)
-                slot.sock.sendmsg([_data_header(pk.DATA, first & 0xFFFF), source[offset:offset + length]], (), 0,
-                                  slot.peer)
-                sent = length
-            elif type(source) is int:
+            if type(source) is int:
                 out = self.out_view
                 per_read = len(self.out) // blksize
                 block, end = first, first + count
@@ -487,7 +485,6 @@ class TftpServer:
         except BlockingIOError:
             pass  # the socket buffer is full: the rest of the window goes on the client's ACK or our timer
         slot.bytes_sent += sent
-        self.stats["bytes_sent"] += sent
 
     def _send_views(self, slot: Slot, first: int, count: int, data: memoryview, pos: int, length: int,
                     blksize: int) -> int:
@@ -558,7 +555,20 @@ class TftpServer:
             if reply is not None:
                 sock.sendto(reply, peer)
         else:
-            self._send_blocks(slot, *t.on_packet(self.in_view[:n], now))
+            first, count = t.on_packet(self.in_view4 if n == 4 else self.in_view[:n], now)
+            source = slot.source
+            if count == 1 and first and type(source) is memoryview:
+                # the lock-step case from memory, inline: one slice, one sendmsg
+                blksize = t.blksize
+                offset = (first - 1) * blksize
+                try:
+                    sock.sendmsg([_data_header(3, first & 0xFFFF), source[offset:offset + blksize]], (), 0, peer)
+                    length = t.size - offset
+                    slot.bytes_sent += length if length < blksize else blksize
+                except BlockingIOError:
+                    pass  # the timer resends
+            elif count:
+                self._send_blocks(slot, first, count)
         if t.state is DONE or t.state is FAILED:
             self._finish(slot, now)
 
@@ -639,6 +649,7 @@ class TftpServer:
 
     def _close(self, slot: Slot) -> None:
         slot.closed = True
+        self.stats["bytes_sent"] += slot.bytes_sent
         fd = slot.sock.fileno()
         self.slots.pop(fd, None)
         if self.by_peer.get(slot.peer) is slot:

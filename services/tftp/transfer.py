@@ -89,6 +89,24 @@ class ReadTransfer:
         if len(data) < 4:
             return self._illegal(f"{len(data)}-byte packet is too short for TFTP", now)
         op, block = _unpack(data)
+        if op == 4 and not self.waiting_oack:  # ACK: the hot path, inline
+            acked = self.acked
+            delta = (block - acked) & 0xFFFF
+            if delta == 0 or acked + delta > self.sent:
+                return NOTHING  # duplicate or never-sent block: wait for the timer, never double the traffic
+            acked += delta
+            self.acked = acked
+            self.tries = 0
+            count = self.total - acked
+            if count <= 0:
+                self.state = DONE
+                self.finished = now
+                return NOTHING
+            if count > self.windowsize:
+                count = self.windowsize
+            self.sent = acked + count
+            self.deadline = now + self.timeout
+            return acked + 1, count
         if op == pk.ACK:
             if self.waiting_oack:
                 if block != 0:
@@ -96,16 +114,6 @@ class ReadTransfer:
                 self.waiting_oack = False
                 self.tries = 0
                 return self._window(now)
-            delta = (block - self.acked) & 0xFFFF
-            if delta == 0 or self.acked + delta > self.sent:
-                return NOTHING  # duplicate or never-sent block: wait for the timer, never double the traffic
-            self.acked += delta
-            self.tries = 0
-            if self.acked >= self.total:
-                self.state = DONE
-                self.finished = now
-                return NOTHING
-            return self._window(now)
         if op == pk.ERROR:
             code, message = pk.parse_error(data)
             self.state = FAILED
