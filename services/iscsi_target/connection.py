@@ -172,6 +172,14 @@ def _scsi_nexus(**kwargs):
     return Nexus(**kwargs)
 
 
+class _Failed:
+    """The answer to a command the SCSI layer raised on: HARDWARE ERROR, INTERNAL TARGET FAILURE."""
+
+    status = STATUS_CHECK_CONDITION
+    sense = bytes([0x70, 0, 0x04, 0, 0, 0, 0, 10, 0, 0, 0, 0, 0x44, 0x00, 0, 0, 0, 0])
+    data: list = []
+
+
 class Connection:
     """One TCP connection's protocol state. `registry` gives targets and policies (see service.py)."""
 
@@ -549,7 +557,7 @@ class Connection:
         op = cdb[0]
         if op in READ_OPCODES and data_out is None and lun in scsi.luns:
             # The hot path: a READ moves no Data-Out, so none of the write-length checks below apply.
-            resp = scsi.execute(self.nexus, lun, memoryview(cdb), None)
+            resp = self._run_scsi(lun, cdb, None)
             parts = resp.data
             if parts:
                 total = len(parts[0]) if len(parts) == 1 else sum(len(p) for p in parts)
@@ -604,7 +612,7 @@ class Connection:
                 stats.others += 1
                 return
         payload = data_out if spdtl else None
-        resp = scsi.execute(self.nexus, lun, memoryview(cdb), payload)
+        resp = self._run_scsi(lun, cdb, payload)
         parts = resp.data or []
         total = sum(len(p) for p in parts) if parts else 0
         res_flag = 0
@@ -636,6 +644,13 @@ class Connection:
         self._respond(itt, resp.status, resp.sense, parts, flags, edtl, res_flag, residual, total)
         stats.latency_ns += self.clock_ns() - start_ns
 
+    def _run_scsi(self, lun: int, cdb: bytes, data_out):
+        try:
+            return self.scsi.execute(self.nexus, lun, memoryview(cdb), data_out)
+        except Exception as exc:  # noqa: BLE001 - a fault in one command must not end the session
+            self.events.append((ev.ERROR, {"where": f"execute CDB {bytes(cdb[:1]).hex()}", "error": repr(exc)}))
+            return _Failed
+
     def _first_read(self, lun: int) -> None:
         s = self.session
         s.first_read_seen = True
@@ -647,6 +662,7 @@ class Connection:
         exp, maxc = self._cmdsn_words()
         out = self.out
         pack = self.writer.pack
+        sent = 0  # Data-In PDUs before the SCSI Response: its ExpDataSN
         if total:
             status_in_data = status == STATUS_GOOD and not sense
             if total <= self.send_max and total <= self.max_burst:
@@ -656,17 +672,18 @@ class Connection:
                     return
                 out += pack(OP_DATA_IN, F_FINAL, 0, 0, lun_field, itt, RSVD_TAG, 0, exp, maxc, 0, 0, 0,
                             data=parts, dlen=total)
+                sent = 1
             else:
-                self._data_in_sequence(itt, parts, total, status_in_data, status, res_flag, residual)
+                sent = self._data_in_sequence(itt, parts, total, status_in_data, status, res_flag, residual)
                 if status_in_data:
                     return
         sense_data = None
         if sense:
             sense_data = len(sense).to_bytes(2, "big") + bytes(sense)
         out += pack(OP_SCSI_RSP, F_FINAL | res_flag, 0, status, 0, itt, 0, self._next_statsn(), exp, maxc,
-                    0, 0, residual, data=sense_data)
+                    sent, 0, residual, data=sense_data)
 
-    def _data_in_sequence(self, itt, parts, total, status_in_data, status, res_flag, residual) -> None:
+    def _data_in_sequence(self, itt, parts, total, status_in_data, status, res_flag, residual) -> int:
         exp, maxc = self._cmdsn_words()
         pack = self.writer.pack
         offset = 0
@@ -690,6 +707,7 @@ class Connection:
                              data=chunk, dlen=n)
             datasn += 1
             offset += n
+        return datasn
 
     # ------------------------------------------------------------------ NOP
     def _nop_out(self, pdu) -> None:

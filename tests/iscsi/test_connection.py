@@ -294,3 +294,16 @@ def test_huge_write_is_refused_before_allocating():
     assert rsp.opcode == P.OP_SCSI_RSP and rsp.b3 == 2 and rsp.data[2 + 12] == 0x24
     assert not ini.conn.tasks
     assert ini.send(ini.data_out(itt, 0xFFFFFFFF, 0, 512, b"y" * 512)) == []
+
+
+def test_scsi_layer_exception_becomes_check_condition():
+    class Broken(FakeTarget):
+        def execute(self, nexus, lun, cdb, data_out):
+            raise RuntimeError("boom")
+
+    ini = logged_in(scsi=Broken(TARGET))
+    _, raw = ini.cmd(read10(0, 1), edtl=512, read=True)
+    (rsp,) = ini.send(raw)
+    assert rsp.opcode == P.OP_SCSI_RSP and rsp.b3 == 2 and rsp.data[2 + 2] == 0x04 and rsp.data[2 + 12] == 0x44
+    assert not ini.conn.closing
+    assert any(e == "iscsi.error" and "boom" in f["error"] for e, f in ini.conn.events)
