@@ -311,12 +311,14 @@ class TftpServer:
                 log.exception("request from %s:%d failed on an internal error", *peer)
 
     def _refuse(self, peer, local: str, code: int, reason: str, file: str = "", mac: str | None = None,
-                malformed: bool = False) -> None:
+                malformed: bool = False, limit: int | None = None) -> None:
         self.stats["malformed" if malformed else "refused"] += 1
         if self.limiter.allow():
             log.warning("%s:%d %s%s: %s (error %d)", peer[0], peer[1], "refused " if not malformed else "",
                         repr(file) if file else "request", reason, code)
-        self._send_once(local, peer, pk.build_error(code, reason))
+        # an answer to garbage is no larger than the garbage: no amplification for a spoofed source
+        message = reason[: max(0, limit - 5)] if limit is not None else reason
+        self._send_once(local, peer, pk.build_error(code, message))
         if not malformed:
             self.emit(ev.TFTP_FAILED, ip=peer[0], port=peer[1], file=file, mac=mac, reason=reason, code=code)
 
@@ -336,8 +338,8 @@ class TftpServer:
         try:
             request = pk.parse_request(data)
         except pk.MalformedPacket as exc:
-            if len(data) >= 2 and pk.OPCODE.unpack_from(data)[0] in (pk.RRQ, pk.WRQ):
-                self._refuse(peer, local, pk.ERR_ILLEGAL, str(exc), malformed=True)
+            if len(data) >= 5 and pk.OPCODE.unpack_from(data)[0] in (pk.RRQ, pk.WRQ):
+                self._refuse(peer, local, pk.ERR_ILLEGAL, str(exc), malformed=True, limit=len(data))
             else:
                 self.stats["malformed"] += 1  # stray DATA/ACK/garbage on the request port: no answer
                 if self.limiter.allow():
@@ -382,7 +384,11 @@ class TftpServer:
                 mac = policy.dynamic.mac_for_ip(peer[0])  # for the client's boot timeline
                 opened = policy.jail.open_read(name)
                 source, size = opened.fd, opened.size
-                cached = self.cache.get(opened.fd) if not netascii else None
+                try:
+                    cached = self.cache.get(opened.fd) if not netascii else None
+                except OSError as exc:
+                    os.close(opened.fd)
+                    raise Refused(pk.ERR_UNDEFINED, f"{name!r} cannot be read: {exc.strerror}") from None
                 if cached is not None:
                     os.close(opened.fd)
                     source, size = cached, len(cached)

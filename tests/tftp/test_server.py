@@ -235,6 +235,13 @@ def test_malformed_corpus_then_a_normal_download(start, root):
         s, data, tid = request(server.port, "small.bin", {"blksize": 512})
         with s:
             s.sendto(packet, tid)
+    # a malformed request is answered with error 4, never larger than itself
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.settimeout(3)
+        for packet in (b"\0\x01file\0octet", b"\0\x01file\0binary\0", b"\0\x02xy\0"):
+            s.sendto(packet, ("127.0.0.1", server.port))
+            reply, _ = s.recvfrom(600)
+            assert pk.parse_error(reply)[0] == 4 and len(reply) <= len(packet), (packet, reply)
     time.sleep(0.3)
     assert server.proc.poll() is None
     content, _ = fetch(server.port, "big.bin", {"blksize": 1468})
