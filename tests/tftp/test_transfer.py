@@ -119,3 +119,65 @@ def test_write_too_large_is_error_3_and_timeout_fails():
     t.start(0.0)
     assert t.on_timer(1.0) == ack(0)
     assert t.on_timer(2.0)[:4] == b"\0\x05\0\x00" and t.state == FAILED
+
+
+from hypothesis import given, settings, strategies as st  # noqa: E402
+
+_events = st.lists(
+    st.one_of(
+        st.tuples(st.just("ack"), st.integers(0, 0xFFFF)),
+        st.tuples(st.just("raw"), st.binary(max_size=12)),
+        st.tuples(st.just("timer"), st.floats(0, 5)),
+    ),
+    max_size=60,
+)
+
+
+@settings(max_examples=400, deadline=None)
+@given(st.integers(0, 5000), st.sampled_from([8, 512]), st.integers(1, 8), st.booleans(), _events)
+def test_fuzz_read_transfer_invariants(size, blksize, windowsize, with_oack, events):
+    t = ReadTransfer(size, Negotiated(blksize=blksize, windowsize=windowsize), retries=3, now=0.0,
+                     oack=pk.build_oack({"blksize": blksize}) if with_oack else None)
+    now = 0.0
+    t.start(now)
+    for kind, value in events:
+        if kind == "ack":
+            out = t.on_packet(pk.build_ack(value), now)
+        elif kind == "raw":
+            out = t.on_packet(value, now)
+        else:
+            now += value
+            out = t.on_timer(now)
+        first, count = out
+        assert 0 <= t.acked <= t.sent <= t.total
+        if count and first:
+            assert first == t.acked + 1 and first + count - 1 <= t.total and count <= windowsize
+            offset, length = t.block_bounds(first + count - 1)
+            assert 0 <= length <= blksize and offset + length <= size
+        if t.state in (DONE, FAILED):
+            break
+    if t.state == DONE:
+        assert t.acked == t.total
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.integers(1, 4), _events)
+def test_fuzz_write_transfer_never_writes_out_of_order(windowsize, events):
+    t = WriteTransfer(Negotiated(blksize=8, windowsize=windowsize), retries=3, now=0.0, max_size=200)
+    t.start(0.0)
+    now, written = 0.0, 0
+    for kind, value in events:
+        if kind == "ack":  # reuse the numbers as DATA blocks with a full payload
+            write, _ = t.on_packet(data(value, b"d" * 8), now)
+        elif kind == "raw":
+            write, _ = t.on_packet(value, now)
+        else:
+            now += value
+            t.on_timer(now)
+            write = None
+        if write is not None:
+            assert write[0] == written  # each write continues where the last ended
+            written += len(write[1])
+        if t.state in (DONE, FAILED):
+            break
+    assert written <= 200
