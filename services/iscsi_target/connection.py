@@ -50,6 +50,7 @@ from services.iscsi_target.pdu import (
 from services.iscsi_target.session import MASK32, Session, SessionTable, sn_le, sn_lt
 
 LOGIN, FULL, CLOSING = "login", "full", "closing"
+LOGIN_TIMEOUT = 30.0  # seconds a connection may take to reach full feature phase
 
 # TMF functions (§11.5.1) and responses (§11.6.1)
 TMF_ABORT_TASK, TMF_ABORT_TASK_SET, TMF_CLEAR_ACA, TMF_CLEAR_TASK_SET = 1, 2, 3, 4
@@ -216,6 +217,7 @@ class Connection:
         self.ping = PingState()
         self.text = TextState()
         self.last_rx = now
+        self.started = now
         self.logout_deadline: float | None = None
         self.send_max = 8192  # initiator's MaxRecvDataSegmentLength
         self.max_burst = 262144
@@ -249,6 +251,9 @@ class Connection:
 
     def timer(self, now: float) -> None:
         """Call about once a second: pings idle initiators, enforces ping and logout deadlines."""
+        if self.state == LOGIN and now - self.started >= LOGIN_TIMEOUT:
+            self._close(f"login not completed within {LOGIN_TIMEOUT:g} s")
+            return
         if self.state != FULL:
             return
         if self.logout_deadline is not None and now >= self.logout_deadline:

@@ -307,3 +307,11 @@ def test_scsi_layer_exception_becomes_check_condition():
     assert rsp.opcode == P.OP_SCSI_RSP and rsp.b3 == 2 and rsp.data[2 + 2] == 0x04 and rsp.data[2 + 12] == 0x44
     assert not ini.conn.closing
     assert any(e == "iscsi.error" and "boom" in f["error"] for e, f in ini.conn.events)
+
+
+def test_login_must_complete_in_time():
+    ini = Initiator(AccessPolicy(AuthConfig()), now=100.0)
+    ini.conn.timer(110.0)
+    assert not ini.conn.closing
+    ini.conn.timer(131.0)
+    assert ini.conn.closing and "login not completed" in ini.conn.close_reason
