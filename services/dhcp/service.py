@@ -277,7 +277,7 @@ class DhcpService(BaseService):
             if iface is None:
                 continue
             try:
-                msg = pk.parse(view[:n])
+                msg = pk.parse(bytes(view[:n]))  # one copy; slicing bytes beats slicing a memoryview per option
                 reply = core.handle(msg, iface, now)
             except pk.PacketError as exc:
                 self.malformed += 1
