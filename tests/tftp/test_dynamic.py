@@ -49,3 +49,24 @@ def test_real_pxelinux_file_wins_and_other_names_are_files():
     assert files.match("undionly.kpxe", lambda name: False) == (False, None)
     off = DynamicFiles(config(pxelinux_paths=False), lambda ip: None)
     assert off.match("pxelinux.cfg/01-52-54-00-00-00-01", lambda name: False) == (False, None)
+
+
+def test_chap_credentials_where_the_target_needs_them():
+    cfg = BootfleetConfig.model_validate({
+        "boot": {"server": "10.0.0.1"},
+        "clients": [
+            {"mac": MAC1, "target": "iqn.2026-11.org.example:chap"},
+            {"mac": MAC2, "target": "iqn.2026-11.org.example:open"},
+        ],
+        "iscsi": {"targets": [
+            {"name": "iqn.2026-11.org.example:chap", "luns": [{"id": 0, "backstore": {"type": "ram", "size": 1048576}}],
+             "auth": {"mode": "chap", "users": [{"username": "pc1", "secret": "secret-of-pc-1"}]}},
+            {"name": "iqn.2026-11.org.example:open", "luns": [{"id": 0, "backstore": {"type": "ram", "size": 1048576}}]},
+        ]},
+    })
+    files = DynamicFiles(cfg, lambda ip: None)
+    chap = render(files, f"boot.ipxe-{MAC1}")[0].decode()
+    assert chap == ("#!ipxe\nset keep-san 1\nset username pc1\nset password secret-of-pc-1\n"
+                    "sanboot iscsi:10.0.0.1::::iqn.2026-11.org.example:chap\n")
+    open_ = render(files, f"boot.ipxe-{MAC2}")[0].decode()
+    assert "username" not in open_ and "password" not in open_ and "example:open" in open_
