@@ -43,9 +43,9 @@ from services.iscsi_target.params import TARGET_MAX_RECV_DATA, Negotiation, Nego
 from services.iscsi_target.pdu import (
     F_CONTINUE, F_FINAL, F_OVERFLOW, F_READ, F_STATUS, F_UNDERFLOW, F_WRITE, OP_ASYNC, OP_DATA_IN, OP_DATA_OUT,
     OP_LOGIN_REQ, OP_LOGIN_RSP, OP_LOGOUT_REQ, OP_LOGOUT_RSP, OP_NOP_IN, OP_NOP_OUT, OP_R2T, OP_REJECT, OP_SCSI_CMD,
-    OP_SCSI_RSP, OP_SNACK, OP_TEXT_REQ, OP_TEXT_RSP, OP_TMF_REQ, OP_TMF_RSP, REJECT_DATA_DIGEST,
+    OP_SCSI_RSP, OP_SNACK, OP_TEXT_REQ, OP_TEXT_RSP, OP_TMF_REQ, OP_TMF_RSP,
     REJECT_NOT_SUPPORTED, REJECT_PROTOCOL_ERROR, REJECT_INVALID_FIELD, RSVD_TAG, PduError, PduReader, PduWriter,
-    decode_lun, decode_text, encode_text, OPCODE_NAMES,
+    decode_lun, decode_text, encode_lun, encode_text,
 )
 from services.iscsi_target.session import MASK32, Session, SessionTable, sn_le, sn_lt
 
@@ -499,15 +499,9 @@ class Connection:
         task.ttt = self._new_ttt()
         task.datasn = 0
         task.seq_end = task.received + length
-        self.out += self.writer.pack(OP_R2T, F_FINAL, 0, 0, self._lun_field(task.lun), task.itt, task.ttt,
+        self.out += self.writer.pack(OP_R2T, F_FINAL, 0, 0, encode_lun(task.lun), task.itt, task.ttt,
                                      self.statsn, *self._cmdsn_words(), task.r2tsn, task.received, length)
         task.r2tsn += 1
-
-    @staticmethod
-    def _lun_field(lun: int) -> int:
-        from services.iscsi_target.pdu import encode_lun
-
-        return encode_lun(lun)
 
     def _data_out(self, pdu) -> None:
         task = self.tasks.get(pdu.itt)
@@ -872,6 +866,3 @@ class Connection:
                                      *self._cmdsn_words(), 0, (t2w << 16), 0)
         if response == 0:
             self._close("logout")
-
-
-__all__ = ["Connection", "LOGIN", "FULL", "CLOSING", "OPCODE_NAMES"]

@@ -27,10 +27,13 @@ connection closes. The machine is sans-IO: `handle(pdu, now)` returns a `LoginSt
 
 from __future__ import annotations
 
+import base64
+import binascii
 import hashlib
 import os
 from dataclasses import dataclass, field
 
+from services.iscsi_target.access import equal
 from services.iscsi_target.params import Negotiation, NegotiationError
 from services.iscsi_target.pdu import F_CONTINUE, F_TRANSIT, decode_text
 
@@ -73,9 +76,6 @@ class LoginStep:
 
 def decode_binary(value: str) -> bytes:
     """CHAP values are hex (0x...) or base64 (0b...) (§6.1)."""
-    import base64
-    import binascii
-
     if len(value) > 2 and value[:2] in ("0x", "0X"):
         digits = value[2:]
         if len(digits) % 2:
@@ -279,8 +279,6 @@ class LoginMachine:
                 got = decode_binary(response)
             except ValueError as exc:
                 raise LoginFailed(AUTH_FAILURE, f"CHAP_R: {exc}") from None
-            from services.iscsi_target.access import equal
-
             if not equal(got, chap_response(self.chap_ident, secret, self.chap_challenge)):
                 raise LoginFailed(AUTH_FAILURE, f"wrong CHAP secret for user {name}")
             self.chap_user = name
