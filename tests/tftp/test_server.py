@@ -93,6 +93,11 @@ def test_real_clients_download_checksummed(start, root, tmp_path):
         r = run(["atftp", "--option", "windowsize 16", "--option", "blksize 1468", "-g", "-r", name,
                  "-l", str(out), "127.0.0.1", str(server.port)])
         assert r.returncode == 0 and sha(out.read_bytes()) == want, (name, r.stderr)
+    # a window that ends with the empty block (2048 = 4 x 512): the last GSO segment is a bare header
+    out = tmp_path / "atftp-exact-512"
+    r = run(["atftp", "--option", "windowsize 4", "--option", "blksize 512", "-g", "-r", "exact.bin",
+             "-l", str(out), "127.0.0.1", str(server.port)])
+    assert r.returncode == 0 and out.read_bytes() == (root / "exact.bin").read_bytes(), r.stderr
     # netascii: tftp-hpa converts CR LF back to the local LF, and bare CR (sent as CR NUL) back to CR
     out = tmp_path / "text-ascii"
     r = run(["tftp", "-m", "ascii", "127.0.0.1", str(server.port), "-c", "get", "text.txt", str(out)])
