@@ -85,6 +85,11 @@ _STATE = {
 }
 
 
+def _normal_session(fields: dict[str, Any]) -> bool:
+    """RFC 7143 SessionType is `Normal` or `Discovery`; only normal sessions boot anything."""
+    return str(fields.get("session_type", "Normal")).lower() == "normal"
+
+
 @dataclass
 class ClientRow:
     mac: str
@@ -130,7 +135,7 @@ class ClientTable:
             self.mac_by_ip[ip] = mac
         elif type in (ev.LEASE_RELEASED, ev.LEASE_EXPIRED) and ip:
             self.mac_by_ip.pop(ip, None)
-        if type == ev.ISCSI_LOGIN and fields.get("session_type", "normal") == "normal":
+        if type == ev.ISCSI_LOGIN and _normal_session(fields):
             row.logins += 1
         state = _STATE.get(type)
         if state:
@@ -179,7 +184,7 @@ def timeline(events: list[dict[str, Any]]) -> list[dict[str, Any]]:
         detail = ""
         f = e["fields"]
         if e["type"] == ev.ISCSI_LOGIN:
-            if f.get("session_type", "normal") != "normal":
+            if not _normal_session(f):
                 continue  # discovery sessions are not part of the boot
             logins += 1
             step = "iSCSI login (firmware)" if logins == 1 else "iSCSI login (OS)"

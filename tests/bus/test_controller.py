@@ -29,7 +29,7 @@ class Stack:
             [PYTHON, "-m", "services.controller", "--config", str(self.config), "--state-dir", str(self.dir)],
             log=self.dir / "controller.log",
         )
-        wait_for(lambda: self.cli_ok("status"), what="controller answering")
+        wait_for(timeout=30, predicate=lambda: self.cli_ok("status"), what="controller answering")
 
     def start_probe(self, instance, env=None):
         return self.procs.start(
@@ -39,7 +39,7 @@ class Stack:
         )
 
     def cli(self, *args):
-        return subprocess.run([BOOTFLEET, "--state-dir", str(self.dir), "--timeout", "3", *args], capture_output=True, text=True)
+        return subprocess.run([BOOTFLEET, "--state-dir", str(self.dir), "--timeout", "15", *args], capture_output=True, text=True)
 
     def cli_ok(self, *args):
         return self.cli(*args).returncode == 0
@@ -66,11 +66,11 @@ def test_revisions_reach_every_service_including_late_joiners(stack):
     stack.start_controller()
     stack.start_probe(0)
     stack.start_probe(1)
-    wait_for(lambda: stack.revisions() == {0: 1, 1: 1}, what="revision 1 everywhere")
+    wait_for(timeout=30, predicate=lambda: stack.revisions() == {0: 1, 1: 1}, what="revision 1 everywhere")
     assert stack.cli("config", "set", "boot.default_lun", "5").returncode == 0
     assert stack.cli("config", "set", "boot.default_lun", "6").returncode == 0
     stack.start_probe(2)  # joins at revision 3: snapshot, then updates
-    wait_for(lambda: stack.revisions() == {0: 3, 1: 3, 2: 3}, what="revision 3 everywhere")
+    wait_for(timeout=30, predicate=lambda: stack.revisions() == {0: 3, 1: 3, 2: 3}, what="revision 3 everywhere")
     assert stack.applied(0) == ["0", "5", "6"]
     assert stack.applied(2) == ["6"]
     # applying the same configuration again is not a new revision
@@ -81,7 +81,7 @@ def test_revisions_reach_every_service_including_late_joiners(stack):
 def test_invalid_config_is_rejected_and_old_revision_stays(stack, tmp_path):
     stack.start_controller()
     stack.start_probe(0)
-    wait_for(lambda: stack.revisions() == {0: 1}, what="revision 1")
+    wait_for(timeout=30, predicate=lambda: stack.revisions() == {0: 1}, what="revision 1")
     bad = tmp_path / "bad.yaml"
     bad.write_text(yaml.safe_dump({"clients": [{"mac": "52:54:00:12:34:56", "ip": "192.168.1.300"}]}))
     out = stack.cli("config", "apply", str(bad))
@@ -101,21 +101,21 @@ def test_invalid_config_is_rejected_and_old_revision_stays(stack, tmp_path):
 def test_controller_killed_services_keep_serving_then_resync(stack):
     stack.start_controller()
     probe = stack.start_probe(0)
-    wait_for(lambda: stack.revisions() == {0: 1}, what="revision 1")
+    wait_for(timeout=30, predicate=lambda: stack.revisions() == {0: 1}, what="revision 1")
     assert stack.cli("config", "set", "boot.default_lun", "7").returncode == 0
-    wait_for(lambda: stack.applied(0) == ["0", "7"], what="revision 2 applied")
+    wait_for(timeout=30, predicate=lambda: stack.applied(0) == ["0", "7"], what="revision 2 applied")
     stack.controller.send_signal(signal.SIGKILL)
     stack.controller.wait()
     # a service restarted while the controller is away starts on its cached revision
     probe.send_signal(signal.SIGTERM)
     probe.wait(timeout=10)
     probe = stack.start_probe(0)
-    wait_for(lambda: stack.applied(0) == ["0", "7", "7"], what="start from the cached revision")
+    wait_for(timeout=30, predicate=lambda: stack.applied(0) == ["0", "7", "7"], what="start from the cached revision")
     assert probe.poll() is None
     stack.start_controller()  # persisted revision 2 comes back; services resync to the new epoch
-    wait_for(lambda: stack.revisions() == {0: 2}, what="resync after controller restart")
+    wait_for(timeout=30, predicate=lambda: stack.revisions() == {0: 2}, what="resync after controller restart")
     assert stack.cli("config", "set", "boot.default_lun", "8").returncode == 0
-    wait_for(lambda: stack.applied(0)[-1] == "8", what="revision 3 after resync")
+    wait_for(timeout=30, predicate=lambda: stack.applied(0)[-1] == "8", what="revision 3 after resync")
     assert stack.revisions() == {0: 3}
 
 
@@ -160,7 +160,7 @@ def test_events_clients_and_boot_timeline_from_the_cli(stack, tmp_path):
                                             "clients": [{"mac": mac, "name": "pc1"}]}))
     stack.start_controller()
     stack.start_probe(0, env={"PROBE_EVENTS": str(events_file)})
-    wait_for(lambda: "iqn.1993-08" in stack.cli("events", "--type", "iscsi.login").stdout, what="events stored")
+    wait_for(timeout=30, predicate=lambda: "iqn.1993-08" in stack.cli("events", "--type", "iscsi.login").stdout, what="events stored")
     out = stack.cli("events", "--type", "dhcp", "--since", "5m")
     assert out.returncode == 0
     assert "dhcp.discover" in out.stdout and "dhcp.lease.granted" in out.stdout and "iscsi" not in out.stdout

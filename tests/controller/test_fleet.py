@@ -15,7 +15,7 @@ BOOT = [
     event(100.2, ev.LEASE_OFFERED, mac=MAC, ip="10.0.0.5"),
     event(100.4, ev.LEASE_GRANTED, mac=MAC, ip="10.0.0.5"),
     event(100.9, ev.TFTP_FINISHED, ip="10.0.0.5", file="boot.ipxe"),
-    event(101.3, ev.ISCSI_LOGIN, ip="10.0.0.5", initiator="iqn.2010-04.org.ipxe:x", session_type="normal"),
+    event(101.3, ev.ISCSI_LOGIN, ip="10.0.0.5", initiator="iqn.2010-04.org.ipxe:x", session_type="Normal"),
     event(101.4, ev.ISCSI_FIRST_READ, ip="10.0.0.5", target="iqn.t", lun=0),
     event(104.0, ev.ISCSI_LOGIN, ip="10.0.0.5", initiator="iqn.1993-08.org.debian:01", session_type="normal"),
 ]
