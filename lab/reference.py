@@ -7,6 +7,7 @@ names it (`iscsi:<server>::::1:<iqn>` has the LUN in the fourth field).
 
 from __future__ import annotations
 
+import os
 import random
 import shutil
 import tempfile
@@ -45,7 +46,10 @@ class ReferenceStack:
         self.workdir = workdir
         self.targets = targets
         self.clients = clients or {}  # mac -> iqn
-        self.control_port = random.randint(1000, 32000)  # tgtd's management socket is a host-wide path
+        self.control_port = 1
+        # tgtd's management socket defaults to a host-wide path (/var/run/tgtd/socket.N) that other tgtd runs
+        # share; TGT_IPC_SOCKET (read by tgtd and tgtadm) puts ours in our work dir, so we never talk to theirs
+        self.env = dict(os.environ, TGT_IPC_SOCKET=str(workdir / "tgtd.sock"))
 
     def root_path(self, iqn: str) -> str:
         return f"iscsi:{SERVER_IP}:::{TGT_LUN}:{iqn}"
@@ -55,18 +59,19 @@ class ReferenceStack:
         self._start_dnsmasq()
 
     def _tgtadm(self, *args: str) -> None:
-        done = self.lab.run(["tgtadm", "-C", str(self.control_port), "--lld", "iscsi", *args])
+        done = self.lab.run(["tgtadm", "-C", str(self.control_port), "--lld", "iscsi", *args], env=self.env)
         if done.returncode != 0:
             raise LabError(f"tgtadm {' '.join(args)}: {done.stderr.strip() or done.stdout.strip()}")
 
     def _start_tgtd(self) -> None:
         log = self.workdir / "tgtd.log"
         self.tgtd = self.lab.popen(
-            ["tgtd", "-f", "-C", str(self.control_port), "--iscsi", f"portal={SERVER_IP}:3260"], log=log
+            ["tgtd", "-f", "-C", str(self.control_port), "--iscsi", f"portal={SERVER_IP}:3260"], log=log, env=self.env
         )
         deadline = time.monotonic() + 10
         while True:
-            done = self.lab.run(["tgtadm", "-C", str(self.control_port), "--lld", "iscsi", "--op", "show", "--mode", "sys"])
+            done = self.lab.run(["tgtadm", "-C", str(self.control_port), "--lld", "iscsi", "--op", "show", "--mode", "sys"],
+                                env=self.env)
             if done.returncode == 0:
                 break
             if self.tgtd.poll() is not None or time.monotonic() > deadline:
