@@ -59,11 +59,13 @@ _monotonic = time.monotonic
 class Policy:
     """What the configuration decides, built once per revision and swapped whole."""
 
-    def __init__(self, config: BootfleetConfig, mac_for_ip: Callable[[str], str | None]):
+    def __init__(self, config: BootfleetConfig, mac_for_ip: Callable[[str], str | None], state_dir=None):
         t = config.tftp
         self.config = config
         self.tftp = t
-        self.jail = Jail(t.root, t.upload_dir)
+        # a relative root lives in the state dir, like the lease store and the disk images
+        root = os.path.join(state_dir, t.root) if state_dir is not None else t.root
+        self.jail = Jail(root, t.upload_dir)
         self.dynamic = DynamicFiles(config, mac_for_ip)
         self.options = OptionPolicy(
             max_blksize=t.max_blksize, max_windowsize=t.max_windowsize, default_timeout=t.default_timeout,

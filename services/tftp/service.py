@@ -25,7 +25,7 @@ class TftpService(BaseService):
     async def start(self, config) -> None:
         t = config.tftp
         _raise_file_limit(t.max_transfers * 2 * t.threads + 64)  # a socket and maybe a file per transfer
-        policy = Policy(config, self.ctx.mac_for_ip)
+        policy = Policy(config, self.ctx.mac_for_ip, self.ctx.state_dir)
         self.cache = FileCache(t.cache_mib << 20, t.cache_max_file_mib << 20)
         port = t.port
         for i in range(t.threads):
@@ -44,7 +44,7 @@ class TftpService(BaseService):
         old = self.servers[0].policy.tftp
         if t.threads != len(self.servers):
             self.log.warning("tftp.threads changes on restart only; still %d", len(self.servers))
-        policy = Policy(config, self.ctx.mac_for_ip)
+        policy = Policy(config, self.ctx.mac_for_ip, self.ctx.state_dir)
         self.cache.max_bytes = t.cache_mib << 20
         self.cache.max_file = t.cache_max_file_mib << 20
         for server in self.servers:

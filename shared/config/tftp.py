@@ -1,6 +1,6 @@
 """The `tftp` section: where the TFTP service listens, what it serves, and the limits of option negotiation.
 
-`TftpConfig()` with no arguments is safe: read-only, no uploads, only files under `var/tftp`.
+`TftpConfig()` with no arguments is safe: read-only, no uploads, only files under `<state dir>/tftp`.
 """
 
 from __future__ import annotations
@@ -20,8 +20,8 @@ WINDOWSIZE_MAX = 65535  # RFC 7440
 
 class TftpConfig(StrictModel):
     root: str = Field(
-        "var/tftp",
-        description="folder served; a relative path resolves against the service's working directory",
+        "tftp",
+        description="folder served; a relative path is under the state dir (var/tftp by default)",
     )
     address: IPv4 = Field("0.0.0.0", description="address the request socket binds; 0.0.0.0 = all addresses")
     port: int = Field(69, ge=0, le=65535, description="UDP port of requests (0: any free port, for tests)")

@@ -31,7 +31,7 @@ def test_make_up_status_serves_then_down(tmp_path):
     defaults = yaml.safe_load((ROOT / "deploy" / "bootfleet.yaml").read_text())
     config = dict(defaults)
     config["iscsi"] = {**defaults["iscsi"], "portals": [{"ip": "127.0.0.1", "port": iscsi_port}]}
-    config["tftp"] = {**(defaults.get("tftp") or {}), "address": "127.0.0.1", "port": tftp_port, "root": str(state / "tftp")}
+    config["tftp"] = {**(defaults.get("tftp") or {}), "address": "127.0.0.1", "port": tftp_port}  # root: the default, <state>/tftp
     config["bus"] = {"heartbeat_interval": 0.3}
     cfg = tmp_path / "bootfleet.yaml"
     cfg.write_text(yaml.safe_dump(config))

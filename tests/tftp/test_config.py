@@ -8,7 +8,7 @@ from shared.config.tftp import TftpConfig
 
 def test_defaults_are_safe():
     t = TftpConfig()
-    assert t.upload_dir is None and t.root == "var/tftp" and t.port == 69 and t.address == "0.0.0.0"
+    assert t.upload_dir is None and t.root == "tftp" and t.port == 69 and t.address == "0.0.0.0"
     assert t.max_blksize == 65464 and 1 <= t.max_windowsize <= 65535
 
 
