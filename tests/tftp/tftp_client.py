@@ -52,7 +52,7 @@ def fetch(port: int, name: str, options: dict | None = None, mode: str = "octet"
             assert addr == server, f"reply from {addr}, expected the transfer's TID {server}"
 
 
-def wait_ready(port: int, host: str = "127.0.0.1", deadline: float = 15.0) -> None:
+def wait_ready(port: int, host: str = "127.0.0.1", deadline: float = 30.0) -> None:
     end = time.monotonic() + deadline
     while time.monotonic() < end:
         try:
