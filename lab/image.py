@@ -377,6 +377,7 @@ def _build(cache: Path, log) -> Path:
         old.unlink()
     tmp.rename(disk)
     shutil.rmtree(work, ignore_errors=True)
+    shutil.rmtree(cache / "root", ignore_errors=True)  # ~500 MB of unpacked kernel modules; the .debs stay
     return disk
 
 
