@@ -263,10 +263,10 @@ def cmd_client(ctl: Control, args) -> int:
 
 def cmd_leases(ctl: Control, args) -> int:
     def render(a):
-        rows = [[l["ip"], l["mac"], _when(l.get("expires"))] for l in a.get("leases", [])]
-        _table(["ip", "mac", "expires"], rows)
+        rows = [[l["ip"], l["mac"], l.get("state"), l.get("scope"), l.get("hostname"), _when(l.get("expires"))] for l in a.get("leases", [])]
+        _table(["ip", "mac", "state", "scope", "hostname", "expires"], rows)
 
-    return _answer(ctl.call("lease-list"), args, render)
+    return _answer(ctl.call("lease-list", all=args.all), args, render)
 
 
 def cmd_lease(ctl: Control, args) -> int:
@@ -330,7 +330,9 @@ def build_parser() -> argparse.ArgumentParser:
     cl.add_argument("mac")
     cl.set_defaults(fn=cmd_client)
 
-    sub.add_parser("leases", help="DHCP leases").set_defaults(fn=cmd_leases)
+    le = sub.add_parser("leases", help="DHCP leases (from the lease store)")
+    le.add_argument("--all", action="store_true", help="include released and expired leases")
+    le.set_defaults(fn=cmd_leases)
     ls = sub.add_parser("lease", help="act on a lease")
     lsub = ls.add_subparsers(dest="action", required=True)
     rel = lsub.add_parser("release", help="free the lease of MAC")

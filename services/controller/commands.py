@@ -277,13 +277,30 @@ def client_get(ctl, envelope, args):
 
 @command("lease-list")
 def lease_list(ctl, envelope, args):
-    """Leases the controller knows of (from DHCP events): IP, MAC, expiry."""
-    leases = [
-        {"ip": key[len("lease/") :], **val}
-        for key, (seq, val) in sorted(ctl.clone.store.items())
-        if key.startswith("lease/")
-    ]
-    return {"result": SUCCESS if leases else EMPTY, "text": f"{len(leases)} leases", "arguments": {"leases": leases}}
+    """Leases from the DHCP lease store (read-only, while the service writes): IP, MAC, scope, state, expiry.
+    `all`: include released and expired ones. Without a store yet: what lease events have told the controller."""
+    from pathlib import Path
+
+    from services.dhcp.lease_store import LeaseStore
+
+    path = Path(ctl.config.dhcp.lease_file)
+    if not path.is_absolute():
+        path = ctl.state_dir / path
+    if path.exists():
+        store = LeaseStore.open_readonly(path)
+        try:
+            leases = store.list(include_free=bool(args.get("all")))
+        finally:
+            store.close()
+        source = str(path)
+    else:
+        leases = [
+            {"ip": key[len("lease/") :], "state": "bound", **val}
+            for key, (seq, val) in sorted(ctl.clone.store.items())
+            if key.startswith("lease/")
+        ]
+        source = "events"
+    return {"result": SUCCESS if leases else EMPTY, "text": f"{len(leases)} leases", "arguments": {"leases": leases, "source": source}}
 
 
 @command("lease-release")

@@ -64,6 +64,18 @@ def test_two_pcs_boot_two_targets_through_bootfleet(workdir, boot_disk):
             # the OS logs in after the initramfs started: the marker, power-on relative on the console
             assert times["iSCSI login (OS)"] - times["DHCP discover"] < r.nonce_s, json.dumps(answer)
 
+        # the leases, read from the DHCP service's own store, and one freed through the whole chain
+        leases = {l["mac"]: l for l in bl.stack.cli_json("leases")["leases"]}
+        for r in results:
+            assert leases[r.mac]["state"] == "bound" and leases[r.mac]["ip"] == clients[r.mac]["ip"], leases
+        released = bl.stack.cli("lease", "release", results[1].mac)
+        assert released.returncode == 0, released.stderr
+        assert clients[results[1].mac]["ip"] in released.stdout
+        after = {l["mac"]: l for l in bl.stack.cli_json("leases", "--all")["leases"]}
+        assert after[results[1].mac]["state"] == "released" and after[results[0].mac]["state"] == "bound", after
+        unknown = bl.stack.cli("lease", "release", "52:54:00:99:99:99")
+        assert unknown.returncode == 1 and "no DHCP process released" in unknown.stderr
+
 
 def test_boot_disk_boots_through_reference_servers(workdir, boot_disk):
     """The same disk through dnsmasq + tgtd: tells a broken image apart from a broken service."""
