@@ -178,3 +178,32 @@ def test_events_clients_and_boot_timeline_from_the_cli(stack, tmp_path):
     assert stack.cli("events", "--since", "yesterday-ish").returncode == 1
     # no DHCP lease store in this stack: the controller answers from the lease events it saw
     assert json.loads(stack.cli("--json", "leases").stdout)["leases"] == [{"ip": ip, "mac": mac, "state": "bound", "expires": 2e9}]
+
+
+def test_tcp_bus_with_curve_keys_admits_only_authorized_services(stack, tmp_path):
+    from support import free_port
+
+    assert stack.cli("keys", "generate").returncode == 0
+    assert stack.cli("keys", "generate").returncode == 1  # never overwrites keys silently
+    port = free_port()
+    stack.config.write_text(yaml.safe_dump({"bus": {"transport": "tcp", "host": "127.0.0.1", "port_base": port,
+                                                    "curve": True, "heartbeat_interval": 0.2}}))
+    stack.start_controller()
+    bus = {"BOOTFLEET_BUS": f"tcp://127.0.0.1:{port}"}
+    stack.start_probe(0, env=bus)
+    wait_for(timeout=30, predicate=lambda: stack.revisions() == {0: 1}, what="a keyed service on revision 1 over tcp")
+    # a service host with keys the controller never authorized gets nothing and is not heard
+    stranger = tmp_path / "stranger"
+    stranger.mkdir()
+    assert subprocess.run([BOOTFLEET, "--state-dir", str(stranger), "keys", "generate"], capture_output=True).returncode == 0
+    import shutil
+    shutil.copy(stack.dir / "keys" / "server.key", stranger / "keys" / "server.key")  # it knows the server's public key
+    intruder = stack.procs.start([PYTHON, PROBE, "--state-dir", str(stranger), "--instance", "7"], env=bus,
+                                 log=stranger / "probe.log")
+    assert stack.cli("config", "set", "boot.default_lun", "4").returncode == 0
+    wait_for(timeout=30, predicate=lambda: stack.applied(0) == ["0", "4"], what="the keyed service gets revision 2")
+    import time
+    time.sleep(2.0)
+    assert intruder.poll() is None, "the unauthorized service should be running, and refused"
+    assert not (stranger / "probe-7.applied").exists()
+    assert 7 not in stack.revisions()
