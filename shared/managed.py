@@ -18,6 +18,7 @@ from urllib.parse import urlparse
 import msgpack
 
 from shared import events
+from shared.atomic_file import write_atomic
 from shared.bus.clone_client import CloneClient
 from shared.bus.endpoints import endpoints
 from shared.bus.event_sender import EventSender
@@ -37,16 +38,6 @@ def bus_from_env() -> BusConfig:
     if parsed.scheme != "tcp" or not parsed.hostname or not parsed.port:
         raise SystemExit(f"BOOTFLEET_BUS={url}: expected ipc or tcp://HOST:PORT")
     return BusConfig(transport="tcp", host=parsed.hostname, port_base=parsed.port, curve="curve=0" not in parsed.query)
-
-
-def _write_atomic(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 class ManagedRuntime:
@@ -150,7 +141,7 @@ class ManagedRuntime:
                 return False
             self.revision = revision
             if not from_cache:
-                _write_atomic(self.cache_path, msgpack.packb({"revision": revision, "config": data}))
+                write_atomic(self.cache_path, msgpack.packb({"revision": revision, "config": data}))
             log.info("applied revision %d%s", revision, " (cached)" if from_cache else "")
             self.ctx.emit(events.SERVICE_APPLIED, revision=revision, cached=from_cache)
             return True
