@@ -557,28 +557,7 @@ class Connection:
         if op in READ_OPCODES and data_out is None and lun in scsi.luns:
             # The hot path: a READ moves no Data-Out, so none of the write-length checks below apply.
             resp = self._run_scsi(lun, cdb, None)
-            parts = resp.data
-            if parts:
-                total = len(parts[0]) if len(parts) == 1 else sum(len(p) for p in parts)
-            else:
-                parts = []
-                total = 0
-            limit = edtl if flags & F_READ else 0
-            res_flag = residual = 0
-            if total > limit:
-                res_flag, residual = F_OVERFLOW, total - limit
-                parts = _cut(parts, limit)
-                total = limit
-            elif total < limit:
-                res_flag, residual = F_UNDERFLOW, limit - total
-            if resp.status == STATUS_GOOD and total:
-                stats.reads += 1
-                stats.read_bytes += total
-                if not self.session.first_read_seen:
-                    self._first_read(lun)
-            else:
-                stats.others += 1
-            self._respond(itt, resp.status, resp.sense, parts, flags, edtl, res_flag, residual, total)
+            self._answer_data_in(itt, lun, resp, flags, edtl, stats, True)
             stats.latency_ns += self.clock_ns() - start_ns
             return
         if lun not in scsi.luns and op not in (0x12, 0xA0, 0x03):
@@ -612,36 +591,41 @@ class Connection:
                 return
         payload = data_out if spdtl else None
         resp = self._run_scsi(lun, cdb, payload)
-        parts = resp.data or []
-        total = sum(len(p) for p in parts) if parts else 0
-        res_flag = 0
-        residual = 0
-        if short:
-            res_flag, residual = F_OVERFLOW, short
-            stats.writes += 1
-            stats.write_bytes += spdtl
-        elif flags & F_WRITE and edtl:
-            if spdtl < edtl:
+        if short or (flags & F_WRITE and edtl):
+            res_flag = residual = 0
+            if short:
+                res_flag, residual = F_OVERFLOW, short
+            elif spdtl < edtl:
                 res_flag, residual = F_UNDERFLOW, edtl - spdtl
             stats.writes += 1
             stats.write_bytes += spdtl
+            parts = resp.data or []
+            total = sum(len(p) for p in parts) if parts else 0
+            self._respond(itt, resp.status, resp.sense, parts, flags, edtl, res_flag, residual, total)
         else:
-            limit = edtl if flags & F_READ else 0
-            if total > limit:
-                res_flag, residual = F_OVERFLOW, total - limit
-                parts = _cut(parts, limit)
-                total = limit
-            elif total < limit:
-                res_flag, residual = F_UNDERFLOW, limit - total
-            if total and resp.status == STATUS_GOOD and cdb[0] in (0x08, 0x28, 0xA8, 0x88):
-                stats.reads += 1
-                stats.read_bytes += total
-                if not self.session.first_read_seen:
-                    self._first_read(lun)
-            else:
-                stats.others += 1
-        self._respond(itt, resp.status, resp.sense, parts, flags, edtl, res_flag, residual, total)
+            self._answer_data_in(itt, lun, resp, flags, edtl, stats, cdb[0] in READ_OPCODES)
         stats.latency_ns += self.clock_ns() - start_ns
+
+    def _answer_data_in(self, itt: int, lun: int, resp, flags: int, edtl: int, stats, is_read: bool) -> None:
+        """Answer a command with its Data-In (or none): cut to EDTL with the residual, count reads."""
+        parts = resp.data or []
+        total = (len(parts[0]) if len(parts) == 1 else sum(len(p) for p in parts)) if parts else 0
+        limit = edtl if flags & F_READ else 0
+        res_flag = residual = 0
+        if total > limit:
+            res_flag, residual = F_OVERFLOW, total - limit
+            parts = _cut(parts, limit)
+            total = limit
+        elif total < limit:
+            res_flag, residual = F_UNDERFLOW, limit - total
+        if is_read and total and resp.status == STATUS_GOOD:
+            stats.reads += 1
+            stats.read_bytes += total
+            if not self.session.first_read_seen:
+                self._first_read(lun)
+        else:
+            stats.others += 1
+        self._respond(itt, resp.status, resp.sense, parts, flags, edtl, res_flag, residual, total)
 
     def _run_scsi(self, lun: int, cdb: bytes, data_out):
         try:

@@ -39,8 +39,7 @@ def _fields(cdb):
 
 
 # ---------------------------------------------------------------------------------------------- READ
-def read10(target, lu, nexus, cdb, data_out, _unpack=RW10.unpack_from):
-    flags, lba, n = _unpack(cdb)
+def _read(lu, flags, lba, n):
     if flags & 0xE0:  # RDPROTECT: no protection information
         raise _PROTECT
     if lba + n > lu.blocks:
@@ -51,29 +50,17 @@ def read10(target, lu, nexus, cdb, data_out, _unpack=RW10.unpack_from):
     return ScsiResponse(0, None, [lu.store.read(lba * bs, n * bs)])
 
 
+def read10(target, lu, nexus, cdb, data_out, _unpack=RW10.unpack_from):
+    return _read(lu, *_unpack(cdb))
+
+
 def read16(target, lu, nexus, cdb, data_out, _unpack=RW16.unpack_from):
-    flags, lba, n = _unpack(cdb)
-    if flags & 0xE0:
-        raise _PROTECT
-    if lba + n > lu.blocks:
-        raise _LBA_RANGE
-    if not n:
-        return GOOD
-    bs = lu.block_size
-    return ScsiResponse(0, None, [lu.store.read(lba * bs, n * bs)])
+    return _read(lu, *_unpack(cdb))
 
 
 def read_any(target, lu, nexus, cdb, data_out):
     """READ(6) and READ(12)."""
-    flags, lba, n = _fields(cdb)
-    if flags & 0xE0:
-        raise _PROTECT
-    if lba + n > lu.blocks:
-        raise _LBA_RANGE
-    if not n:
-        return GOOD
-    bs = lu.block_size
-    return ScsiResponse(0, None, [lu.store.read(lba * bs, n * bs)])
+    return _read(lu, *_fields(cdb))
 
 
 # ---------------------------------------------------------------------------------------------- WRITE
