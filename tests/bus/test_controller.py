@@ -207,3 +207,19 @@ def test_tcp_bus_with_curve_keys_admits_only_authorized_services(stack, tmp_path
     assert intruder.poll() is None, "the unauthorized service should be running, and refused"
     assert not (stranger / "probe-7.applied").exists()
     assert 7 not in stack.revisions()
+
+
+def test_events_follow_prints_new_events_as_they_arrive(stack, tmp_path):
+    stack.start_controller()
+    follow = subprocess.Popen([BOOTFLEET, "--state-dir", str(stack.dir), "events", "--follow", "--type", "probe"],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        script = tmp_path / "events.json"
+        script.write_text(json.dumps([["probe.ping", {"n": i}, 0.2] for i in range(3)]))
+        stack.start_probe(0, env={"PROBE_EVENTS": str(script)})
+        lines = [follow.stdout.readline() for _ in range(3)]
+        assert [l.split()[-1] for l in lines] == ["n=0", "n=1", "n=2"], lines
+        assert all("probe.ping" in l for l in lines)
+    finally:
+        follow.terminate()
+        follow.wait(10)
