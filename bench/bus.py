@@ -9,7 +9,6 @@ publishes) until a service process has applied the revision.
 import argparse
 import os
 import signal
-import statistics
 import subprocess
 import sys
 import tempfile

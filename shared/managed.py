@@ -23,7 +23,7 @@ from shared.bus.clone_client import CloneClient
 from shared.bus.endpoints import endpoints
 from shared.bus.event_sender import EventSender
 from shared.config.loader import ConfigError, config_from_dict
-from shared.config.model import BootfleetConfig, BusConfig
+from shared.config.model import BusConfig
 from shared.service import BaseService, ServiceContext, setup_logging, stop_within_bound, wait_for_signal
 
 log = logging.getLogger("bootfleet")

@@ -1,7 +1,6 @@
 """The controller and real service processes on the bus: revisions, restarts, rejections, event floods."""
 
 import json
-import os
 import signal
 import subprocess
 from pathlib import Path

@@ -3,7 +3,6 @@
 from pathlib import Path
 
 import pytest
-import yaml
 
 from shared.boot import ipxe_script, root_path
 from shared.config.base import normalize_mac, validate_iscsi_name

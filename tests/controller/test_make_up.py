@@ -3,7 +3,6 @@ demo target and the iPXE loader, survives a second `make up`, and goes away with
 
 import hashlib
 import json
-import os
 import shutil
 import subprocess
 from pathlib import Path

@@ -72,7 +72,7 @@ class Lab:
     @contextlib.contextmanager
     def inside(self, ns: str):
         """Run the block with this thread in network namespace `ns` (sockets opened here stay there)."""
-        own = os.open(f"/proc/thread-self/ns/net", os.O_RDONLY)
+        own = os.open("/proc/thread-self/ns/net", os.O_RDONLY)
         target = os.open(f"/run/netns/{ns}", os.O_RDONLY)
         try:
             if _libc.setns(target, CLONE_NEWNET) != 0:

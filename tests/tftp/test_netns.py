@@ -3,11 +3,8 @@ two addresses on its loopback, requests to each."""
 
 from __future__ import annotations
 
-import os
 import subprocess
-import sys
 import uuid
-from pathlib import Path
 
 import pytest
 import yaml

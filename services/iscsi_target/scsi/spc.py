@@ -12,7 +12,7 @@ import struct
 
 from services.iscsi_target.scsi import sense as S
 from services.iscsi_target.scsi.cdb import U16, U32
-from services.iscsi_target.scsi.response import ScsiResponse, good
+from services.iscsi_target.scsi.response import good
 
 VERSION_DESCRIPTORS = (0x00A0, 0x0960, 0x0460, 0x04C0)  # SAM-5, iSCSI, SPC-4, SBC-3
 VPD_PAGES = (0x00, 0x80, 0x83, 0xB0, 0xB1, 0xB2)
