@@ -11,17 +11,19 @@ import os
 import time
 from typing import TYPE_CHECKING, Any, Callable
 
-from shared.boot import target_for
-from shared.config.loader import ConfigError
-from shared.config.model import SERVICES
 from services.controller.config_store import get_path, set_path
 from services.controller.fleet import timeline
 from services.controller.supervisor_rpc import RUNNING_STATES
+from shared.boot import target_for
+from shared.config.loader import ConfigError
+from shared.config.model import SERVICES
+from shared.paths import state_path
 
 if TYPE_CHECKING:
     from services.controller.server import Controller
 
 SUCCESS, ERROR, UNSUPPORTED, EMPTY = 0, 1, 2, 3
+SHOWN_STATES = RUNNING_STATES | {"FATAL", "EXITED"}
 Answer = dict[str, Any] | None
 HANDLERS: dict[str, Callable[["Controller", list[bytes], dict[str, Any]], Answer]] = {}
 
@@ -46,7 +48,10 @@ def dispatch(ctl: "Controller", envelope: list[bytes], name: str, args: dict[str
     handler = HANDLERS.get(name)
     if handler is None:
         return {"result": UNSUPPORTED, "text": f"'{name}' command not supported", "arguments": {}}
-    return handler(ctl, envelope, args)
+    try:
+        return handler(ctl, envelope, args)
+    except BadArgument as exc:
+        return error(str(exc))
 
 
 @command("list-commands")
@@ -118,8 +123,8 @@ def _process_rows(ctl: "Controller") -> tuple[list[dict[str, Any]], str | None]:
             for proc in ctl.supervisor.processes():
                 if proc["group"] not in SERVICES:
                     continue
-                if proc["statename"] not in RUNNING_STATES and proc["statename"] != "FATAL" and proc["statename"] != "EXITED":
-                    continue
+                if proc["statename"] not in SHOWN_STATES:
+                    continue  # a slot scale.<service> leaves stopped
                 instance = int(proc["name"].rsplit("_", 1)[1])
                 rows[(proc["group"], instance)] = {
                     "service": proc["group"],
@@ -188,19 +193,33 @@ def events_list(ctl, envelope, args):
     return {"result": SUCCESS if rows else EMPTY, "text": f"{len(rows)} events", "arguments": {"events": rows}}
 
 
-def _service_arg(args: dict[str, Any]) -> str | None:
+class BadArgument(Exception):
+    pass
+
+
+def _supervised_service(command: str, ctl: "Controller", args: dict[str, Any]) -> str:
+    """The `service` argument, checked, with supervisord there to act on it."""
     service = args.get("service")
-    return service if service in SERVICES else None
+    if service not in SERVICES:
+        raise BadArgument(f"{command}: service must be one of {', '.join(SERVICES)}")
+    if not ctl.supervisor.available():
+        raise BadArgument(f"{command}: supervisord is not running (start the stack with `make up`)")
+    return service
+
+
+def _mac_arg(args: dict[str, Any]) -> str:
+    from shared.config.base import normalize_mac
+
+    try:
+        return normalize_mac(args.get("mac"))
+    except ValueError as exc:
+        raise BadArgument(str(exc)) from None
 
 
 @command("service-restart")
 def service_restart(ctl, envelope, args):
     """Restart each process of `service`, one after the other (through supervisord)."""
-    service = _service_arg(args)
-    if service is None:
-        return error(f"service-restart: service must be one of {', '.join(SERVICES)}")
-    if not ctl.supervisor.available():
-        return error("service-restart: supervisord is not running (start the stack with `make up`)")
+    service = _supervised_service("service-restart", ctl, args)
     ctl.submit(envelope, lambda: ctl.supervisor.restart(service), lambda names: ok(f"restarted {len(names)} processes", restarted=names))
     return None
 
@@ -208,21 +227,12 @@ def service_restart(ctl, envelope, args):
 @command("service-scale")
 def service_scale(ctl, envelope, args):
     """Run `count` processes of `service` (recorded as scale.<service> in the configuration)."""
-    service = _service_arg(args)
-    if service is None:
-        return error(f"service-scale: service must be one of {', '.join(SERVICES)}")
-    if not ctl.supervisor.available():
-        return error("service-scale: supervisord is not running (start the stack with `make up`)")
+    service = _supervised_service("service-scale", ctl, args)
     try:
         count = int(args.get("count"))
     except (TypeError, ValueError):
         return error("service-scale: count must be a whole number")
-    data = set_path(ctl.store.data, f"scale.{service}", count)
-    try:
-        ctl.store.stage(data)
-    except ConfigError as exc:
-        return error(f"service-scale: {exc}")
-    answer = _commit(ctl, data)
+    answer = _commit(ctl, set_path(ctl.store.data, f"scale.{service}", count))
     if answer["result"] != SUCCESS:
         return answer
     revision = answer["arguments"]["revision"]
@@ -259,12 +269,7 @@ def client_list(ctl, envelope, args):
 @command("client-get")
 def client_get(ctl, envelope, args):
     """One PC (`mac`): its row and the timeline of its last boot, assembled from events."""
-    from shared.config.base import normalize_mac
-
-    try:
-        mac = normalize_mac(args.get("mac"))
-    except ValueError as exc:
-        return error(str(exc))
+    mac = _mac_arg(args)
     row = ctl.clients.by_mac.get(mac)
     if row is None:
         return {"result": EMPTY, "text": f"no client {mac}", "arguments": {}}
@@ -279,13 +284,9 @@ def client_get(ctl, envelope, args):
 def lease_list(ctl, envelope, args):
     """Leases from the DHCP lease store (read-only, while the service writes): IP, MAC, scope, state, expiry.
     `all`: include released and expired ones. Without a store yet: what lease events have told the controller."""
-    from pathlib import Path
-
     from services.dhcp.lease_store import LeaseStore
 
-    path = Path(ctl.config.dhcp.lease_file)
-    if not path.is_absolute():
-        path = ctl.state_dir / path
+    path = state_path(ctl.state_dir, ctl.config.dhcp.lease_file)
     if path.exists():
         store = LeaseStore.open_readonly(path)
         try:
@@ -306,14 +307,10 @@ def lease_list(ctl, envelope, args):
 @command("lease-release")
 def lease_release(ctl, envelope, args):
     """Free the lease of `mac`: the DHCP service releases it and answers with a dhcp.lease.released event."""
-    from shared import events as ev
-    from shared.config.base import normalize_mac
     from services.controller.server import Waiter
+    from shared import events as ev
 
-    try:
-        mac = normalize_mac(args.get("mac"))
-    except ValueError as exc:
-        return error(str(exc))
+    mac = _mac_arg(args)
     ctl.send_command("dhcp", "lease-release", {"mac": mac})
     ctl.waiters.append(
         Waiter(

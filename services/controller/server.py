@@ -13,6 +13,7 @@ import signal
 import sys
 import time
 import uuid
+from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Callable
@@ -65,6 +66,7 @@ class Controller:
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="supervisor")
         self.pending: list[tuple[list[bytes], Future, Callable[[Any], dict]]] = []
         self.waiters: list[Waiter] = []
+        self.commands: deque[tuple[float, str]] = deque()  # (expiry, key) of command keys, oldest first
         self.events_received = 0
         self.bad_messages = 0
         self.running = True
@@ -190,9 +192,10 @@ class Controller:
         self.events.add_many(batch)
 
     def _observe(self, msg: dict[str, Any]) -> None:
-        for waiter in [w for w in self.waiters if w.match(msg)]:
-            self.waiters.remove(waiter)
-            self.reply(waiter.envelope, waiter.on_event(msg))
+        if self.waiters:
+            for waiter in [w for w in self.waiters if w.match(msg)]:
+                self.waiters.remove(waiter)
+                self.reply(waiter.envelope, waiter.on_event(msg))
         fields, type = msg["fields"], msg["type"]
         self.clients.observe(type, fields, msg["ts"])
         ip, mac = fields.get("ip"), fields.get("mac")
@@ -209,14 +212,15 @@ class Controller:
         for waiter in [w for w in self.waiters if w.deadline <= now]:
             self.waiters.remove(waiter)
             self.reply(waiter.envelope, waiter.on_timeout())
-        for key, (seq, val) in list(self.clone.store.items()):
-            if key.startswith("command/") and now - val.get("ts", 0) > COMMAND_TTL:
-                self.clone.set(key, None)
+        while self.commands and self.commands[0][0] <= now:
+            self.clone.set(self.commands.popleft()[1], None)
 
     def send_command(self, service: str, name: str, args: dict[str, Any]) -> str:
         """Ask every process of `service` to perform `name` once (a key in the replicated store)."""
         key = f"command/{service}/{uuid.uuid4().hex[:12]}"
-        self.clone.set(key, {"name": name, "args": args, "ts": time.time()})
+        now = time.time()
+        self.clone.set(key, {"name": name, "args": args, "ts": now})
+        self.commands.append((now + COMMAND_TTL, key))
         return key
 
     # -- control requests ---------------------------------------------------------------------------

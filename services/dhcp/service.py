@@ -15,18 +15,23 @@ import select
 import socket
 import threading
 import time
-from pathlib import Path
 
-from shared import events as ev
-from shared.config.base import normalize_mac
-from shared.service import BaseService
 from services.dhcp import packet as pk
 from services.dhcp.lease_store import LeaseStore
 from services.dhcp.ra import build_ra, is_router_solicitation
 from services.dhcp.server import DhcpServer, Interface, ip_str
 from services.dhcp.transport import (
-    ALL_NODES, add_arp_entry, interface_address, interface_mac, open_dhcp_socket, open_ra_socket,
+    ALL_NODES,
+    add_arp_entry,
+    interface_address,
+    interface_mac,
+    open_dhcp_socket,
+    open_ra_socket,
 )
+from shared import events as ev
+from shared.config.base import normalize_mac
+from shared.paths import state_path
+from shared.service import BaseService
 
 BATCH = 16  # datagrams per turn: bounds the wait of the first one (latency) while grouping commits
 HOUSEKEEPING = 1.0
@@ -66,9 +71,7 @@ class DhcpService(BaseService):
     # -- life ------------------------------------------------------------------------------------------------
 
     async def start(self, config) -> None:
-        path = Path(config.dhcp.lease_file)
-        if not path.is_absolute():
-            path = self.ctx.state_dir / path
+        path = state_path(self.ctx.state_dir, config.dhcp.lease_file)
         self.store = LeaseStore(path, config.dhcp.durability)
         self.core = DhcpServer(config, self.store, self.ctx.instance, max(1, self.ctx.instances))
         self._apply_sockets(config)

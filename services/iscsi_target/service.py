@@ -15,10 +15,11 @@ import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from shared.service import BaseService
 from services.iscsi_target import events as ev
 from services.iscsi_target.access import AccessPolicy
 from services.iscsi_target.server import Server
+from shared.paths import state_path
+from shared.service import BaseService
 
 LOGOUT_GRACE = 3.0
 
@@ -65,9 +66,7 @@ def build_backstore(spec, state_dir: Path):
 
     if spec.type == "ram":
         return RamBackstore(spec.size, block_size=spec.block_size)
-    path = Path(spec.path)
-    if not path.is_absolute():
-        path = state_dir / path
+    path = state_path(state_dir, spec.path)
     path.parent.mkdir(parents=True, exist_ok=True)
     return FileBackstore(str(path), spec.size, block_size=spec.block_size, readonly=spec.readonly,
                          sparse=spec.sparse, create=spec.create, write_through=spec.write_through)

@@ -33,13 +33,21 @@ import time
 from dataclasses import dataclass
 from typing import Callable
 
-from shared import events as ev
-from shared.config.model import BootfleetConfig
 from services.tftp import packets as pk
 from services.tftp.dynamic import DynamicFiles
 from services.tftp.files import FileCache, Jail, Refused, from_netascii, to_netascii
 from services.tftp.options import OptionError, OptionPolicy, negotiate
-from services.tftp.transfer import ACTIVE, DALLY, DONE, FAILED, ReadTransfer, WriteTransfer
+from services.tftp.transfer import (
+    ACTIVE,
+    DALLY,
+    DONE,
+    FAILED,
+    ReadTransfer,
+    WriteTransfer,
+)
+from shared import events as ev
+from shared.config.model import BootfleetConfig
+from shared.paths import state_path
 
 log = logging.getLogger("bootfleet.tftp")
 
@@ -64,7 +72,7 @@ class Policy:
         self.config = config
         self.tftp = t
         # a relative root lives in the state dir, like the lease store and the disk images
-        root = os.path.join(state_dir, t.root) if state_dir is not None else t.root
+        root = str(state_path(state_dir, t.root)) if state_dir is not None else t.root
         self.jail = Jail(root, t.upload_dir)
         self.dynamic = DynamicFiles(config, mac_for_ip)
         self.options = OptionPolicy(

@@ -64,7 +64,8 @@ def read_any(target, lu, nexus, cdb, data_out):
 
 
 # ---------------------------------------------------------------------------------------------- WRITE
-def _write(lu, flags, lba, n, data_out):
+def _check_write(lu, flags, lba, n, data_out) -> bool:
+    """The checks every WRITE-like command makes, in SBC's order; False when there is nothing to write."""
     if flags & 0xE0:  # WRPROTECT
         raise _PROTECT
     if lba + n > lu.blocks:
@@ -72,10 +73,16 @@ def _write(lu, flags, lba, n, data_out):
     if lu.readonly or lu.swp:
         raise _write_protect(lu)
     if not n:
+        return False
+    if data_out is None or len(data_out) != n * lu.block_size:
+        raise S.illegal(S.PARAMETER_LIST_LENGTH_ERROR)
+    return True
+
+
+def _write(lu, flags, lba, n, data_out):
+    if not _check_write(lu, flags, lba, n, data_out):
         return GOOD
     bs = lu.block_size
-    if data_out is None or len(data_out) != n * bs:
-        raise S.illegal(S.PARAMETER_LIST_LENGTH_ERROR)
     store = lu.store
     store.write(lba * bs, data_out)
     if flags & 0x08 and not store.write_through:  # FUA
@@ -174,17 +181,9 @@ def compare_and_write(target, lu, nexus, cdb, data_out):
 
 def orwrite(target, lu, nexus, cdb, data_out):
     flags, lba, n = RW16.unpack_from(cdb)
-    if flags & 0xE0:
-        raise _PROTECT
-    if lba + n > lu.blocks:
-        raise _LBA_RANGE
-    if lu.readonly or lu.swp:
-        raise _write_protect(lu)
-    if not n:
+    if not _check_write(lu, flags, lba, n, data_out):
         return GOOD
     bs = lu.block_size
-    if data_out is None or len(data_out) != n * bs:
-        raise S.illegal(S.PARAMETER_LIST_LENGTH_ERROR)
     store = lu.store
     with lu.lock:
         current = int.from_bytes(store.read(lba * bs, n * bs), "big")
