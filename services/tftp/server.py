@@ -3,8 +3,11 @@
 - The request socket (SO_REUSEPORT, so several processes can share port 69) reads requests with IP_PKTINFO:
   the address each request came to. A transfer's socket is bound to that address (port 0: a new TID), so
   replies leave from the address the client spoke to, whatever the routing table says.
-- Transfer sockets stay unconnected so that a datagram from a wrong TID still reaches us: it is answered with
-  error 5 from the transfer's socket and never reaches the state machine.
+- A transfer has two sockets on its port: one connected to the client, which alone receives the client's
+  datagrams (the kernel prefers a connected socket), so the hot path is `recv_into`/`sendmsg` with no address
+  to format, parse or compare, and an ICMP port-unreachable ends the transfer at once instead of after its
+  retries; and one unconnected "catcher" that receives whatever else arrives at the port (a wrong TID), answered
+  with error 5 without touching the transfer.
 - Blocks are read with one `os.preadv` per window into a preallocated buffer and sent with
   `sendmsg([header, slice])`: no copy in Python, no per-packet allocation besides the 4-byte header.
   Rendered and netascii files are served from memory the same way. Files are not mmap'd: a file truncated
@@ -85,7 +88,8 @@ class Policy:
 class Slot:
     """One transfer's I/O state."""
 
-    sock: socket.socket
+    sock: socket.socket  # connected to peer
+    catcher: socket.socket  # the same port, unconnected: datagrams from anyone else
     peer: tuple[str, int]
     transfer: ReadTransfer | WriteTransfer
     writing: bool
@@ -150,7 +154,8 @@ class TftpServer:
         self.listener: socket.socket | None = None
         self.listener_fd = -1
         self.pending_listener: socket.socket | None = None
-        self.slots: dict[int, Slot] = {}  # socket fd -> slot
+        self.slots: dict[int, Slot] = {}  # connected socket fd -> slot
+        self.catchers: dict[int, Slot] = {}  # catcher socket fd -> slot
         self.by_peer: dict[tuple[str, int], Slot] = {}
         self.heap: list = []
         self.seq = itertools.count()
@@ -274,12 +279,18 @@ class TftpServer:
                 if slot is not None:
                     try:
                         self._on_transfer_packet(slot, now)
+                    except ConnectionRefusedError:
+                        self._unreachable(slot)
                     except Exception as exc:
                         self._internal_error(slot, exc)
                 elif fd == listener_fd:
                     self._on_requests(now)
                 elif fd == self.wake_r:
                     self._on_wake()
+                else:
+                    catcher = self.catchers.get(fd)
+                    if catcher is not None:
+                        self._on_wrong_tid(catcher)
             if heap and heap[0][0] <= now:
                 self._on_timers(now)
             last_work = _monotonic()  # the spin counts idle time from the end of the work
@@ -293,6 +304,11 @@ class TftpServer:
         if self.pending_listener is not None:
             sock, self.pending_listener = self.pending_listener, None
             self._install_listener(sock)
+
+    def _unreachable(self, slot: Slot) -> None:
+        # the kernel saw an ICMP port-unreachable for the client's port: its process is gone
+        if not slot.closed:
+            self._end(slot, "the client's port is unreachable (ICMP)", None)
 
     def _internal_error(self, slot: Slot, exc: BaseException) -> None:
         self.stats["internal_errors"] += 1
@@ -368,15 +384,27 @@ class TftpServer:
             return self._start_write(request, peer, local, now, netascii)
         self._start_read(request, peer, local, now, netascii)
 
-    def _open_transfer_socket(self, local: str) -> socket.socket:
+    def _open_transfer_sockets(self, local: str, peer) -> tuple[socket.socket, socket.socket]:
+        """-> (connected, catcher): a new port (the TID) on the request's address, two sockets on it."""
         sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        catcher = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
         try:
+            # the port is chosen without SO_REUSEADDR, so it is one nobody holds; the flag is on only while the
+            # catcher joins it, so no later socket of anyone else can share the port either
             sock.bind((local, 0))
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            catcher.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            catcher.bind(sock.getsockname())
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 0)
+            catcher.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 0)
+            sock.connect(peer)
             sock.setblocking(False)
+            catcher.setblocking(False)
         except OSError:
             sock.close()
+            catcher.close()
             raise
-        return sock
+        return sock, catcher
 
     def _start_read(self, request: pk.Request, peer, local: str, now: float, netascii: bool) -> None:
         policy = self.policy
@@ -416,7 +444,7 @@ class TftpServer:
             negotiated = negotiate(request.options, policy.options, size)
             if negotiated.blksize > len(self.out):
                 raise OptionError(f"blksize {negotiated.blksize} is larger than the send buffer")
-            sock = self._open_transfer_socket(local)
+            sock, catcher = self._open_transfer_sockets(local, peer)
             if negotiated.windowsize > 1:
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SNDBUF)
         except (OptionError, OSError) as exc:
@@ -426,11 +454,14 @@ class TftpServer:
             return self._refuse(peer, local, code, str(exc), name, mac)
         oack = pk.build_oack(negotiated.oack) if negotiated.oack else None
         transfer = ReadTransfer(size, negotiated, policy.tftp.retries, now, oack)
-        slot = Slot(sock, peer, transfer, False, name, mac, source=source, netascii=netascii)
+        slot = Slot(sock, catcher, peer, transfer, False, name, mac, source=source, netascii=netascii)
         self._register(slot, now)
         self.emit(ev.TFTP_STARTED, ip=peer[0], port=peer[1], file=name, mac=mac, blksize=negotiated.blksize,
                   windowsize=negotiated.windowsize, tsize=size, mode=request.mode)
-        self._send_blocks(slot, *transfer.start(now))
+        try:
+            self._send_blocks(slot, *transfer.start(now))
+        except ConnectionRefusedError:
+            self._unreachable(slot)
 
     def _start_write(self, request: pk.Request, peer, local: str, now: float, netascii: bool) -> None:
         policy = self.policy
@@ -446,25 +477,31 @@ class TftpServer:
         except Refused as exc:
             return self._refuse(peer, local, exc.code, str(exc), name)
         try:
-            sock = self._open_transfer_socket(local)
+            sock, catcher = self._open_transfer_sockets(local, peer)
         except OSError as exc:
             os.close(fd)
             os.unlink(temp)
             return self._refuse(peer, local, pk.ERR_UNDEFINED, str(exc), name)
         oack = pk.build_oack(negotiated.oack) if negotiated.oack else None
         transfer = WriteTransfer(negotiated, policy.tftp.retries, now, policy.tftp.upload_max_size, oack)
-        slot = Slot(sock, peer, transfer, True, name, None, out_fd=fd, temp_path=temp, final_path=final,
+        slot = Slot(sock, catcher, peer, transfer, True, name, None, out_fd=fd, temp_path=temp, final_path=final,
                     netascii=netascii)
         self._register(slot, now)
         self.emit(ev.TFTP_STARTED, ip=peer[0], port=peer[1], file=name, mac=None, blksize=negotiated.blksize,
                   windowsize=negotiated.windowsize, tsize=negotiated.tsize, mode=request.mode, upload=True)
-        sock.sendto(transfer.start(now), peer)
+        try:
+            sock.send(transfer.start(now))
+        except ConnectionRefusedError:
+            self._unreachable(slot)
 
     def _register(self, slot: Slot, now: float) -> None:
         fd = slot.sock.fileno()
         self.slots[fd] = slot
         self.by_peer[slot.peer] = slot
         self.ep.register(fd, select.EPOLLIN)
+        catcher = slot.catcher.fileno()
+        self.catchers[catcher] = slot
+        self.ep.register(catcher, select.EPOLLIN)
         heapq.heappush(self.heap, (slot.transfer.deadline, next(self.seq), slot))
         self.stats["started"] += 1
 
@@ -475,7 +512,7 @@ class TftpServer:
             return
         t = slot.transfer
         if first == 0:
-            slot.sock.sendto(t.oack, slot.peer)
+            slot.sock.send(t.oack)
             return
         blksize = t.blksize
         source = slot.source
@@ -505,12 +542,12 @@ class TftpServer:
     def _send_views(self, slot: Slot, first: int, count: int, data: memoryview, pos: int, length: int,
                     blksize: int) -> int:
         """Send blocks first..first+count-1 whose bytes are data[pos:pos+length]; -> payload bytes sent."""
-        sock, peer = slot.sock, slot.peer
+        sock = slot.sock
         end = pos + length
         if count == 1 or not (self.gso and slot.gso) or blksize + 4 > GSO_MAX_BYTES // 2:
             for b in range(first, first + count):
                 stop = min(pos + blksize, end)
-                sock.sendmsg([_data_header(pk.DATA, b & 0xFFFF), data[pos:stop]], (), 0, peer)
+                sock.sendmsg([_data_header(pk.DATA, b & 0xFFFF), data[pos:stop]])
                 pos = stop
             return length
         # UDP GSO: one sendmsg carries up to GSO_MAX_SEGMENTS blocks; the kernel cuts it into one datagram per
@@ -527,7 +564,7 @@ class TftpServer:
                 iov.append(data[pos:stop])
                 pos = stop
             try:
-                sock.sendmsg(iov, cmsg if n > 1 else (), 0, peer)
+                sock.sendmsg(iov, cmsg if n > 1 else ())
             except OSError as exc:
                 if exc.errno in (errno.EINVAL, errno.EMSGSIZE):
                     slot.gso = False  # a segment larger than the path's MTU (a big blksize): this transfer only
@@ -546,18 +583,8 @@ class TftpServer:
         # client never has two queued, so a second recv would only fail with EAGAIN
         sock = slot.sock
         try:
-            n, addr = sock.recvfrom_into(self.inbuf)
+            n = sock.recv_into(self.inbuf)
         except (BlockingIOError, InterruptedError):
-            return
-        peer = slot.peer
-        if addr != peer:
-            self.stats["wrong_tid"] += 1
-            if self.limiter.allow():
-                log.info("%s:%d sent a packet to the transfer of %s to %s:%d: error 5", *addr, slot.file, *peer)
-            try:
-                sock.sendto(pk.build_error(pk.ERR_UNKNOWN_TID, "unknown transfer ID"), addr)
-            except OSError:
-                pass
             return
         t = slot.transfer
         if slot.writing:
@@ -569,7 +596,7 @@ class TftpServer:
             if t.state is DALLY and not slot.completed:
                 self._complete_upload(slot)
             if reply is not None:
-                sock.sendto(reply, peer)
+                sock.send(reply)
         else:
             first, count = t.on_packet(self.in_view4 if n == 4 else self.in_view[:n], now)
             source = slot.source
@@ -578,7 +605,7 @@ class TftpServer:
                 blksize = t.blksize
                 offset = (first - 1) * blksize
                 try:
-                    sock.sendmsg([_data_header(3, first & 0xFFFF), source[offset:offset + blksize]], (), 0, peer)
+                    sock.sendmsg([_data_header(3, first & 0xFFFF), source[offset:offset + blksize]])
                     length = t.size - offset
                     slot.bytes_sent += length if length < blksize else blksize
                 except BlockingIOError:
@@ -587,6 +614,19 @@ class TftpServer:
                 self._send_blocks(slot, first, count)
         if t.state is DONE or t.state is FAILED:
             self._finish(slot, now)
+
+    def _on_wrong_tid(self, slot: Slot) -> None:
+        try:
+            _data, addr = slot.catcher.recvfrom(1)  # what it says does not matter: it is not our client
+        except OSError:
+            return  # nothing queued, or an ICMP error for an earlier error 5: nothing to do
+        self.stats["wrong_tid"] += 1
+        if self.limiter.allow():
+            log.info("%s:%d sent a packet to the transfer of %s to %s:%d: error 5", *addr, slot.file, *slot.peer)
+        try:
+            slot.catcher.sendto(pk.build_error(pk.ERR_UNKNOWN_TID, "unknown transfer ID"), addr)
+        except OSError:
+            pass
 
     def _complete_upload(self, slot: Slot) -> None:
         slot.completed = True
@@ -619,7 +659,7 @@ class TftpServer:
                 if slot.writing:
                     reply = t.on_timer(now)
                     if reply is not None:
-                        slot.sock.sendto(reply, slot.peer)
+                        slot.sock.send(reply)
                 else:
                     self._send_blocks(slot, *t.on_timer(now))
                 if t.state is ACTIVE:
@@ -628,6 +668,8 @@ class TftpServer:
                     self._finish(slot, now)
                 else:
                     heapq.heappush(heap, (t.deadline, next(self.seq), slot))
+            except ConnectionRefusedError:
+                self._unreachable(slot)
             except Exception as exc:
                 self._internal_error(slot, exc)
 
@@ -649,7 +691,7 @@ class TftpServer:
             return
         if reply is not None:
             try:
-                slot.sock.sendto(reply, slot.peer)
+                slot.sock.send(reply)
             except OSError:
                 pass
         if slot.writing and slot.completed:
@@ -666,15 +708,16 @@ class TftpServer:
     def _close(self, slot: Slot) -> None:
         slot.closed = True
         self.stats["bytes_sent"] += slot.bytes_sent
-        fd = slot.sock.fileno()
-        self.slots.pop(fd, None)
         if self.by_peer.get(slot.peer) is slot:
             del self.by_peer[slot.peer]
-        try:
-            self.ep.unregister(fd)
-        except (OSError, ValueError):
-            pass
-        slot.sock.close()
+        for sock, table in ((slot.sock, self.slots), (slot.catcher, self.catchers)):
+            fd = sock.fileno()
+            table.pop(fd, None)
+            try:
+                self.ep.unregister(fd)
+            except (OSError, ValueError):
+                pass
+            sock.close()
         if type(slot.source) is int:
             os.close(slot.source)
         slot.source = None

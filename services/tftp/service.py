@@ -24,7 +24,7 @@ class TftpService(BaseService):
 
     async def start(self, config) -> None:
         t = config.tftp
-        _raise_file_limit(t.max_transfers * 2 * t.threads + 64)  # a socket and maybe a file per transfer
+        _raise_file_limit(t.max_transfers * 3 * t.threads + 64)  # two sockets and maybe a file per transfer
         policy = Policy(config, self.ctx.mac_for_ip, self.ctx.state_dir)
         self.cache = FileCache(t.cache_mib << 20, t.cache_max_file_mib << 20)
         port = t.port

@@ -214,9 +214,18 @@ def test_duplicate_acks_and_retransmission_on_the_negotiated_timeout(start):
         data, _ = s.recvfrom(600)  # no ACK of 2: the same DATA after the timeout, not before
         waited = time.monotonic() - started
         assert pk.HEADER.unpack_from(data) == (pk.DATA, 2) and 0.8 < waited < 2.0
-    # a client that gives up: the server tries `retries` times, then reports the failure
-    support.wait_for(lambda: "tftp.transfer.failed" in server.log.read_text() and "retransmissions" in
-                     server.log.read_text(), timeout=10, what="the failed event")
+        # a client that is silent (its port still open): the server tries `retries` times, then fails
+        support.wait_for(lambda: "tftp.transfer.failed" in server.log.read_text() and "retransmissions" in
+                         server.log.read_text(), timeout=10, what="the failed event")
+
+
+def test_a_client_that_is_gone_ends_its_transfer_at_once(start):
+    # the transfer's socket is connected: the ICMP port-unreachable for our next DATA ends it, no retries
+    server = start()
+    s, data, tid = request(server.port, "big.bin", {"timeout": 1})
+    s.close()  # before it ACKs the OACK: the first retransmission meets a closed port
+    support.wait_for(lambda: "port is unreachable" in server.log.read_text(), timeout=5, what="the failed event")
+    assert "retransmissions" not in server.log.read_text()
 
 
 MALFORMED = [
