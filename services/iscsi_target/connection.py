@@ -435,7 +435,8 @@ class Connection:
         self.events.append((ev.LOGIN, {"ip": self.peer_ip, "initiator": m.initiator, "target": target_name,
                                        "isid": f"0x{m.isid:012x}", "tsih": session.tsih,
                                        "session_type": m.session_type, "auth": m.auth_method or "None",
-                                       "user": m.chap_user, "reinstated": old is not None}))
+                                       "user": m.chap_user, "reinstated": old is not None,
+                                       "header_digest": v["HeaderDigest"], "data_digest": v["DataDigest"]}))
 
     def _login_response(self, pdu, step: LoginStep, tsih: int) -> None:
         flags = (0x80 if step.transit else 0) | (step.csg << 2) | (step.nsg if step.transit else 0)

@@ -194,6 +194,18 @@ def test_qemu_io_patterns(target):
     assert r.returncode == 0 and "Pattern verification failed" not in r.stdout + r.stderr, r.stdout + r.stderr
 
 
+def test_qemu_io_with_header_digests(target):
+    # libiscsi computes and checks CRC32C header digests (it has no data digests): a wrong digest on either side
+    # would drop the connection and fail the patterns
+    qio = tool("qemu-io")
+    for digest in ("crc32c", "crc32c-none"):
+        r = run([qio, "--image-opts", "-c", "write -P 0x3c 4M 256k", "-c", "read -P 0x3c 4M 256k",
+                 "-c", "read -P 0 5M 64k", f"driver=iscsi,transport=tcp,portal=127.0.0.1:{target.port},"
+                 f"target={ANON},lun=1,header-digest={digest}"])
+        assert r.returncode == 0 and "Pattern verification failed" not in r.stdout + r.stderr, r.stdout + r.stderr
+    assert wait_log(target, r"iscsi\.login .*header_digest=CRC32C data_digest=None")
+
+
 def malformed_corpus() -> list[bytes]:
     login_ok = P.encode_request(P.OP_LOGIN_REQ, immediate=True, flags=0x87, lun=(0x80AB << 32) << 16, itt=1,
                                 words=(0, 1, 0, 0, 0, 0, 0),
@@ -256,6 +268,7 @@ def test_kill9_after_synchronize_cache_loses_nothing(tmp_path):
 
 def test_events_in_the_log(target):
     run([tool("iscsi-inq"), target.url()])
+    run([tool("iscsi-inq"), target.url(CHAP, user=USER, secret="wrongsecret99")])  # this test alone also sees one
     assert wait_log(target, r"iscsi\.login ip=127\.0\.0\.1 initiator=\S+ target=" + re.escape(ANON))
     assert wait_log(target, r"iscsi\.logout .*reason=logout")
     assert wait_log(target, r"iscsi\.login\.failed .*reason=wrong CHAP secret")
