@@ -62,6 +62,22 @@ class BootfleetConfig(StrictModel):
         return self
 
     @model_validator(mode="after")
+    def _ram_disks_in_one_process(self) -> "BootfleetConfig":
+        """Each iSCSI process holds its own RAM disks: with two, an initiator would see whichever copy its
+        connection landed on, and a write through one process would be missing through the other."""
+        if self.scale.iscsi_target <= 1:
+            return self
+        for t, target in enumerate(self.iscsi.targets):
+            for n, lun in enumerate(target.luns):
+                if lun.backstore.type == "ram":
+                    raise ValueError(
+                        f"scale.iscsi_target: {self.scale.iscsi_target} processes would each hold their own copy of "
+                        f"the RAM disk iscsi.targets[{t}].luns[{n}] (a write through one is missing through "
+                        "another); use a file backstore, or one process"
+                    )
+        return self
+
+    @model_validator(mode="after")
     def _targets_exist(self) -> "BootfleetConfig":
         """A PC assigned a target this stack does not export would fail to boot; say so now. With
         boot.server set, targets live on another server and are not checked."""
