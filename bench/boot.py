@@ -1,6 +1,6 @@
 """Boot bench: power-on to the OS's marker, one virtual PC, through dnsmasq + tgtd and through Bootfleet.
 
-Run: .venv/bin/python bench/boot.py [--runs 1]  (root: it builds a network namespace; about 1 minute per run)
+Run: .venv/bin/python bench/boot.py [--runs 3]  (root: it builds a network namespace; about 1 minute per run)
 
 Both boots use the same lab (namespace, bridge, tap), the same PC (QEMU TCG, virtio NIC with the iPXE ROM of
 ipxe-qemu) and the same disk image, one after the other so they do not share the CPU. The reference is stock
@@ -44,7 +44,7 @@ def one(kind: str, disk: Path) -> dict:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--runs", type=int, default=1, help="boots of each (alternating); medians are printed")
+    ap.add_argument("--runs", type=int, default=3, help="boots of each (alternating); medians are printed")
     args = ap.parse_args()
     missing = missing_tools(reference=True)
     if missing:
