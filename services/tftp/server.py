@@ -65,6 +65,8 @@ SEND_BUFFER = 4 << 20  # bytes read per preadv at most (a window larger than thi
 SNDBUF = 1 << 20
 _data_header = pk.HEADER.pack
 _monotonic = time.monotonic
+# what a connected UDP socket reports after an ICMP host/network unreachable: not the end of a transfer
+TRANSIENT_ERRNOS = frozenset((errno.EHOSTUNREACH, errno.ENETUNREACH, errno.EHOSTDOWN, errno.ENETDOWN))
 
 
 class Policy:
@@ -171,7 +173,7 @@ class TftpServer:
         self.thread: threading.Thread | None = None
         self.stats = dict(
             requests=0, malformed=0, refused=0, started=0, finished=0, failed=0, bytes_sent=0, bytes_received=0,
-            wrong_tid=0, retransmits=0, internal_errors=0, sleeps=0,
+            wrong_tid=0, retransmits=0, internal_errors=0, sleeps=0, send_errors=0,
         )
         self.address = "0.0.0.0"
         self.port = 0
@@ -279,10 +281,8 @@ class TftpServer:
                 if slot is not None:
                     try:
                         self._on_transfer_packet(slot, now)
-                    except ConnectionRefusedError:
-                        self._unreachable(slot)
                     except Exception as exc:
-                        self._internal_error(slot, exc)
+                        self._on_exception(slot, exc)
                 elif fd == listener_fd:
                     self._on_requests(now)
                 elif fd == self.wake_r:
@@ -305,10 +305,19 @@ class TftpServer:
             sock, self.pending_listener = self.pending_listener, None
             self._install_listener(sock)
 
-    def _unreachable(self, slot: Slot) -> None:
-        # the kernel saw an ICMP port-unreachable for the client's port: its process is gone
-        if not slot.closed:
-            self._end(slot, "the client's port is unreachable (ICMP)", None)
+    def _on_exception(self, slot: Slot, exc: BaseException) -> None:
+        """Errors the connected socket reports (ICMP) end or spare the transfer; anything else is our bug."""
+        if isinstance(exc, ConnectionRefusedError):
+            # an ICMP port-unreachable for the client's port: its process is gone, retries would be wasted
+            if not slot.closed:
+                self._end(slot, "the client's port is unreachable (ICMP)", None)
+        elif isinstance(exc, OSError) and exc.errno in TRANSIENT_ERRNOS:
+            # host or network unreachable (a lost ARP answer, a route flap): like a lost packet, the timer resends
+            self.stats["send_errors"] += 1
+            if self.limiter.allow():
+                log.info("transfer of %s to %s:%d: %s; the timer will resend", slot.file, *slot.peer, exc.strerror)
+        else:
+            self._internal_error(slot, exc)
 
     def _internal_error(self, slot: Slot, exc: BaseException) -> None:
         self.stats["internal_errors"] += 1
@@ -460,8 +469,8 @@ class TftpServer:
                   windowsize=negotiated.windowsize, tsize=size, mode=request.mode)
         try:
             self._send_blocks(slot, *transfer.start(now))
-        except ConnectionRefusedError:
-            self._unreachable(slot)
+        except Exception as exc:
+            self._on_exception(slot, exc)
 
     def _start_write(self, request: pk.Request, peer, local: str, now: float, netascii: bool) -> None:
         policy = self.policy
@@ -491,8 +500,8 @@ class TftpServer:
                   windowsize=negotiated.windowsize, tsize=negotiated.tsize, mode=request.mode, upload=True)
         try:
             sock.send(transfer.start(now))
-        except ConnectionRefusedError:
-            self._unreachable(slot)
+        except Exception as exc:
+            self._on_exception(slot, exc)
 
     def _register(self, slot: Slot, now: float) -> None:
         fd = slot.sock.fileno()
@@ -668,10 +677,10 @@ class TftpServer:
                     self._finish(slot, now)
                 else:
                     heapq.heappush(heap, (t.deadline, next(self.seq), slot))
-            except ConnectionRefusedError:
-                self._unreachable(slot)
             except Exception as exc:
-                self._internal_error(slot, exc)
+                self._on_exception(slot, exc)
+                if not slot.closed:  # spared (a transient error): it keeps its timer
+                    heapq.heappush(heap, (t.deadline, next(self.seq), slot))
 
     def _finish(self, slot: Slot, now: float) -> None:
         t = slot.transfer
