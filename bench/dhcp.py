@@ -6,6 +6,8 @@ pool of ~65,000 addresses. In one run, alternating between the two servers at ea
 - storm: `perfdhcp --scenario avalanche -R 100`: 100 clients at once; time to provision all, retransmissions;
 - ladder: 4-way exchanges at rising rates (3 s each) with 60,000 simulated clients; the sustained rate is the
   highest one completed with < 1 % loss; CPU per exchange (server process) and p50/p99 latency at that rate.
+  After the coarse steps each server climbs again from its best in steps of 250/s up to the step it failed,
+  so two servers that fail at the same coarse step are still told apart.
 Ours runs with leases durable before the ACK (SQLite WAL, group commit); Kea's memfile does not fsync.
 
 Run as root: `.venv/bin/python bench/dhcp.py` (bounded < 3 min). Prints ours, Kea's and ours/Kea.
@@ -27,6 +29,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 RATES = (1000, 2000, 3000, 4000, 5000, 6000, 7000, 8000, 10000)
+FINE_STEP = 250
 STEP_SECONDS = 3
 CLIENTS = 60000
 TICK = os.sysconf("SC_CLK_TCK")
@@ -115,6 +118,28 @@ def step(ns: Netns, who: str, pid: int, rate: int) -> dict:
     return res
 
 
+def refine(ns: Netns, procs: dict, best: dict, results: dict) -> None:
+    """Climb from each server's best coarse rate in FINE_STEP steps, alternating, until a step fails or reaches
+    the coarse rate that failed."""
+    ceiling = {who: min((r for r, res in results[who].items() if not res["ok"]), default=None) for who in results}
+    rate = {who: int(best[who].get("target", 0)) for who in results}
+    climbing = {who: rate[who] > 0 for who in results}  # a server that passed no step is not refined
+    while any(climbing.values()):
+        for who in ("kea", "ours"):
+            if not climbing[who]:
+                continue
+            rate[who] += FINE_STEP
+            if ceiling[who] is not None and rate[who] >= ceiling[who]:
+                climbing[who] = False
+                continue
+            res = step(ns, who, procs[who].pid, rate[who])
+            results[who][rate[who]] = res
+            if res["ok"]:
+                best[who] = res
+            else:
+                climbing[who] = False
+
+
 def wait_ready(ns: Netns, who: str, proc: subprocess.Popen) -> None:
     deadline = time.monotonic() + 15
     while time.monotonic() < deadline:
@@ -195,6 +220,7 @@ def main() -> int:
                             alive[who] = False
                 if not any(alive.values()):
                     break
+            refine(ns, procs, best, results)
             kea_rate = int(best["kea"].get("target", 0))
             at_kea_rate = results["ours"].get(kea_rate)
     finally:
