@@ -239,7 +239,7 @@ def service_scale(ctl, envelope, args):
     ctl.submit(
         envelope,
         lambda: ctl.supervisor.scale(service, count),
-        lambda done: ok(f"{service}: {count} processes (revision {revision})", revision=revision, **done),
+        lambda done: ok(f"{service}: {count} process{'' if count == 1 else 'es'} (revision {revision})", revision=revision, **done),
     )
     return None
 
