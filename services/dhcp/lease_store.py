@@ -72,6 +72,20 @@ class Lease:
         return f"<Lease {ipaddress.IPv4Address(self.ip)} {self.mac} {self.state} until {self.expires:.0f}>"
 
 
+def _set_wal(db: sqlite3.Connection, timeout: float = 10.0) -> None:
+    # SQLite answers "database is locked" at once, without its busy handler, when two processes switch a new
+    # store to WAL together (scale.dhcp > 1 on a first start): try again until the other one is done
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            db.execute("PRAGMA journal_mode=WAL")
+            return
+        except sqlite3.OperationalError as exc:
+            if "locked" not in str(exc) or time.monotonic() > deadline:
+                raise
+            time.sleep(0.01)
+
+
 class LeaseStore:
     """Leases by address and by MAC, mirrored to SQLite. Not thread-safe: one owner (the service loop)."""
 
@@ -84,7 +98,7 @@ class LeaseStore:
             Path(self.path).parent.mkdir(parents=True, exist_ok=True)
             # one owner at a time (the service holds a lock); it may be a thread other than the opener
             self.db = sqlite3.connect(self.path, timeout=10.0, isolation_level=None, check_same_thread=False)
-            self.db.execute("PRAGMA journal_mode=WAL")
+            _set_wal(self.db)
             # NORMAL in WAL mode: a committed transaction survives the process dying (kill -9), not a power cut.
             self.db.execute("PRAGMA synchronous=" + ("FULL" if durability == "power" else "NORMAL"))
             # checkpoints (which fsync the database file) run from `checkpoint()` in another thread, not

@@ -1,5 +1,6 @@
 """The lease store: durable commits, read-only listing for the controller, offline release."""
 
+import multiprocessing
 import sqlite3
 
 import pytest
@@ -52,3 +53,27 @@ def test_durability_setting(tmp_path, durability, level):
     store.commit()
     store.checkpoint()
     assert [(l.ip, l.mac) for l in LeaseStore.open_readonly(tmp_path / "l.sqlite").by_ip.values()] == [(1, "02:00:00:00:00:01")]
+
+
+def _open_together(path, barrier, results):
+    barrier.wait()
+    try:
+        LeaseStore(path)
+        results.put("ok")
+    except Exception as exc:  # reported to the test, which shows it
+        results.put(repr(exc))
+
+
+def test_two_processes_create_one_store_together(tmp_path):
+    # scale.dhcp: 2 on a first start: both switch the new store to WAL at once (SQLite said "database is
+    # locked" to one of them about a time in four before the retry)
+    ctx = multiprocessing.get_context("fork")
+    for i in range(30):
+        path = tmp_path / f"leases{i}.sqlite"
+        barrier, results = ctx.Barrier(2), ctx.Queue()
+        procs = [ctx.Process(target=_open_together, args=(path, barrier, results)) for _ in range(2)]
+        for p in procs:
+            p.start()
+        for p in procs:
+            p.join(30)
+        assert [results.get(timeout=5) for _ in procs] == ["ok", "ok"], f"round {i}"
