@@ -66,7 +66,12 @@ fail() { echo "BOOTFLEET-FAIL $*"; poweroff -f; sleep 30; }
 echo "BOOTFLEET-IBFT target=$(cat /sys/firmware/ibft/target0/target-name 2>/dev/null) lun=$(cat /sys/firmware/ibft/target0/lun 2>/dev/null)"
 iscsistart -N >/tmp/net.log 2>&1 || { cat /tmp/net.log; fail "iscsistart -N (network from iBFT)"; }
 echo "BOOTFLEET-NET $(ip -4 -o addr show | grep -v ' lo ' | tr -s ' ' | cut -d' ' -f2,4) uptime=$(up)"
-iscsistart -b >/tmp/login.log 2>&1 || { cat /tmp/login.log; fail "iscsistart -b (login from iBFT)"; }
+# the second lab PC's OS asks for CRC32C header and data digests: Linux's own initiator checks ours
+digests=""
+case "$(cat /sys/firmware/ibft/target0/target-name 2>/dev/null)" in
+    *pc1) digests="-P node.conn[0].iscsi.HeaderDigest=CRC32C -P node.conn[0].iscsi.DataDigest=CRC32C" ;;
+esac
+iscsistart -b $digests >/tmp/login.log 2>&1 || { cat /tmp/login.log; fail "iscsistart -b (login from iBFT)"; }
 echo "BOOTFLEET-LOGIN uptime=$(up)"
 disk=""
 i=0

@@ -189,6 +189,10 @@ def timeline(events: list[dict[str, Any]]) -> list[dict[str, Any]]:
             logins += 1
             step = "iSCSI login (firmware)" if logins == 1 else "iSCSI login (OS)"
             detail = f.get("initiator", "")
+            digests = [f"{kind} {f[key]}" for kind, key in (("header", "header_digest"), ("data", "data_digest"))
+                       if f.get(key) not in (None, "None")]
+            if digests:
+                detail += f" (digests: {', '.join(digests)})"
         elif e["type"] in (ev.TFTP_STARTED, ev.TFTP_FINISHED, ev.TFTP_FAILED):
             detail = f.get("file", "")
             if e["type"] == ev.TFTP_FAILED:

@@ -17,7 +17,8 @@ BOOT = [
     event(100.9, ev.TFTP_FINISHED, ip="10.0.0.5", file="boot.ipxe"),
     event(101.3, ev.ISCSI_LOGIN, ip="10.0.0.5", initiator="iqn.2010-04.org.ipxe:x", session_type="Normal"),
     event(101.4, ev.ISCSI_FIRST_READ, ip="10.0.0.5", target="iqn.t", lun=0),
-    event(104.0, ev.ISCSI_LOGIN, ip="10.0.0.5", initiator="iqn.1993-08.org.debian:01", session_type="normal"),
+    event(104.0, ev.ISCSI_LOGIN, ip="10.0.0.5", initiator="iqn.1993-08.org.debian:01", session_type="normal",
+          header_digest="CRC32C", data_digest="None"),
 ]
 
 
@@ -28,6 +29,8 @@ def test_timeline_of_the_last_boot():
         "DHCP discover", "DHCP offer", "DHCP ack", "TFTP file", "iSCSI login (firmware)", "first READ", "iSCSI login (OS)",
     ]
     assert steps[0]["t"] == 0 and steps[-1]["t"] == 4.0
+    assert steps[4]["detail"] == "iqn.2010-04.org.ipxe:x"  # no digest fields: nothing said
+    assert steps[-1]["detail"] == "iqn.1993-08.org.debian:01 (digests: header CRC32C)"
 
 
 def test_client_table_links_addresses_to_macs():

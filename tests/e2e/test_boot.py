@@ -63,6 +63,10 @@ def test_two_pcs_boot_two_targets_through_bootfleet(workdir, boot_disk):
             assert times["first READ"] < times["iSCSI login (OS)"], json.dumps(answer)
             # the OS logs in after the initramfs started: the marker, power-on relative on the console
             assert times["iSCSI login (OS)"] - times["DHCP discover"] < r.nonce_s, json.dumps(answer)
+            # the second PC's OS asks for CRC32C digests (lab/image.py): its token and nonce crossed them
+            os_login = [s["detail"] for s in answer["timeline"] if s["step"] == "iSCSI login (OS)"]
+            wanted = "(digests: header CRC32C, data CRC32C)"
+            assert (wanted in os_login[-1]) == r.iqn.endswith("pc1"), json.dumps(answer)
 
         # the leases, read from the DHCP service's own store, and one freed through the whole chain
         leases = {l["mac"]: l for l in bl.stack.cli_json("leases")["leases"]}
