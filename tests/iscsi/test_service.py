@@ -53,11 +53,15 @@ def recv_exact(s, n):
     return buf
 
 
-def test_apply_adds_and_removes_targets_and_luns(tmp_path):
-    events = []
+def new_service(tmp_path) -> tuple[IscsiTargetService, list, int]:
+    """A service in this process, the events it emits, and a free port for its portal."""
+    events: list = []
     ctx = ServiceContext("iscsi_target", 0, tmp_path, lambda t, f: events.append((t, f)))
-    svc = IscsiTargetService(ctx)
-    port = free_port()
+    return IscsiTargetService(ctx), events, free_port()
+
+
+def test_apply_adds_and_removes_targets_and_luns(tmp_path):
+    svc, events, port = new_service(tmp_path)
 
     async def scenario():
         await svc.start(config(port, [target(A, 0)]))
@@ -119,10 +123,7 @@ iscsi:
 
 
 def test_session_reinstatement_closes_the_old_connection(tmp_path):
-    events = []
-    ctx = ServiceContext("iscsi_target", 0, tmp_path, lambda t, f: events.append((t, f)))
-    svc = IscsiTargetService(ctx)
-    port = free_port()
+    svc, events, port = new_service(tmp_path)
 
     async def scenario():
         await svc.start(config(port, [target(A, 0)]))
