@@ -1,6 +1,6 @@
 """TFTP throughput: Bootfleet's server and tftpd-hpa side by side on loopback, one run, interleaved.
 
-    .venv/bin/python bench/tftp.py [--rounds 3] [--parallel 50] [--size-mib 32]
+    .venv/bin/python bench/tftp.py [--rounds 3] [--parallel 50] [--size-mib 32] [--floor]
 
 Cases (a 32 MiB file of random bytes, clients write to /dev/null):
 1. one client, curl --tftp-blksize 1468: ours and tftpd-hpa, median of the rounds.
@@ -8,6 +8,8 @@ Cases (a 32 MiB file of random bytes, clients write to /dev/null):
    tftpd-hpa 5.2 does not implement it), both at blksize 1468, to /dev/null.
 3. `--parallel` curl clients at once (blksize 1468): aggregate MB/s = bytes of all / wall time, and failures;
    ours once as one process, then as two processes sharing the port (tftpd-hpa forks one per client).
+   With --floor, the same run adds bench/yardsticks/tftp_floor.py, the least a CPython loop does per packet,
+   with as many processes as ours, so its ratio to tftpd-hpa bounds what any Python loop reaches here.
 Prints MB/s (10^6 bytes/s) for each and the ratios ours/theirs. Bounded: every client has a timeout.
 """
 
@@ -29,6 +31,7 @@ ROOT = Path(__file__).resolve().parent.parent
 CLIENT_TIMEOUT = 30  # s per single download
 PARALLEL_TIMEOUT = 80  # s per client of a parallel run (50 x 32 MiB at 25 MB/s takes 67 s)
 BUDGET = 170  # s: the second parallel run of ours is left out (and said so) when it might not fit
+FLOOR = ROOT / "bench" / "yardsticks" / "tftp_floor.py"
 
 
 def free_port() -> int:
@@ -107,11 +110,25 @@ def parallel(port: int, name: str, size: int, clients: int) -> tuple[float, str]
     return (clients - failures) * size / elapsed / 1e6, failed
 
 
+def floor(path: Path, size: int, clients: int, processes: int) -> tuple[float, str]:
+    """The yardstick loop with `processes` processes, one parallel run, stopped with its process group."""
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, str(FLOOR), str(port), str(path), str(processes)],
+                            start_new_session=True)
+    try:
+        wait_udp(port, "the floor loop")
+        return parallel(port, path.name, size, clients)
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=10)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--parallel", type=int, default=50)
     parser.add_argument("--size-mib", type=int, default=32)
+    parser.add_argument("--floor", action="store_true", help="add the minimal Python loop to the parallel case")
     args = parser.parse_args()
     in_tftpd = need("in.tftpd")
     need("curl")
@@ -151,12 +168,16 @@ def main() -> None:
         t0 = time.monotonic()
         our_par, our_fail = parallel(our_port, "file", size, args.parallel)
         one_process_run = time.monotonic() - t0
+        floors = [floor(root / "file", size, args.parallel, 1)] if args.floor else []
         # a second process on the same port (SO_REUSEPORT), as `scale.tftp: 2` runs it under supervisord
         second = None
-        if time.monotonic() - began + 1.5 + one_process_run < BUDGET:  # two processes are not slower than one
+        budget = BUDGET + (2 * one_process_run if args.floor else 0)
+        if time.monotonic() - began + 1.5 + one_process_run < budget:  # two processes are not slower than one
             procs.append(subprocess.Popen(ours_cmd + ["--instance", "1"], cwd=ROOT, env=env))
             time.sleep(1.5)  # its start-up (imports); the first keeps answering meanwhile
             second = parallel(our_port, "file", size, args.parallel)
+            if args.floor:
+                floors.append(floor(root / "file", size, args.parallel, 2))
 
         o, t, w1, w16 = (statistics.median(x) for x in (ours, theirs, ws1, ws16))
         print(f"file {args.size_mib} MiB, loopback, medians of {args.rounds} rounds (MB/s = 10^6 bytes/s)")
@@ -170,6 +191,9 @@ def main() -> None:
                   f"ratio {second[0] / hpa_par:.2f}")
         else:
             print(f"  ours as 2 processes: left out, it might not fit in the {BUDGET} s budget")
+        for processes, (mbs, failed) in enumerate(floors, 1):
+            print(f"  the floor (bench/yardsticks/tftp_floor.py), {processes} process(es): {mbs:7.1f} MB/s ({failed})   "
+                  f"ratio {mbs / hpa_par:.2f}")
         print(f"bench time {time.monotonic() - began:.0f} s")
         print(f"rounds, one client: ours {[round(x, 1) for x in ours]} tftpd-hpa {[round(x, 1) for x in theirs]}; "
               f"ws16 {[round(x, 1) for x in ws16]} ws1 {[round(x, 1) for x in ws1]}")
