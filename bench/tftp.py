@@ -1,15 +1,17 @@
 """TFTP throughput: Bootfleet's server and tftpd-hpa side by side on loopback, one run, interleaved.
 
-    .venv/bin/python bench/tftp.py [--rounds 3] [--parallel 50] [--size-mib 32] [--floor]
+    .venv/bin/python bench/tftp.py [--rounds 3] [--parallel 50] [--parallel-rounds 3] [--size-mib 32] [--floor]
 
 Cases (a 32 MiB file of random bytes, clients write to /dev/null):
 1. one client, curl --tftp-blksize 1468: ours and tftpd-hpa, median of the rounds.
 2. windowsize (RFC 7440): atftp --option "windowsize 16" against ours with windowsize 1 (curl cannot ask it;
    tftpd-hpa 5.2 does not implement it), both at blksize 1468, to /dev/null.
 3. `--parallel` curl clients at once (blksize 1468): aggregate MB/s = bytes of all / wall time, and failures;
-   ours once as one process, then as two processes sharing the port (tftpd-hpa forks one per client).
-   With --floor, the same run adds bench/yardsticks/tftp_floor.py, the least a CPython loop does per packet,
-   with as many processes as ours, so its ratio to tftpd-hpa bounds what any Python loop reaches here.
+   ours as one process and as two processes sharing a port (tftpd-hpa forks one per client). Each of
+   `--parallel-rounds` rounds runs every server once, in a rotated order; a ratio is taken within a round (the
+   machine's speed drifts over minutes) and the median of the rounds' ratios is printed.
+   With --floor, the rounds add bench/yardsticks/tftp_floor.py, the least a CPython loop does per packet, as
+   one and as two processes, so its ratio to tftpd-hpa bounds what any Python loop reaches here.
 Prints MB/s (10^6 bytes/s) for each and the ratios ours/theirs. Bounded: every client has a timeout.
 """
 
@@ -30,7 +32,6 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 CLIENT_TIMEOUT = 30  # s per single download
 PARALLEL_TIMEOUT = 80  # s per client of a parallel run (50 x 32 MiB at 25 MB/s takes 67 s)
-BUDGET = 170  # s: the second parallel run of ours is left out (and said so) when it might not fit
 FLOOR = ROOT / "bench" / "yardsticks" / "tftp_floor.py"
 
 
@@ -93,7 +94,7 @@ def one_atftp(port: int, name: str, size: int, windowsize: int) -> float:
     args = ["atftp", "--option", "blksize 1468", "--option", f"windowsize {windowsize}",
             "-g", "-r", name, "-l", "/dev/null", "127.0.0.1", str(port)]
     start = time.perf_counter()
-    proc = subprocess.run(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, timeout=CLIENT_TIMEOUT)
+    proc = subprocess.run(args, check=False, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, timeout=CLIENT_TIMEOUT)
     elapsed = time.perf_counter() - start
     if proc.returncode != 0:
         raise RuntimeError(f"atftp windowsize {windowsize} from port {port} failed: {proc.stderr[-200:]!r}")
@@ -110,17 +111,14 @@ def parallel(port: int, name: str, size: int, clients: int) -> tuple[float, str]
     return (clients - failures) * size / elapsed / 1e6, failed
 
 
-def floor(path: Path, size: int, clients: int, processes: int) -> tuple[float, str]:
-    """The yardstick loop with `processes` processes, one parallel run, stopped with its process group."""
-    port = free_port()
-    proc = subprocess.Popen([sys.executable, str(FLOOR), str(port), str(path), str(processes)],
-                            start_new_session=True)
-    try:
-        wait_udp(port, "the floor loop")
-        return parallel(port, path.name, size, clients)
-    finally:
-        os.killpg(proc.pid, signal.SIGTERM)
-        proc.wait(timeout=10)
+def parallel_rounds(servers: dict[str, int], name: str, size: int, clients: int, rounds: int) -> dict[str, list]:
+    """-> server -> [(MB/s, failures) per round]; the order rotates so no server always runs after another."""
+    results: dict[str, list] = {label: [] for label in servers}
+    labels = list(servers)
+    for r in range(rounds):
+        for label in labels[r % len(labels):] + labels[: r % len(labels)]:
+            results[label].append(parallel(servers[label], name, size, clients))
+    return results
 
 
 def main() -> None:
@@ -128,6 +126,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--parallel", type=int, default=50)
     parser.add_argument("--size-mib", type=int, default=32)
+    parser.add_argument("--parallel-rounds", type=int, default=3)
     parser.add_argument("--floor", action="store_true", help="add the minimal Python loop to the parallel case")
     args = parser.parse_args()
     in_tftpd = need("in.tftpd")
@@ -136,6 +135,7 @@ def main() -> None:
     size = args.size_mib << 20
     scratch = Path(tempfile.mkdtemp(prefix="bench-tftp-"))
     procs: list[subprocess.Popen] = []
+    groups: list[subprocess.Popen] = []  # the floor's processes: each leads a process group of its forks
     try:
         root = scratch / "root"
         root.mkdir()
@@ -143,19 +143,31 @@ def main() -> None:
         os.chmod(scratch, 0o755)
         os.chmod(root, 0o755)
         os.chmod(root / "file", 0o644)
-        hpa_port, our_port = free_port(), free_port()
+        hpa_port, our_port, pair_port = free_port(), free_port(), free_port()
         procs.append(subprocess.Popen([in_tftpd, "-L", "-s", str(root), "-a", f"127.0.0.1:{hpa_port}"],
                                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
-        config = scratch / "bootfleet.yaml"
-        config.write_text(
-            "version: 1\nlogging: {level: warning}\n"
-            f"tftp: {{root: {root}, address: 127.0.0.1, port: {our_port}}}\n"
-        )
-        ours_cmd = [sys.executable, "-m", "services.tftp", "--config", str(config), "--state-dir", str(scratch / "state")]
         env = {**os.environ, "PYTHONPATH": str(ROOT)}
-        procs.append(subprocess.Popen(ours_cmd, cwd=ROOT, env=env))
-        wait_udp(hpa_port, "tftpd-hpa")
-        wait_udp(our_port, "bootfleet tftp")
+        # ours as one process, and as two on one port (SO_REUSEPORT), as `scale.tftp: 2` runs it under supervisord
+        for label, port, instances in (("one", our_port, 1), ("pair", pair_port, 2)):
+            config = scratch / f"bootfleet-{label}.yaml"
+            config.write_text(
+                "version: 1\nlogging: {level: warning}\n"
+                f"tftp: {{root: {root}, address: 127.0.0.1, port: {port}}}\n"
+            )
+            for instance in range(instances):
+                procs.append(subprocess.Popen(
+                    [sys.executable, "-m", "services.tftp", "--config", str(config), "--state-dir",
+                     str(scratch / f"state-{label}"), "--instance", str(instance)], cwd=ROOT, env=env))
+        servers = {"tftpd-hpa": hpa_port, "ours, 1 process": our_port, "ours, 2 processes": pair_port}
+        if args.floor:
+            for processes in (1, 2):
+                port = free_port()
+                groups.append(subprocess.Popen([sys.executable, str(FLOOR), str(port), str(root / "file"),
+                                                str(processes)], start_new_session=True))
+                servers[f"the floor, {processes} process{'es' if processes > 1 else ''}"] = port
+        for label, port in servers.items():
+            wait_udp(port, label)
+        time.sleep(1.5)  # the second of a pair answers once its imports are done; until then the first serves all
 
         began = time.monotonic()
         ours, theirs, ws1, ws16 = [], [], [], []
@@ -164,43 +176,32 @@ def main() -> None:
             ours.append(one_curl(our_port, "file", size))
             ws1.append(one_atftp(our_port, "file", size, 1))
             ws16.append(one_atftp(our_port, "file", size, 16))
-        hpa_par, hpa_fail = parallel(hpa_port, "file", size, args.parallel)
-        t0 = time.monotonic()
-        our_par, our_fail = parallel(our_port, "file", size, args.parallel)
-        one_process_run = time.monotonic() - t0
-        floors = [floor(root / "file", size, args.parallel, 1)] if args.floor else []
-        # a second process on the same port (SO_REUSEPORT), as `scale.tftp: 2` runs it under supervisord
-        second = None
-        budget = BUDGET + (2 * one_process_run if args.floor else 0)
-        if time.monotonic() - began + 1.5 + one_process_run < budget:  # two processes are not slower than one
-            procs.append(subprocess.Popen(ours_cmd + ["--instance", "1"], cwd=ROOT, env=env))
-            time.sleep(1.5)  # its start-up (imports); the first keeps answering meanwhile
-            second = parallel(our_port, "file", size, args.parallel)
-            if args.floor:
-                floors.append(floor(root / "file", size, args.parallel, 2))
+        par = parallel_rounds(servers, "file", size, args.parallel, args.parallel_rounds)
 
         o, t, w1, w16 = (statistics.median(x) for x in (ours, theirs, ws1, ws16))
         print(f"file {args.size_mib} MiB, loopback, medians of {args.rounds} rounds (MB/s = 10^6 bytes/s)")
         print(f"one client, curl blksize 1468:  ours {o:7.1f} MB/s   tftpd-hpa {t:7.1f} MB/s   ratio {o / t:.2f}")
         print(f"atftp blksize 1468, ours:       windowsize 16 {w16:7.1f} MB/s   windowsize 1 {w1:7.1f} MB/s   "
               f"ratio {w16 / w1:.2f}")
-        print(f"{args.parallel} parallel curl clients:    ours {our_par:7.1f} MB/s ({our_fail})   "
-              f"tftpd-hpa {hpa_par:7.1f} MB/s ({hpa_fail})   ratio {our_par / hpa_par:.2f}")
-        if second:
-            print(f"  the same, ours as 2 processes on the port: {second[0]:7.1f} MB/s ({second[1]})   "
-                  f"ratio {second[0] / hpa_par:.2f}")
-        else:
-            print(f"  ours as 2 processes: left out, it might not fit in the {BUDGET} s budget")
-        for processes, (mbs, failed) in enumerate(floors, 1):
-            print(f"  the floor (bench/yardsticks/tftp_floor.py), {processes} process(es): {mbs:7.1f} MB/s ({failed})   "
-                  f"ratio {mbs / hpa_par:.2f}")
+        hpa = par["tftpd-hpa"]
+        print(f"{args.parallel} parallel curl clients, {args.parallel_rounds} rounds (median MB/s; ratio to tftpd-hpa "
+              f"in the same round: median [each round]):")
+        for label, runs in par.items():
+            failed = sum(int(f.split()[0]) for _, f in runs)
+            line = f"  {label:22} {statistics.median(m for m, _ in runs):7.1f} MB/s, {failed} failed"
+            if label != "tftpd-hpa":
+                ratios = [m / h for (m, _), (h, _) in zip(runs, hpa)]
+                line += f"   ratio {statistics.median(ratios):.2f} {[round(x, 2) for x in ratios]}"
+            print(line + "".join(f"; {f}" for _, f in runs if "exit codes" in f))
         print(f"bench time {time.monotonic() - began:.0f} s")
         print(f"rounds, one client: ours {[round(x, 1) for x in ours]} tftpd-hpa {[round(x, 1) for x in theirs]}; "
               f"ws16 {[round(x, 1) for x in ws16]} ws1 {[round(x, 1) for x in ws1]}")
     finally:
+        for proc in groups:
+            os.killpg(proc.pid, signal.SIGTERM)
         for proc in procs:
             proc.send_signal(signal.SIGTERM)
-        for proc in procs:
+        for proc in procs + groups:
             try:
                 proc.wait(timeout=10)
             except subprocess.TimeoutExpired:

@@ -21,7 +21,8 @@ HEADER = struct.Struct("!HH")
 
 
 def serve(port: int, path: str) -> None:
-    data = memoryview(open(path, "rb").read())
+    with open(path, "rb") as f:
+        data = memoryview(f.read())
     size = len(data)
     name = os.path.basename(path).encode()
     pack, unpack = HEADER.pack, HEADER.unpack_from
