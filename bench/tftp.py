@@ -11,7 +11,8 @@ Cases (a 32 MiB file of random bytes, clients write to /dev/null):
    `--parallel-rounds` rounds runs every server once, in a rotated order; a ratio is taken within a round (the
    machine's speed drifts over minutes) and the median of the rounds' ratios is printed.
    With --floor, the rounds add bench/yardsticks/tftp_floor.py, the least a CPython loop does per packet, as
-   one and as two processes, so its ratio to tftpd-hpa bounds what any Python loop reaches here.
+   one and as two processes, so its ratio to tftpd-hpa bounds what any Python loop reaches here; and the same
+   loop in C (bench/yardsticks/tftp_floor.c, built with cc), what a single event loop reaches at all.
 Prints MB/s (10^6 bytes/s) for each and the ratios ours/theirs. Bounded: every client has a timeout.
 """
 
@@ -33,6 +34,7 @@ ROOT = Path(__file__).resolve().parent.parent
 CLIENT_TIMEOUT = 30  # s per single download
 PARALLEL_TIMEOUT = 80  # s per client of a parallel run (50 x 32 MiB at 25 MB/s takes 67 s)
 FLOOR = ROOT / "bench" / "yardsticks" / "tftp_floor.py"
+C_FLOOR = FLOOR.with_suffix(".c")
 
 
 def free_port() -> int:
@@ -121,6 +123,15 @@ def parallel_rounds(servers: dict[str, int], name: str, size: int, clients: int,
     return results
 
 
+def build_c_floor(scratch: Path) -> Path | None:
+    compiler = shutil.which("cc") or shutil.which("gcc")
+    if not compiler:
+        return None
+    binary = scratch / "tftp_floor_c"
+    subprocess.run([compiler, "-O2", "-o", str(binary), str(C_FLOOR)], check=True)
+    return binary
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--rounds", type=int, default=3)
@@ -165,6 +176,13 @@ def main() -> None:
                 groups.append(subprocess.Popen([sys.executable, str(FLOOR), str(port), str(root / "file"),
                                                 str(processes)], start_new_session=True))
                 servers[f"the floor, {processes} process{'es' if processes > 1 else ''}"] = port
+            binary = build_c_floor(scratch)
+            if binary is None:
+                print("the C floor: left out, there is no C compiler (apt-get install gcc)")
+            else:
+                port = free_port()
+                groups.append(subprocess.Popen([str(binary), str(port), str(root / "file")], start_new_session=True))
+                servers["the C floor, 1 process"] = port
         for label, port in servers.items():
             wait_udp(port, label)
         time.sleep(1.5)  # the second of a pair answers once its imports are done; until then the first serves all
