@@ -138,7 +138,7 @@ def main() -> None:
     parser.add_argument("--parallel", type=int, default=50)
     parser.add_argument("--size-mib", type=int, default=32)
     parser.add_argument("--parallel-rounds", type=int, default=3)
-    parser.add_argument("--floor", action="store_true", help="add the minimal Python loop to the parallel case")
+    parser.add_argument("--floor", action="store_true", help="add the minimal loops (Python, C) to the parallel case")
     args = parser.parse_args()
     in_tftpd = need("in.tftpd")
     need("curl")
@@ -146,7 +146,7 @@ def main() -> None:
     size = args.size_mib << 20
     scratch = Path(tempfile.mkdtemp(prefix="bench-tftp-"))
     procs: list[subprocess.Popen] = []
-    groups: list[subprocess.Popen] = []  # the floor's processes: each leads a process group of its forks
+    groups: list[subprocess.Popen] = []  # the floors: each leads a process group of its forks
     try:
         root = scratch / "root"
         root.mkdir()
