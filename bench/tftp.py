@@ -11,8 +11,9 @@ Cases (a 32 MiB file of random bytes, clients write to /dev/null):
    `--parallel-rounds` rounds runs every server once, in a rotated order; a ratio is taken within a round (the
    machine's speed drifts over minutes) and the median of the rounds' ratios is printed.
    With --floor, the rounds add bench/yardsticks/tftp_floor.py, the least a CPython loop does per packet, as
-   one and as two processes, so its ratio to tftpd-hpa bounds what any Python loop reaches here; and the same
-   loop in C (bench/yardsticks/tftp_floor.c, built with cc), what a single event loop reaches at all.
+   one and as two processes, so its ratio to tftpd-hpa bounds what any Python loop reaches here; the same in
+   tftpd-hpa's shape (a process forked per transfer); and the loop in C (bench/yardsticks/tftp_floor.c, built
+   with cc), what a single event loop reaches at all.
 Prints MB/s (10^6 bytes/s) for each and the ratios ours/theirs. Bounded: every client has a timeout.
 """
 
@@ -138,7 +139,7 @@ def main() -> None:
     parser.add_argument("--parallel", type=int, default=50)
     parser.add_argument("--size-mib", type=int, default=32)
     parser.add_argument("--parallel-rounds", type=int, default=3)
-    parser.add_argument("--floor", action="store_true", help="add the minimal loops (Python, C) to the parallel case")
+    parser.add_argument("--floor", action="store_true", help="add the minimal servers (Python loop, Python fork per transfer, C loop) to the parallel case")
     args = parser.parse_args()
     in_tftpd = need("in.tftpd")
     need("curl")
@@ -171,11 +172,11 @@ def main() -> None:
                      str(scratch / f"state-{label}"), "--instance", str(instance)], cwd=ROOT, env=env))
         servers = {"tftpd-hpa": hpa_port, "ours, 1 process": our_port, "ours, 2 processes": pair_port}
         if args.floor:
-            for processes in (1, 2):
+            for shape, label in (("1", "1 process"), ("2", "2 processes"), ("fork", "a process/transfer")):
                 port = free_port()
-                groups.append(subprocess.Popen([sys.executable, str(FLOOR), str(port), str(root / "file"),
-                                                str(processes)], start_new_session=True))
-                servers[f"the floor, {processes} process{'es' if processes > 1 else ''}"] = port
+                groups.append(subprocess.Popen([sys.executable, str(FLOOR), str(port), str(root / "file"), shape],
+                                               start_new_session=True))
+                servers[f"the floor, {label}"] = port
             binary = build_c_floor(scratch)
             if binary is None:
                 print("the C floor: left out, there is no C compiler (apt-get install gcc)")
@@ -206,7 +207,7 @@ def main() -> None:
               f"in the same round: median [each round]):")
         for label, runs in par.items():
             failed = sum(int(f.split()[0]) for _, f in runs)
-            line = f"  {label:22} {statistics.median(m for m, _ in runs):7.1f} MB/s, {failed} failed"
+            line = f"  {label:30} {statistics.median(m for m, _ in runs):7.1f} MB/s, {failed} failed"
             if label != "tftpd-hpa":
                 ratios = [m / h for (m, _), (h, _) in zip(runs, hpa)]
                 line += f"   ratio {statistics.median(ratios):.2f} {[round(x, 2) for x in ratios]}"
