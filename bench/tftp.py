@@ -14,13 +14,22 @@ Cases (a 32 MiB file of random bytes, clients write to /dev/null):
    one and as two processes, so its ratio to tftpd-hpa bounds what any Python loop reaches here; the same in
    tftpd-hpa's shape (a process forked per transfer); and the loop in C (bench/yardsticks/tftp_floor.c, built
    with cc), what a single event loop reaches at all.
+4. the same 50 clients with the cores split (when there are at least two): the servers on the last core, the
+   clients on the others, as when the clients are other machines. Sharing the cores, a process per client
+   (tftpd-hpa) has an edge no network gives it: woken by a curl's ACK on that curl's core, it preempts the
+   curl and answers before the curl sleeps, so the curl never pays a sleep and a wake-up per packet; against
+   any event loop (ours, the floors, C) each curl sleeps about once a packet. The report prints, per server,
+   curl's CPU per packet and how often it slept (voluntary context switches per 1000 packets, from the
+   rusage of the reaped curls) and, split, how busy the server core was.
 Prints MB/s (10^6 bytes/s) for each and the ratios ours/theirs. Bounded: every client has a timeout.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
+import resource
 import shutil
 import signal
 import socket
@@ -29,11 +38,13 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 CLIENT_TIMEOUT = 30  # s per single download
 PARALLEL_TIMEOUT = 80  # s per client of a parallel run (50 x 32 MiB at 25 MB/s takes 67 s)
+CLOCK_TICKS = os.sysconf("SC_CLK_TCK")  # /proc/stat's unit
 FLOOR = ROOT / "bench" / "yardsticks" / "tftp_floor.py"
 C_FLOOR = FLOOR.with_suffix(".c")
 
@@ -64,6 +75,21 @@ def wait_udp(port: int, name: str, deadline: float = 10.0) -> None:
             except OSError:
                 time.sleep(0.1)
     sys.exit(f"bench/tftp.py: {name} did not answer on port {port}")
+
+
+@contextlib.contextmanager
+def pinned(cpus: set[int] | None):
+    """Processes started inside run on `cpus` (they inherit this process's affinity, and so does all they
+    fork later); None: wherever the kernel likes."""
+    if cpus is None:
+        yield
+        return
+    saved = os.sched_getaffinity(0)
+    os.sched_setaffinity(0, cpus)
+    try:
+        yield
+    finally:
+        os.sched_setaffinity(0, saved)
 
 
 def curl(port: int, name: str, size: int, timeout: int = CLIENT_TIMEOUT) -> subprocess.Popen:
@@ -104,26 +130,81 @@ def one_atftp(port: int, name: str, size: int, windowsize: int) -> float:
     return size / elapsed / 1e6
 
 
-def parallel(port: int, name: str, size: int, clients: int) -> tuple[float, list[int]]:
-    """-> (aggregate MB/s of the downloads that succeeded, the exit code of each curl that failed)."""
+@dataclass
+class Run:
+    """One parallel run: what the clients got and what it cost them."""
+
+    mbs: float  # aggregate MB/s of the downloads that succeeded
+    failed: list[int] = field(default_factory=list)  # the exit code of each curl that failed
+    curl_us: float = 0.0  # curl's CPU (user + system) per DATA packet, µs
+    sleeps: float = 0.0  # curl's voluntary context switches per 1000 DATA packets: how often it waited
+    busy: float = 0.0  # how busy the watched cores were, 0..1
+    cores_us: float = 0.0  # the watched cores' busy time per DATA packet, µs
+
+
+def cpu_times(cpus: set[int]) -> tuple[int, int]:
+    """-> (busy, total) jiffies of these cores, from /proc/stat."""
+    busy = total = 0
+    with open("/proc/stat") as f:
+        for line in f:
+            name, *values = line.split()
+            if name.startswith("cpu") and name[3:].isdigit() and int(name[3:]) in cpus:
+                ticks = [int(v) for v in values[:8]]  # user nice system idle iowait irq softirq steal
+                total += sum(ticks)
+                busy += sum(ticks) - ticks[3] - ticks[4]
+    return busy, total
+
+
+def parallel(port: int, name: str, size: int, clients: int, client_cpus: set[int] | None = None,
+             watch: set[int] | None = None) -> Run:
+    """`clients` curls at once; `watch`: the cores whose busy share to report (all of them by default)."""
+    watch = watch if watch is not None else set(os.sched_getaffinity(0))
+    before, cores = resource.getrusage(resource.RUSAGE_CHILDREN), cpu_times(watch)
     start = time.perf_counter()
-    procs = [curl(port, name, size, PARALLEL_TIMEOUT) for _ in range(clients)]
+    with pinned(client_cpus):
+        procs = [curl(port, name, size, PARALLEL_TIMEOUT) for _ in range(clients)]
     codes: list[int] = []
     for p in procs:
-        ok(p, size, codes)
+        ok(p, size, codes)  # reaps each curl: its rusage joins RUSAGE_CHILDREN (the servers are not reaped)
     elapsed = time.perf_counter() - start
-    return (clients - len(codes)) * size / elapsed / 1e6, codes
+    after, cores_after = resource.getrusage(resource.RUSAGE_CHILDREN), cpu_times(watch)
+    packets = clients * (size // 1468 + 1)
+    cpu = (after.ru_utime + after.ru_stime) - (before.ru_utime + before.ru_stime)
+    busy, total = (a - b for a, b in zip(cores_after, cores))
+    return Run((clients - len(codes)) * size / elapsed / 1e6, codes, cpu / packets * 1e6,
+               (after.ru_nvcsw - before.ru_nvcsw) / packets * 1000, busy / total if total else 0.0,
+               busy / CLOCK_TICKS / packets * 1e6)
 
 
-def parallel_rounds(servers: dict[str, int], name: str, size: int, clients: int, rounds: int) -> dict[str, list]:
-    """-> server -> [(MB/s, failed curls' exit codes) per round]; the order rotates so no server always runs
-    after another."""
-    results: dict[str, list] = {label: [] for label in servers}
+def parallel_rounds(servers: dict[str, int], name: str, size: int, clients: int, rounds: int,
+                    client_cpus: set[int] | None = None, watch: set[int] | None = None) -> dict[str, list[Run]]:
+    """-> server -> a Run per round; the order rotates so no server always runs after another."""
+    results: dict[str, list[Run]] = {label: [] for label in servers}
     labels = list(servers)
     for r in range(rounds):
         for label in labels[r % len(labels):] + labels[: r % len(labels)]:
-            results[label].append(parallel(servers[label], name, size, clients))
+            results[label].append(parallel(servers[label], name, size, clients, client_cpus, watch))
     return results
+
+
+def report(par: dict[str, list[Run]], busy_label: str) -> None:
+    hpa = par["tftpd-hpa"]
+    for label, runs in par.items():
+        codes = [c for run in runs for c in run.failed]
+        line = f"  {label:30} {statistics.median(r.mbs for r in runs):7.1f} MB/s, {len(codes)} failed"
+        if label != "tftpd-hpa":
+            ratios = [r.mbs / h.mbs for r, h in zip(runs, hpa)]
+            line += f"   ratio {statistics.median(ratios):.2f} {[round(x, 2) for x in ratios]}"
+        print(line + (f"; curl exit codes {sorted(set(codes))} (28: its --max-time ran out)" if codes else ""))
+        print(f"  {'':30} per DATA packet: curl {statistics.median(r.curl_us for r in runs):4.1f} µs CPU, "
+              f"{statistics.median(r.sleeps for r in runs) / 1000:.2f} sleeps; {busy_label} "
+              f"{statistics.median(r.cores_us for r in runs):4.1f} µs ({statistics.median(r.busy for r in runs):.0%} busy)")
+
+
+def split_cores() -> tuple[set[int], set[int]] | None:
+    """-> (the server core, the client cores), or None on a one-core machine."""
+    cpus = sorted(os.sched_getaffinity(0))
+    return ({cpus[-1]}, set(cpus[:-1])) if len(cpus) >= 2 else None
 
 
 def build_c_floor(scratch: Path) -> Path | None:
@@ -133,6 +214,82 @@ def build_c_floor(scratch: Path) -> Path | None:
     binary = scratch / "tftp_floor_c"
     subprocess.run([compiler, "-O2", "-o", str(binary), str(C_FLOOR)], check=True)
     return binary
+
+
+class Launcher:
+    """Starts the servers under test, each pinned to `cpus` or not, and stops all it started (by PID)."""
+
+    def __init__(self, scratch: Path, root: Path, in_tftpd: str):
+        self.scratch, self.root, self.in_tftpd = scratch, root, in_tftpd
+        self.procs: list[subprocess.Popen] = []
+        self.groups: list[subprocess.Popen] = []  # the floors: each leads a process group of its forks
+        self.c_floor: Path | None | bool = False  # not built yet
+
+    def hpa(self, cpus: set[int] | None) -> int:
+        port = free_port()
+        with pinned(cpus):
+            self.procs.append(subprocess.Popen([self.in_tftpd, "-L", "-s", str(self.root), "-a", f"127.0.0.1:{port}"],
+                                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+        return port
+
+    def ours(self, instances: int, cpus: set[int] | None) -> int:
+        """`instances` processes on one port (SO_REUSEPORT), as `scale.tftp` runs them under supervisord."""
+        port = free_port()
+        config = self.scratch / f"bootfleet-{port}.yaml"
+        config.write_text("version: 1\nlogging: {level: warning}\n"
+                          f"tftp: {{root: {self.root}, address: 127.0.0.1, port: {port}}}\n")
+        env = {**os.environ, "PYTHONPATH": str(ROOT)}
+        with pinned(cpus):
+            for instance in range(instances):
+                self.procs.append(subprocess.Popen(
+                    [sys.executable, "-m", "services.tftp", "--config", str(config), "--state-dir",
+                     str(self.scratch / f"state-{port}"), "--instance", str(instance)], cwd=ROOT, env=env))
+        return port
+
+    def floor(self, shape: str, cpus: set[int] | None) -> int:
+        port = free_port()
+        with pinned(cpus):
+            self.groups.append(subprocess.Popen([sys.executable, str(FLOOR), str(port), str(self.root / "file"), shape],
+                                                start_new_session=True))
+        return port
+
+    def floor_c(self, cpus: set[int] | None) -> int | None:
+        if self.c_floor is False:
+            self.c_floor = build_c_floor(self.scratch)
+            if self.c_floor is None:
+                print("the C floor: left out, there is no C compiler (apt-get install gcc)")
+        if self.c_floor is None:
+            return None
+        port = free_port()
+        with pinned(cpus):
+            self.groups.append(subprocess.Popen([str(self.c_floor), str(port), str(self.root / "file")],
+                                                start_new_session=True))
+        return port
+
+    def servers(self, floor: bool, cpus: set[int] | None = None) -> dict[str, int]:
+        """Sharing the cores (cpus None): ours as one and as two processes; on one core, ours as one."""
+        servers = {"tftpd-hpa": self.hpa(cpus), "ours, 1 process": self.ours(1, cpus)}
+        if cpus is None:
+            servers["ours, 2 processes"] = self.ours(2, cpus)
+        if floor:
+            shapes = (("1", "1 process"), ("2", "2 processes"), ("fork", "a process/transfer"))
+            for shape, label in shapes if cpus is None else (shapes[0], shapes[2]):
+                servers[f"the floor, {label}"] = self.floor(shape, cpus)
+            port = self.floor_c(cpus)
+            if port is not None:
+                servers["the C floor, 1 process"] = port
+        return servers
+
+    def stop(self) -> None:
+        for proc in self.groups:
+            os.killpg(proc.pid, signal.SIGTERM)
+        for proc in self.procs:
+            proc.send_signal(signal.SIGTERM)
+        for proc in self.procs + self.groups:
+            try:
+                proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
 
 
 def main() -> None:
@@ -148,47 +305,21 @@ def main() -> None:
     need("atftp")
     size = args.size_mib << 20
     scratch = Path(tempfile.mkdtemp(prefix="bench-tftp-"))
-    procs: list[subprocess.Popen] = []
-    groups: list[subprocess.Popen] = []  # the floors: each leads a process group of its forks
+    root = scratch / "root"
+    launcher = Launcher(scratch, root, in_tftpd)
     try:
-        root = scratch / "root"
         root.mkdir()
         (root / "file").write_bytes(os.urandom(size))
         os.chmod(scratch, 0o755)
         os.chmod(root, 0o755)
         os.chmod(root / "file", 0o644)
-        hpa_port, our_port, pair_port = free_port(), free_port(), free_port()
-        procs.append(subprocess.Popen([in_tftpd, "-L", "-s", str(root), "-a", f"127.0.0.1:{hpa_port}"],
-                                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
-        env = {**os.environ, "PYTHONPATH": str(ROOT)}
-        # ours as one process, and as two on one port (SO_REUSEPORT), as `scale.tftp: 2` runs it under supervisord
-        for label, port, instances in (("one", our_port, 1), ("pair", pair_port, 2)):
-            config = scratch / f"bootfleet-{label}.yaml"
-            config.write_text(
-                "version: 1\nlogging: {level: warning}\n"
-                f"tftp: {{root: {root}, address: 127.0.0.1, port: {port}}}\n"
-            )
-            for instance in range(instances):
-                procs.append(subprocess.Popen(
-                    [sys.executable, "-m", "services.tftp", "--config", str(config), "--state-dir",
-                     str(scratch / f"state-{label}"), "--instance", str(instance)], cwd=ROOT, env=env))
-        servers = {"tftpd-hpa": hpa_port, "ours, 1 process": our_port, "ours, 2 processes": pair_port}
-        if args.floor:
-            for shape, label in (("1", "1 process"), ("2", "2 processes"), ("fork", "a process/transfer")):
-                port = free_port()
-                groups.append(subprocess.Popen([sys.executable, str(FLOOR), str(port), str(root / "file"), shape],
-                                               start_new_session=True))
-                servers[f"the floor, {label}"] = port
-            binary = build_c_floor(scratch)
-            if binary is None:
-                print("the C floor: left out, there is no C compiler (apt-get install gcc)")
-            else:
-                port = free_port()
-                groups.append(subprocess.Popen([str(binary), str(port), str(root / "file")], start_new_session=True))
-                servers["the C floor, 1 process"] = port
-        for label, port in servers.items():
+        servers = launcher.servers(args.floor)
+        split = split_cores()
+        split_servers = launcher.servers(args.floor, split[0]) if split else {}
+        for label, port in {**servers, **split_servers}.items():
             wait_udp(port, label)
         time.sleep(1.5)  # the second of a pair answers once its imports are done; until then the first serves all
+        hpa_port, our_port = servers["tftpd-hpa"], servers["ours, 1 process"]
 
         began = time.monotonic()
         ours, theirs, ws1, ws16 = [], [], [], []
@@ -198,35 +329,28 @@ def main() -> None:
             ws1.append(one_atftp(our_port, "file", size, 1))
             ws16.append(one_atftp(our_port, "file", size, 16))
         par = parallel_rounds(servers, "file", size, args.parallel, args.parallel_rounds)
+        par_split = (parallel_rounds(split_servers, "file", size, args.parallel, args.parallel_rounds, split[1],
+                                     split[0]) if split else {})
 
         o, t, w1, w16 = (statistics.median(x) for x in (ours, theirs, ws1, ws16))
         print(f"file {args.size_mib} MiB, loopback, medians of {args.rounds} rounds (MB/s = 10^6 bytes/s)")
         print(f"one client, curl blksize 1468:  ours {o:7.1f} MB/s   tftpd-hpa {t:7.1f} MB/s   ratio {o / t:.2f}")
         print(f"atftp blksize 1468, ours:       windowsize 16 {w16:7.1f} MB/s   windowsize 1 {w1:7.1f} MB/s   "
               f"ratio {w16 / w1:.2f}")
-        hpa = par["tftpd-hpa"]
         print(f"{args.parallel} parallel curl clients, {args.parallel_rounds} rounds (median MB/s; ratio to tftpd-hpa "
               f"in the same round: median [each round]):")
-        for label, runs in par.items():
-            codes = [c for _, failed in runs for c in failed]
-            line = f"  {label:30} {statistics.median(m for m, _ in runs):7.1f} MB/s, {len(codes)} failed"
-            if label != "tftpd-hpa":
-                ratios = [m / h for (m, _), (h, _) in zip(runs, hpa)]
-                line += f"   ratio {statistics.median(ratios):.2f} {[round(x, 2) for x in ratios]}"
-            print(line + (f"; curl exit codes {sorted(set(codes))} (28: its --max-time ran out)" if codes else ""))
+        print(" sharing all cores:")
+        report(par, "all cores")
+        if split:
+            print(f" cores split: the servers on core {min(split[0])}, the clients on {sorted(split[1])}:")
+            report(par_split, "server core")
+        else:
+            print(" cores split: left out, this machine has one core")
         print(f"bench time {time.monotonic() - began:.0f} s")
         print(f"rounds, one client: ours {[round(x, 1) for x in ours]} tftpd-hpa {[round(x, 1) for x in theirs]}; "
               f"ws16 {[round(x, 1) for x in ws16]} ws1 {[round(x, 1) for x in ws1]}")
     finally:
-        for proc in groups:
-            os.killpg(proc.pid, signal.SIGTERM)
-        for proc in procs:
-            proc.send_signal(signal.SIGTERM)
-        for proc in procs + groups:
-            try:
-                proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
+        launcher.stop()
         shutil.rmtree(scratch, ignore_errors=True)
 
 
