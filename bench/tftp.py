@@ -19,8 +19,8 @@ Cases (a 32 MiB file of random bytes, clients write to /dev/null):
    (tftpd-hpa) has an edge no network gives it: woken by a curl's ACK on that curl's core, it preempts the
    curl and answers before the curl sleeps, so the curl never pays a sleep and a wake-up per packet; against
    any event loop (ours, the floors, C) each curl sleeps about once a packet. The report prints, per server,
-   curl's CPU per packet and how often it slept (voluntary context switches per 1000 packets, from the
-   rusage of the reaped curls) and, split, how busy the server core was.
+   curl's CPU per packet and how often it slept (voluntary context switches per packet, from the rusage of
+   the reaped curls), and the busy time per packet of all cores or, split, of the server core.
 Prints MB/s (10^6 bytes/s) for each and the ratios ours/theirs. Bounded: every client has a timeout.
 """
 
@@ -137,22 +137,25 @@ class Run:
     mbs: float  # aggregate MB/s of the downloads that succeeded
     failed: list[int] = field(default_factory=list)  # the exit code of each curl that failed
     curl_us: float = 0.0  # curl's CPU (user + system) per DATA packet, µs
-    sleeps: float = 0.0  # curl's voluntary context switches per 1000 DATA packets: how often it waited
+    sleeps: float = 0.0  # curl's voluntary context switches per DATA packet: how often it waited for one
     busy: float = 0.0  # how busy the watched cores were, 0..1
     cores_us: float = 0.0  # the watched cores' busy time per DATA packet, µs
+    stolen: float = 0.0  # the share of the watched cores' time the hypervisor took, 0..1
 
 
-def cpu_times(cpus: set[int]) -> tuple[int, int]:
-    """-> (busy, total) jiffies of these cores, from /proc/stat."""
-    busy = total = 0
+def cpu_times(cpus: set[int]) -> tuple[int, int, int]:
+    """-> (busy, stolen, total) jiffies of these cores, from /proc/stat; stolen: the hypervisor ran something
+    else on them (a source of this VM's noise)."""
+    busy = stolen = total = 0
     with open("/proc/stat") as f:
         for line in f:
             name, *values = line.split()
             if name.startswith("cpu") and name[3:].isdigit() and int(name[3:]) in cpus:
                 ticks = [int(v) for v in values[:8]]  # user nice system idle iowait irq softirq steal
                 total += sum(ticks)
-                busy += sum(ticks) - ticks[3] - ticks[4]
-    return busy, total
+                busy += sum(ticks) - ticks[3] - ticks[4] - ticks[7]
+                stolen += ticks[7]
+    return busy, stolen, total
 
 
 def parallel(port: int, name: str, size: int, clients: int, client_cpus: set[int] | None = None,
@@ -170,10 +173,11 @@ def parallel(port: int, name: str, size: int, clients: int, client_cpus: set[int
     after, cores_after = resource.getrusage(resource.RUSAGE_CHILDREN), cpu_times(watch)
     packets = clients * (size // 1468 + 1)
     cpu = (after.ru_utime + after.ru_stime) - (before.ru_utime + before.ru_stime)
-    busy, total = (a - b for a, b in zip(cores_after, cores))
+    busy, stolen, total = (a - b for a, b in zip(cores_after, cores))
+    total = total or 1
     return Run((clients - len(codes)) * size / elapsed / 1e6, codes, cpu / packets * 1e6,
-               (after.ru_nvcsw - before.ru_nvcsw) / packets * 1000, busy / total if total else 0.0,
-               busy / CLOCK_TICKS / packets * 1e6)
+               (after.ru_nvcsw - before.ru_nvcsw) / packets, busy / total, busy / CLOCK_TICKS / packets * 1e6,
+               stolen / total)
 
 
 def parallel_rounds(servers: dict[str, int], name: str, size: int, clients: int, rounds: int,
@@ -197,8 +201,9 @@ def report(par: dict[str, list[Run]], busy_label: str) -> None:
             line += f"   ratio {statistics.median(ratios):.2f} {[round(x, 2) for x in ratios]}"
         print(line + (f"; curl exit codes {sorted(set(codes))} (28: its --max-time ran out)" if codes else ""))
         print(f"  {'':30} per DATA packet: curl {statistics.median(r.curl_us for r in runs):4.1f} µs CPU, "
-              f"{statistics.median(r.sleeps for r in runs) / 1000:.2f} sleeps; {busy_label} "
-              f"{statistics.median(r.cores_us for r in runs):4.1f} µs ({statistics.median(r.busy for r in runs):.0%} busy)")
+              f"{statistics.median(r.sleeps for r in runs):.2f} sleeps; {busy_label} "
+              f"{statistics.median(r.cores_us for r in runs):4.1f} µs ({statistics.median(r.busy for r in runs):.0%} busy, "
+              f"{max(r.stolen for r in runs):.0%} stolen by the host at most)")
 
 
 def split_cores() -> tuple[set[int], set[int]] | None:
