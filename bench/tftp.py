@@ -38,7 +38,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -135,12 +135,12 @@ class Run:
     """One parallel run: what the clients got and what it cost them."""
 
     mbs: float  # aggregate MB/s of the downloads that succeeded
-    failed: list[int] = field(default_factory=list)  # the exit code of each curl that failed
-    curl_us: float = 0.0  # curl's CPU (user + system) per DATA packet, µs
-    sleeps: float = 0.0  # curl's voluntary context switches per DATA packet: how often it waited for one
-    busy: float = 0.0  # how busy the watched cores were, 0..1
-    cores_us: float = 0.0  # the watched cores' busy time per DATA packet, µs
-    stolen: float = 0.0  # the share of the watched cores' time the hypervisor took, 0..1
+    failed: list[int]  # the exit code of each curl that failed
+    curl_us: float  # curl's CPU (user + system) per DATA packet, µs
+    sleeps: float  # curl's voluntary context switches per DATA packet: how often it waited for one
+    busy: float  # how busy the watched cores were, 0..1
+    cores_us: float  # the watched cores' busy time per DATA packet, µs
+    stolen: float  # the share of the watched cores' time the hypervisor took, 0..1
 
 
 def cpu_times(cpus: set[int]) -> tuple[int, int, int]:
@@ -224,11 +224,10 @@ def build_c_floor(scratch: Path) -> Path | None:
 class Launcher:
     """Starts the servers under test, each pinned to `cpus` or not, and stops all it started (by PID)."""
 
-    def __init__(self, scratch: Path, root: Path, in_tftpd: str):
-        self.scratch, self.root, self.in_tftpd = scratch, root, in_tftpd
+    def __init__(self, scratch: Path, root: Path, in_tftpd: str, c_floor: Path | None):
+        self.scratch, self.root, self.in_tftpd, self.c_floor = scratch, root, in_tftpd, c_floor
         self.procs: list[subprocess.Popen] = []
         self.groups: list[subprocess.Popen] = []  # the floors: each leads a process group of its forks
-        self.c_floor: Path | None | bool = False  # not built yet
 
     def hpa(self, cpus: set[int] | None) -> int:
         port = free_port()
@@ -251,23 +250,11 @@ class Launcher:
                      str(self.scratch / f"state-{port}"), "--instance", str(instance)], cwd=ROOT, env=env))
         return port
 
-    def floor(self, shape: str, cpus: set[int] | None) -> int:
+    def floor(self, program: list[str], cpus: set[int] | None, *shape: str) -> int:
+        """A yardstick (`program PORT FILE [shape]`) leading a process group of its own forks."""
         port = free_port()
         with pinned(cpus):
-            self.groups.append(subprocess.Popen([sys.executable, str(FLOOR), str(port), str(self.root / "file"), shape],
-                                                start_new_session=True))
-        return port
-
-    def floor_c(self, cpus: set[int] | None) -> int | None:
-        if self.c_floor is False:
-            self.c_floor = build_c_floor(self.scratch)
-            if self.c_floor is None:
-                print("the C floor: left out, there is no C compiler (apt-get install gcc)")
-        if self.c_floor is None:
-            return None
-        port = free_port()
-        with pinned(cpus):
-            self.groups.append(subprocess.Popen([str(self.c_floor), str(port), str(self.root / "file")],
+            self.groups.append(subprocess.Popen([*program, str(port), str(self.root / "file"), *shape],
                                                 start_new_session=True))
         return port
 
@@ -279,10 +266,9 @@ class Launcher:
         if floor:
             shapes = (("1", "1 process"), ("2", "2 processes"), ("fork", "a process/transfer"))
             for shape, label in shapes if cpus is None else (shapes[0], shapes[2]):
-                servers[f"the floor, {label}"] = self.floor(shape, cpus)
-            port = self.floor_c(cpus)
-            if port is not None:
-                servers["the C floor, 1 process"] = port
+                servers[f"the floor, {label}"] = self.floor([sys.executable, str(FLOOR)], cpus, shape)
+            if self.c_floor is not None:
+                servers["the C floor, 1 process"] = self.floor([str(self.c_floor)], cpus)
         return servers
 
     def stop(self) -> None:
@@ -311,7 +297,10 @@ def main() -> None:
     size = args.size_mib << 20
     scratch = Path(tempfile.mkdtemp(prefix="bench-tftp-"))
     root = scratch / "root"
-    launcher = Launcher(scratch, root, in_tftpd)
+    c_floor = build_c_floor(scratch) if args.floor else None
+    if args.floor and c_floor is None:
+        print("the C floor: left out, there is no C compiler (apt-get install gcc)")
+    launcher = Launcher(scratch, root, in_tftpd, c_floor)
     try:
         root.mkdir()
         (root / "file").write_bytes(os.urandom(size))
