@@ -1,35 +1,88 @@
-"""Names of the events services push to the controller, and the fields each carries.
+"""The events services push to the controller: one dataclass per event type, one way to emit it.
 
 An event on the bus is a msgpack map {"type", "v", "ts", "service", "instance", "fields"}; see
-docs/architecture.md. Fields named `mac` and `ip` let the controller put an event on a client's timeline.
+docs/architecture.md. A core builds an `Event` (a frozen dataclass whose class knows its bus name, `type`) and
+hands it out through its `take_events()`; the service passes it to `ServiceContext.emit(event)`, which sends
+`event.type` and `event.fields()` to the controller. Fields named `mac` and `ip` let the controller put an event
+on a client's timeline.
+
+The type strings below are the wire contract the controller matches on (services/controller/fleet.py);
+each service's own `events.py` holds the dataclasses of the events it emits, named after these strings.
 """
 
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, ClassVar
+
 # DHCP
-LEASE_OFFERED = "dhcp.lease.offered"  # mac, ip, scope, client_class
-LEASE_GRANTED = "dhcp.lease.granted"  # mac, ip, scope, expires, client_class, bootfile, root_path
-LEASE_RENEWED = "dhcp.lease.renewed"  # mac, ip, expires
-LEASE_RELEASED = "dhcp.lease.released"  # mac, ip
-LEASE_DECLINED = "dhcp.lease.declined"  # mac, ip
-LEASE_EXPIRED = "dhcp.lease.expired"  # mac, ip
-DHCP_DISCOVER = "dhcp.discover"  # mac, client_class, arch
-DHCP_NAK = "dhcp.nak"  # mac, ip, reason
-DHCP_UNKNOWN_CLIENT = "dhcp.unknown_client"  # mac, scope
-DHCP_POOL_EXHAUSTED = "dhcp.pool_exhausted"  # mac, scope
+LEASE_OFFERED = "dhcp.lease.offered"
+LEASE_GRANTED = "dhcp.lease.granted"
+LEASE_RENEWED = "dhcp.lease.renewed"
+LEASE_RELEASED = "dhcp.lease.released"
+LEASE_DECLINED = "dhcp.lease.declined"
+LEASE_EXPIRED = "dhcp.lease.expired"
+DHCP_DISCOVER = "dhcp.discover"
+DHCP_NAK = "dhcp.nak"
+DHCP_UNKNOWN_CLIENT = "dhcp.unknown_client"
+DHCP_POOL_EXHAUSTED = "dhcp.pool_exhausted"
 
 # TFTP
-TFTP_STARTED = "tftp.transfer.started"  # ip, port, file, mac?, blksize, windowsize, tsize
-TFTP_FINISHED = "tftp.transfer.finished"  # ip, file, mac?, bytes, duration, blksize, windowsize
-TFTP_FAILED = "tftp.transfer.failed"  # ip, file, mac?, reason
+TFTP_STARTED = "tftp.transfer.started"
+TFTP_FINISHED = "tftp.transfer.finished"
+TFTP_FAILED = "tftp.transfer.failed"
 
 # iSCSI
-ISCSI_LOGIN = "iscsi.login"  # ip, initiator, target, isid, tsih, session_type
-ISCSI_LOGOUT = "iscsi.logout"  # ip, initiator, target, tsih, reason
-ISCSI_LOGIN_FAILED = "iscsi.login.failed"  # ip, initiator, target, reason
-ISCSI_FIRST_READ = "iscsi.first_read"  # ip, initiator, target, tsih, lun
-ISCSI_IO_STATS = "iscsi.io_stats"  # ip, initiator, target, tsih, lun, reads, writes, read_bytes, write_bytes, latency_us_avg
+ISCSI_LOGIN = "iscsi.login"
+ISCSI_LOGOUT = "iscsi.logout"
+ISCSI_LOGIN_FAILED = "iscsi.login.failed"
+ISCSI_FIRST_READ = "iscsi.first_read"
+ISCSI_IO_STATS = "iscsi.io_stats"
 
-# Service lifecycle (sent by shared/service.py)
-SERVICE_STARTED = "service.started"  # pid
-SERVICE_APPLIED = "service.applied"  # revision
-SERVICE_APPLY_FAILED = "service.apply_failed"  # revision, reason
-SERVICE_STOPPING = "service.stopping"  # pid
+# Service lifecycle (sent by shared/managed.py)
+SERVICE_STARTED = "service.started"
+SERVICE_APPLIED = "service.applied"
+SERVICE_APPLY_FAILED = "service.apply_failed"
+SERVICE_STOPPING = "service.stopping"
+
+
+@dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
+class Event:
+    """Base of every event. A subclass sets `type` (its bus name) and declares its fields."""
+
+    type: ClassVar[str] = ""
+    local: ClassVar[bool] = False  # True: handled inside the service, never sent to the controller
+
+    def fields(self) -> dict[str, Any]:
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+
+
+def event(cls: type) -> type:
+    """Decorator for event classes: the dataclass options every event uses."""
+    return dataclasses.dataclass(frozen=True, slots=True, kw_only=True)(cls)
+
+
+@event
+class ServiceStarted(Event):
+    type: ClassVar[str] = SERVICE_STARTED
+    pid: int
+
+
+@event
+class ServiceApplied(Event):
+    type: ClassVar[str] = SERVICE_APPLIED
+    revision: int
+    cached: bool = False
+
+
+@event
+class ServiceApplyFailed(Event):
+    type: ClassVar[str] = SERVICE_APPLY_FAILED
+    revision: int
+    reason: str
+
+
+@event
+class ServiceStopping(Event):
+    type: ClassVar[str] = SERVICE_STOPPING
+    pid: int

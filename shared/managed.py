@@ -121,7 +121,7 @@ class ManagedRuntime:
                 config = config_from_dict(data)
             except ConfigError as exc:
                 log.error("revision %d rejected: %s", revision, exc)
-                self.ctx.emit(events.SERVICE_APPLY_FAILED, revision=revision, reason=str(exc))
+                self.ctx.emit(events.ServiceApplyFailed(revision=revision, reason=str(exc)))
                 return False
             setup_logging(config.logging.level, self.name, self.ctx.instance)
             self.ctx.instances = getattr(config.scale, self.name, 1)
@@ -137,19 +137,19 @@ class ManagedRuntime:
                     await self.service.apply(config)
             except Exception as exc:
                 log.exception("revision %d failed to apply", revision)
-                self.ctx.emit(events.SERVICE_APPLY_FAILED, revision=revision, reason=f"{type(exc).__name__}: {exc}")
+                self.ctx.emit(events.ServiceApplyFailed(revision=revision, reason=f"{type(exc).__name__}: {exc}"))
                 return False
             self.revision = revision
             if not from_cache:
                 write_atomic(self.cache_path, msgpack.packb({"revision": revision, "config": data}))
             log.info("applied revision %d%s", revision, " (cached)" if from_cache else "")
-            self.ctx.emit(events.SERVICE_APPLIED, revision=revision, cached=from_cache)
+            self.ctx.emit(events.ServiceApplied(revision=revision, cached=from_cache))
             return True
 
     async def run(self) -> int:
         self.loop = asyncio.get_running_loop()
         self.sender.start()
-        self.ctx.emit(events.SERVICE_STARTED, pid=os.getpid())
+        self.ctx.emit(events.ServiceStarted(pid=os.getpid()))
         if self.cache_path.exists():
             try:
                 cached = msgpack.unpackb(self.cache_path.read_bytes())
@@ -158,7 +158,7 @@ class ManagedRuntime:
                 log.warning("cached configuration %s unusable: %s", self.cache_path, exc)
         self.client.start()
         await wait_for_signal()
-        self.ctx.emit(events.SERVICE_STOPPING, pid=os.getpid())
+        self.ctx.emit(events.ServiceStopping(pid=os.getpid()))
         if self.service:
             await stop_within_bound(self.service)
         self.client.stop()

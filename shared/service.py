@@ -24,6 +24,7 @@ import sys
 from pathlib import Path
 from typing import Any, Callable
 
+from shared.events import Event
 from shared.config.loader import ConfigError, load_config_file
 from shared.config.model import BootfleetConfig
 
@@ -45,12 +46,17 @@ class ServiceContext:
         self._event_log = logging.getLogger(f"bootfleet.{name}.event")
         self.leases: dict[str, str] = {}  # ip -> mac, from DHCP lease events relayed by the controller
 
-    def emit(self, type: str, **fields: Any) -> None:
+    def emit(self, event: Event | str, **legacy_fields: Any) -> None:
         """Queue an event for the controller and log it (one line, INFO). Thread-safe, never blocks;
         drops are counted. `logging.level: warning` keeps events out of the log on busy servers."""
+        # TRANSITIONAL (issue 11): the (type, **fields) form goes once every service emits Event objects
+        if isinstance(event, str):
+            type_, fields = event, legacy_fields
+        else:
+            type_, fields = event.type, event.fields()
         if self._event_log.isEnabledFor(logging.INFO):
-            self._event_log.info("%s %s", type, " ".join(f"{k}={v}" for k, v in fields.items()))
-        self._emitter(type, fields)
+            self._event_log.info("%s %s", type_, " ".join(f"{k}={v}" for k, v in fields.items()))
+        self._emitter(type_, fields)
 
     def mac_for_ip(self, ip: str) -> str | None:
         return self.leases.get(ip)
