@@ -1,11 +1,7 @@
-"""A service's side of the Clone pattern: a local replica of the controller's store, kept in a thread.
+"""A service's side of the Clone pattern: the sockets of a local replica of the controller's store, in a thread.
 
-Theory of operation. Subscribe first, then ask for a snapshot, so no update falls between the two; updates
-with a seq at or below the snapshot's are dropped (already in it), the next one is applied, and one that
-skips a number means an update was lost: take a new snapshot. A heartbeat with a new epoch (the controller
-restarted) or a seq we have not seen also calls for a snapshot. No heartbeat for `timeout` seconds: the
-controller is away; the replica stays as it is (the service keeps serving) and we keep asking for a
-snapshot until one arrives.
+The rules (gaps, epochs, presence) are in `replica.py`; this module only moves messages between ZeroMQ and a
+`Replica`: subscribe, ask for a snapshot, feed what arrives, and do what the replica answers.
 
 Callbacks run in the client's thread: `on_snapshot(store)` with the whole store (key -> value) after each
 snapshot, `on_update(key, value)` for each update (value None: deleted), `on_presence(bool)` when the
@@ -25,8 +21,11 @@ import zmq
 from shared.bus import message as m
 from shared.bus.endpoints import Endpoints
 from shared.bus.keys import client_secure
+from shared.bus.replica import Apply, Replica, Resync
 
 log = logging.getLogger("bootfleet.bus")
+
+POLL_MS = 200  # how often the loop looks at the stop flag and the clock while nothing arrives
 
 
 class CloneClient:
@@ -45,15 +44,25 @@ class CloneClient:
         self.on_snapshot = on_snapshot
         self.on_update = on_update
         self.on_presence = on_presence
-        self.timeout = timeout
+        self.replica = Replica(timeout)
         self.state_dir = state_dir
         self.ctx = context or zmq.Context.instance()
-        self.epoch: str | None = None
-        self.seq = -1
-        self.present = False
-        self.snapshots = 0  # how many snapshots this client took (status, tests)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="bus-clone", daemon=True)
+
+    # the replica's state, read by the service (heartbeats) and tests
+    @property
+    def timeout(self) -> float:
+        return self.replica.timeout
+
+    @timeout.setter
+    def timeout(self, value: float) -> None:
+        self.replica.timeout = value
+
+    epoch = property(lambda self: self.replica.epoch)
+    seq = property(lambda self: self.replica.seq)
+    present = property(lambda self: self.replica.present)
+    snapshots = property(lambda self: self.replica.snapshots)
 
     def start(self) -> None:
         self._thread.start()
@@ -75,32 +84,28 @@ class CloneClient:
         sub.subscribe(b"")
         try:
             while not self._stop.is_set():
-                if not self._snapshot(sub):
-                    continue
-                self._follow(sub)
+                if self._snapshot():
+                    self._follow(sub)
         finally:
             sub.close()
 
-    def _set_presence(self, up: bool) -> None:
-        if up != self.present:
-            self.present = up
+    def _report_presence(self) -> None:
+        for up in self.replica.take_presence():
             try:
                 self.on_presence(up)
             except Exception:
                 log.exception("presence callback failed")
 
-    def _snapshot(self, sub: zmq.Socket) -> bool:
+    def _snapshot(self) -> bool:
         """Ask for the whole store; True once a complete snapshot was applied."""
         dealer = self._socket(zmq.DEALER, self.endpoints.snapshot)
         try:
             dealer.send(m.pack(m.ICANHAZ))
-            store: dict[str, Any] = {}
-            deadline = time.monotonic() + self.timeout
+            self.replica.begin_snapshot(time.monotonic())
             while not self._stop.is_set():
-                left = deadline - time.monotonic()
-                if left <= 0 or not dealer.poll(min(left, 0.2) * 1000):
-                    if left <= 0:
-                        self._set_presence(False)
+                if not dealer.poll(POLL_MS):
+                    if self.replica.snapshot_expired(time.monotonic()):
+                        self._report_presence()
                         return False
                     continue
                 try:
@@ -108,12 +113,9 @@ class CloneClient:
                 except m.BadMessage as exc:
                     log.warning("snapshot: %s", exc)
                     continue
-                if msg["t"] == m.KV:
-                    store[msg["key"]] = msg.get("val")
-                elif msg["t"] == m.KTHXBAI:
-                    self.epoch, self.seq = msg["epoch"], msg["seq"]
-                    self.snapshots += 1
-                    self._set_presence(True)
+                store = self.replica.snapshot_message(msg, time.monotonic())
+                if store is not None:
+                    self._report_presence()
                     try:
                         self.on_snapshot(store)
                     except Exception:
@@ -124,13 +126,12 @@ class CloneClient:
             dealer.close()
 
     def _follow(self, sub: zmq.Socket) -> None:
-        """Apply updates until a gap, a new epoch, or the controller goes away."""
-        last_heard = time.monotonic()
+        """Apply updates until the replica asks for a new snapshot, or the controller goes away."""
         while not self._stop.is_set():
-            if not sub.poll(200):
-                if time.monotonic() - last_heard > self.timeout:
-                    log.warning("controller silent for %.1f s: serving on the cached configuration", self.timeout)
-                    self._set_presence(False)
+            if not sub.poll(POLL_MS):
+                if self.replica.silent(time.monotonic()):
+                    log.warning("controller silent for %.1f s: serving on the cached configuration", self.replica.timeout)
+                    self._report_presence()
                     return
                 continue
             try:
@@ -138,23 +139,12 @@ class CloneClient:
             except m.BadMessage as exc:
                 log.warning("update: %s", exc)
                 continue
-            last_heard = time.monotonic()
-            if msg["epoch"] != self.epoch:
-                log.info("controller restarted (epoch %s): resynchronising", msg["epoch"])
+            action = self.replica.update(msg, time.monotonic())
+            if isinstance(action, Resync):
+                log.log(logging.WARNING if action.lost else logging.INFO, "%s", action.reason)
                 return
-            if msg["t"] == m.HUGZ:
-                if msg["seq"] > self.seq:
-                    log.warning("missed updates %d..%d: resynchronising", self.seq + 1, msg["seq"])
-                    return
-                continue
-            seq = msg["seq"]
-            if seq <= self.seq:
-                continue  # already in our snapshot
-            if seq != self.seq + 1:
-                log.warning("update %d arrived after %d: one was lost, resynchronising", seq, self.seq)
-                return
-            self.seq = seq
-            try:
-                self.on_update(msg["key"], msg.get("val"))
-            except Exception:
-                log.exception("update callback failed for %s", msg["key"])
+            if isinstance(action, Apply):
+                try:
+                    self.on_update(action.key, action.val)
+                except Exception:
+                    log.exception("update callback failed for %s", action.key)

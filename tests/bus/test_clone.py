@@ -132,9 +132,9 @@ def test_new_server_epoch_triggers_resync(tmp_path):
     try:
         wait_for(lambda: replica.snapshots == 1, what="snapshot")
         first.close()
-        time.sleep(0.8)
+        wait_for(lambda: client.present is False, what="the client to notice the server is away")
         assert replica.store == {"config": {"revision": 1}}  # kept while the server is away
-        assert client.present is False
+        assert replica.snapshots == 1
         second = Server(tmp_path)
         try:
             second.set("config", {"revision": 2})
