@@ -7,7 +7,7 @@ STATE_DIR ?= var
 CONFIG ?= deploy/bootfleet.yaml
 PYTEST_ARGS ?=
 
-.PHONY: up down status restart test bench demo venv system-deps clean help
+.PHONY: up down status restart test bench demo venv system-deps clean help install uninstall
 
 help:
 	@echo "make up [CONFIG=file.yaml]   start the stack under supervisord (state in $(STATE_DIR)/)"
@@ -16,6 +16,7 @@ help:
 	@echo "make test                    all tests (installs the Debian peers they drive when run as root)"
 	@echo "make bench                   benchmarks against reference servers (not part of make test)"
 	@echo "make demo                    one virtual PC boots through the stack, console on this terminal"
+	@echo "make install / uninstall     (root) a systemd service: /opt/bootfleet, /etc/bootfleet, /var/lib/bootfleet"
 
 $(VENV)/.installed: pyproject.toml
 	@$(PYTHON) -m venv $(VENV) 2>/dev/null || { \
@@ -47,6 +48,12 @@ bench: venv system-deps
 
 demo: venv system-deps
 	$(PY) -m lab.demo
+
+install:
+	@bash deploy/install.sh install
+
+uninstall:
+	@bash deploy/install.sh uninstall
 
 clean: down
 	rm -rf $(VENV) $(STATE_DIR)

@@ -5,7 +5,7 @@
 set -euo pipefail
 
 PACKAGES=(
-  iproute2 procps psmisc curl
+  iproute2 procps psmisc curl systemd
   libiscsi-bin qemu-utils qemu-block-extra tgt open-iscsi
   isc-dhcp-client udhcpc kea-admin kea-dhcp4-server dnsmasq-base
   tftp-hpa atftp tftpd-hpa
