@@ -32,6 +32,10 @@ TFTP_STARTED = "tftp.transfer.started"
 TFTP_FINISHED = "tftp.transfer.finished"
 TFTP_FAILED = "tftp.transfer.failed"
 
+# HTTP (the TFTP service's HTTP listener: services/tftp/http_core.py)
+HTTP_FINISHED = "http.transfer.finished"
+HTTP_FAILED = "http.transfer.failed"
+
 # iSCSI
 ISCSI_LOGIN = "iscsi.login"
 ISCSI_LOGOUT = "iscsi.logout"
