@@ -47,6 +47,9 @@ def derived_ids(target_name: str, lun_id: int) -> tuple[bytes, str]:
 
 
 class LogicalUnit:
+    handlers = None  # a 256-entry opcode table of its own (mmc.CdromUnit); None: the target's disk table
+    no_ua = frozenset((0x12, 0xA0, 0x03))  # opcodes that neither see nor clear a unit attention
+
     def __init__(self, backstore, lun_id: int, naa: bytes | None = None, serial: str | None = None,
                  readonly: bool = False, vendor: str = "BOOTFLT", product: str = "VIRTUAL DISK",
                  target_name: str = "", revision: str = "0001"):
@@ -58,6 +61,9 @@ class LogicalUnit:
         self.lun_id = lun_id
         self.block_size = backstore.block_size
         self.blocks = backstore.blocks
+        # a block device's physical blocks may be larger (4096 behind 512): READ CAPACITY(16) says how many
+        physical = max(getattr(backstore, "physical_block_size", self.block_size), self.block_size)
+        self.physical_exponent = (physical // self.block_size).bit_length() - 1
         self.readonly = readonly or backstore.readonly
         self.vendor, self.product, self.revision = vendor, product, revision
         self.target_name = target_name

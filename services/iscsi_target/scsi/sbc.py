@@ -206,7 +206,8 @@ def read_capacity16(target, lu, nexus, cdb, data_out):
     alloc = U32.unpack_from(cdb, 10)[0]
     b = bytearray(32)
     struct.pack_into(">QI", b, 0, lu.blocks - 1, lu.block_size)
-    # byte 13: one logical block per physical block; byte 14: LBPME (UNMAP works), LBPRZ (unmapped reads 0)
+    # byte 13: logical blocks per physical block (exponent); byte 14: LBPME (UNMAP works), LBPRZ (unmapped reads 0)
+    b[13] = lu.physical_exponent
     b[14] = 0x80 | 0x40
     return good(bytes(b), alloc)
 

@@ -85,7 +85,7 @@ def vpd_page(target, lu, page: int) -> bytes:
         bs = lu.block_size
         body = bytearray(0x3C)
         body[1] = MAX_CAW_BLOCKS                                     # MAXIMUM COMPARE AND WRITE LENGTH
-        U16.pack_into(body, 2, 1)                                    # OPTIMAL TRANSFER LENGTH GRANULARITY
+        U16.pack_into(body, 2, 1 << lu.physical_exponent)           # OPTIMAL TRANSFER LENGTH GRANULARITY
         U32.pack_into(body, 4, MAX_TRANSFER_BYTES // bs)             # MAXIMUM TRANSFER LENGTH
         U32.pack_into(body, 8, (1 << 20) // bs)                      # OPTIMAL TRANSFER LENGTH
         U32.pack_into(body, 12, MAX_TRANSFER_BYTES // bs)            # MAXIMUM PREFETCH LENGTH

@@ -220,7 +220,7 @@ class ScsiTarget:
                 raise S.illegal(S.LUN_NOT_SUPPORTED)
             if lu.known.get(nexus) != nexus.session:
                 lu.first_contact(nexus)
-            if lu.ua and op not in NO_UA and nexus in lu.ua:
+            if lu.ua and op not in lu.no_ua and nexus in lu.ua:
                 code = lu.take_ua(nexus)
                 if code is not None:
                     return ScsiResponse(S.CHECK_CONDITION, S.fixed_sense(S.UNIT_ATTENTION, *code))
@@ -229,7 +229,7 @@ class ScsiTarget:
             res = lu.res
             if res.keys or res.spc2 is not None:
                 res.check(nexus, ACCESS[op])
-            return HANDLERS[op](self, lu, nexus, cdb, data_out)
+            return (lu.handlers or HANDLERS)[op](self, lu, nexus, cdb, data_out)
         except S.ScsiError as exc:
             return ScsiResponse(S.CHECK_CONDITION, exc.sense())
         except S.ReservationConflict:
