@@ -1,14 +1,122 @@
-"""The event names the connection core reports, mapped to the bus names in shared/events.py.
+"""The events the iSCSI target reports: one dataclass per event type (see shared/events.py).
 
-ERROR and SESSION_END are local: the service logs it (a fault in the SCSI layer) rather than sending it to the controller.
+The connection core (connection.py) builds them and hands them out through `Connection.take_events()`;
+the I/O loop passes each to the service (service.py), which adds the PC's MAC when DHCP told us one and
+sends it with `ctx.emit(event)`. Field names and values are the wire contract the controller reads
+(services/controller/fleet.py, docs/iscsi.md "Events").
+
+`Error` and `SessionEnd` are `local`: the service handles them (logs a fault; sends a session's last I/O
+statistics) and never sends them to the controller.
 """
 
-from shared import events as bus
+from __future__ import annotations
 
-LOGIN = bus.ISCSI_LOGIN
-LOGOUT = bus.ISCSI_LOGOUT
-LOGIN_FAILED = bus.ISCSI_LOGIN_FAILED
-FIRST_READ = bus.ISCSI_FIRST_READ
-IO_STATS = bus.ISCSI_IO_STATS
-ERROR = "iscsi.error"
-SESSION_END = "iscsi.session_end"  # local: the service flushes the session's last I/O stats
+import dataclasses
+from typing import Any, ClassVar
+
+from shared import events as bus
+from shared.events import Event, event
+
+
+class _AboutPc(Event):
+    """An event about one PC: `mac` is filled in by the service and sent only when known."""
+
+    __slots__ = ()
+
+    def fields(self) -> dict[str, Any]:
+        out = Event.fields(self)
+        if out.get("mac") is None:
+            out.pop("mac", None)
+        return out
+
+    def with_mac(self, mac: str) -> "_AboutPc":
+        return dataclasses.replace(self, mac=mac)
+
+
+@event
+class Login(_AboutPc):
+    type: ClassVar[str] = bus.ISCSI_LOGIN
+    ip: str
+    initiator: str
+    target: str  # "" for a discovery session
+    isid: str  # "0x" and 12 hex digits
+    tsih: int
+    session_type: str  # Normal | Discovery
+    auth: str  # None | CHAP
+    user: str
+    reinstated: bool
+    header_digest: str  # CRC32C | None
+    data_digest: str
+    mac: str | None = None
+
+
+@event
+class LoginFailed(_AboutPc):
+    type: ClassVar[str] = bus.ISCSI_LOGIN_FAILED
+    ip: str
+    initiator: str
+    target: str
+    reason: str
+    status: str  # "0x" and 4 hex digits: status class and detail
+    mac: str | None = None
+
+
+@event
+class Logout(_AboutPc):
+    type: ClassVar[str] = bus.ISCSI_LOGOUT
+    ip: str
+    initiator: str
+    target: str
+    tsih: int
+    reason: str
+    mac: str | None = None
+
+
+@event
+class FirstRead(_AboutPc):
+    type: ClassVar[str] = bus.ISCSI_FIRST_READ
+    ip: str
+    initiator: str
+    target: str
+    tsih: int
+    lun: int
+    mac: str | None = None
+
+
+@event
+class IoStats(_AboutPc):
+    """One LUN of one session over one interval: commands, bytes, mean latency (µs)."""
+
+    type: ClassVar[str] = bus.ISCSI_IO_STATS
+    ip: str
+    initiator: str
+    target: str
+    tsih: int
+    lun: int
+    reads: int
+    writes: int
+    others: int
+    read_bytes: int
+    write_bytes: int
+    latency_us_avg: float
+    mac: str | None = None
+
+
+@event
+class Error(Event):
+    """A fault the connection survived (the SCSI layer raised, a Data-Out sequence error): logged."""
+
+    type: ClassVar[str] = "iscsi.error"
+    local: ClassVar[bool] = True
+    where: str
+    error: str
+    level: str = "error"  # error | warning
+
+
+@event
+class SessionEnd(Event):
+    """A session ended: the service sends its last I/O statistics."""
+
+    type: ClassVar[str] = "iscsi.session_end"
+    local: ClassVar[bool] = True
+    session: object  # session.Session

@@ -1,4 +1,4 @@
-"""The iSCSI target's thin I/O layer: listening sockets and one thread per connection.
+"""The iSCSI target's I/O loop: listening sockets and one thread per connection driving the sans-IO core.
 
 Measured facts it follows (docs/iscsi.md, design brief): receive into one preallocated buffer with
 `recv_into`; hand everything one receive returned to the sans-IO `Connection`; send all its answers in
@@ -23,7 +23,7 @@ import time
 from services.iscsi_target.connection import Connection
 from services.iscsi_target.session import SessionTable
 
-log = logging.getLogger("bootfleet.iscsi_target.server")
+log = logging.getLogger("bootfleet.iscsi_target.io_loop")
 
 RECV_BUFFER = 1 << 20  # grows up to one PDU's size if a PDU is larger
 IOV_MAX = 1024
@@ -91,17 +91,17 @@ class ConnectionRunner:
     # The connection's own thread -----------------------------------------------
     def _flush(self) -> None:
         conn = self.conn
-        out = conn.out
+        out = conn.take_output()
         if out:
-            conn.out = []
             try:
                 send_all(self.sock, out)
             except OSError as exc:
                 conn.connection_lost(f"send failed: {exc.strerror or exc}")
-        if conn.events:
-            events, conn.events = conn.events, []
-            for name, fields in events:
-                self.server.emit(name, fields)
+        self._hand_events()
+
+    def _hand_events(self) -> None:
+        for event in self.conn.take_events():
+            self.server.on_event(event)
 
     def _receive(self, view) -> int:
         """One receive: spin non-blocking for up to busy_poll_ns first when I/O is flowing."""
@@ -174,27 +174,22 @@ class ConnectionRunner:
         finally:
             with self.lock:
                 conn.connection_lost(self.aborted or reason)
-                self._flush_events_only()
+                conn.take_output()  # the socket is gone: nothing more is sent
+                self._hand_events()
             try:
                 sock.close()
             except OSError:
                 pass
             self.server.forget(self)
 
-    def _flush_events_only(self) -> None:
-        conn = self.conn
-        conn.out = []
-        events, conn.events = conn.events, []
-        for name, fields in events:
-            self.server.emit(name, fields)
-
 
 class Server:
-    """Listening sockets on the configured portals and the set of live connections."""
+    """Listening sockets on the configured portals and the set of live connections. `on_event(event)` is
+    called, from connection threads, with each event a connection hands out (events.py)."""
 
-    def __init__(self, registry, emit, settings: dict):
+    def __init__(self, registry, on_event, settings: dict):
         self.registry = registry
-        self.emit = emit
+        self.on_event = on_event
         self.settings = dict(settings)
         self.sessions = SessionTable()
         self.stopping = False

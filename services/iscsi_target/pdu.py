@@ -2,7 +2,8 @@
 
 Sans-IO. `parse_header` decodes a BHS in place from any buffer; `PduReader` frames a byte stream into
 `Pdu` objects whose data segment is a memoryview of the caller's receive buffer (no copy: a WRITE's
-data goes from there to `os.pwrite`). Builders return a list of buffers for one scatter-gather send:
+data goes from there to `os.pwrite`). `PduWriter` has one builder per target PDU (`data_in`, `r2t`,
+`scsi_response`, ...); each returns a list of buffers for one scatter-gather send:
 [header(+digest), data..., padding, data digest], so READ data (mmap slices) is never copied here.
 
 Every BHS is decoded with one precompiled Struct: the first 20 bytes (opcode, flags, two opcode-specific
@@ -135,16 +136,77 @@ class Pdu:
         return self.w[0]
 
     @property
-    def ttt(self) -> int:  # NOP-Out, Text, Data-Out: Target Transfer Tag
+    def ttt(self) -> int:  # NOP-Out/In, Text, Data-Out/In, R2T: Target Transfer Tag
         return self.w[0]
 
     @property
-    def datasn(self) -> int:  # Data-Out
+    def datasn(self) -> int:  # Data-Out, Data-In
         return self.w[4]
 
     @property
-    def buffer_offset(self) -> int:  # Data-Out
+    def buffer_offset(self) -> int:  # Data-Out, Data-In, R2T
         return self.w[5]
+
+    @property
+    def referenced_itt(self) -> int:  # Task Management Request: the task to abort
+        return self.w[0]
+
+    @property
+    def ref_cmdsn(self) -> int:  # Task Management Request: RefCmdSN
+        return self.w[3]
+
+    @property
+    def cid(self) -> int:  # Login and Logout Request: bytes 20..21
+        return self.w[0] >> 16
+
+    @property
+    def isid(self) -> int:  # Login Request and Response: bytes 8..13
+        return self.lun >> 16
+
+    @property
+    def tsih(self) -> int:  # Login Request and Response: bytes 14..15
+        return self.lun & 0xFFFF
+
+    # Target PDUs (what the tests' initiator reads back).
+    @property
+    def statsn(self) -> int:  # responses: bytes 24..27
+        return self.w[1]
+
+    @property
+    def exp_cmdsn(self) -> int:  # responses: bytes 28..31
+        return self.w[2]
+
+    @property
+    def max_cmdsn(self) -> int:  # responses: bytes 32..35
+        return self.w[3]
+
+    @property
+    def response(self) -> int:  # SCSI, Task Management and Logout Response; Reject's reason
+        return self.b2
+
+    @property
+    def status(self) -> int:  # SCSI Response, Data-In with S: the SCSI status
+        return self.b3
+
+    @property
+    def login_status(self) -> int:  # Login Response: status class << 8 | detail (bytes 36..37)
+        return self.w[4] >> 16
+
+    @property
+    def async_event(self) -> int:  # Asynchronous Message: byte 36
+        return self.w[4] >> 24
+
+    @property
+    def r2tsn(self) -> int:  # R2T
+        return self.w[4]
+
+    @property
+    def desired_length(self) -> int:  # R2T: Desired Data Transfer Length
+        return self.w[6]
+
+    @property
+    def residual(self) -> int:  # SCSI Response, Data-In: Residual Count
+        return self.w[6]
 
     @property
     def cdb(self) -> bytes:
@@ -247,14 +309,19 @@ class PduReader:
 
 
 class PduWriter:
-    """Builds target PDUs as scatter lists. Digests follow the negotiated settings (off during login)."""
+    """Builds target PDUs as scatter lists, one named builder per PDU type (§11). Digests follow the
+    negotiated settings (off during login).
+
+    Every response carries StatSN, ExpCmdSN and MaxCmdSN; the connection passes the values it stamps.
+    `data` is a bytes-like or a list of them (`dlen`: their total, when the caller knows it already).
+    """
 
     def __init__(self):
         self.header_digest = False
         self.data_digest = False
 
-    def pack(self, b0, flags, b2, b3, lun, itt, w0, w1, w2, w3, w4, w5, w6, data=None, dlen=None) -> list:
-        """One PDU: data is a bytes-like or a list of them (total `dlen` when known)."""
+    def _pdu(self, b0, flags, b2, b3, lun, itt, w0, w1, w2, w3, w4, w5, w6, data=None, dlen=None) -> list:
+        """[header(+digest), data..., padding, data digest]: the BHS fields in wire order."""
         if data is None:
             dlen = 0
             parts = ()
@@ -282,6 +349,63 @@ class PduWriter:
                     crc = crc32c(pad, crc)
                 out.append(_LE32.pack(crc))
         return out
+
+    def data_in(self, itt, data, dlen, exp_cmdsn, max_cmdsn, *, datasn=0, offset=0, final=True, status=None,
+                statsn=0, residual_flag=0, residual=0) -> list:
+        """Data-In (§11.7). `status` given: the S bit, the status, StatSN and the residual ride along."""
+        flags = F_FINAL if final else 0
+        if status is None:
+            return self._pdu(OP_DATA_IN, flags, 0, 0, 0, itt, RSVD_TAG, 0, exp_cmdsn, max_cmdsn, datasn, offset, 0,
+                             data, dlen)
+        return self._pdu(OP_DATA_IN, flags | F_STATUS | residual_flag, 0, status, 0, itt, RSVD_TAG, statsn,
+                         exp_cmdsn, max_cmdsn, datasn, offset, residual, data, dlen)
+
+    def scsi_response(self, itt, status, statsn, exp_cmdsn, max_cmdsn, *, sense=None, residual_flag=0, residual=0,
+                      exp_datasn=0) -> list:
+        """SCSI Response (§11.4); sense data goes in the data segment behind its 2-byte SenseLength."""
+        data = _U16.pack(len(sense)) + bytes(sense) if sense else None
+        return self._pdu(OP_SCSI_RSP, F_FINAL | residual_flag, 0, status, 0, itt, 0, statsn, exp_cmdsn, max_cmdsn,
+                         exp_datasn, 0, residual, data)
+
+    def r2t(self, itt, ttt, lun, statsn, exp_cmdsn, max_cmdsn, *, r2tsn, offset, length) -> list:
+        """R2T (§11.8): ask for `length` bytes at buffer `offset`. StatSN is not advanced by it."""
+        return self._pdu(OP_R2T, F_FINAL, 0, 0, lun, itt, ttt, statsn, exp_cmdsn, max_cmdsn, r2tsn, offset, length)
+
+    def nop_in(self, itt, ttt, statsn, exp_cmdsn, max_cmdsn, *, lun=0, data=None) -> list:
+        """NOP-In (§11.19): an echo (our ITT is theirs, TTT reserved) or a ping (ITT reserved, our TTT)."""
+        return self._pdu(OP_NOP_IN, F_FINAL, 0, 0, lun, itt, ttt, statsn, exp_cmdsn, max_cmdsn, 0, 0, 0, data)
+
+    def tmf_response(self, itt, response, statsn, exp_cmdsn, max_cmdsn) -> list:
+        """Task Management Function Response (§11.6)."""
+        return self._pdu(OP_TMF_RSP, F_FINAL, response, 0, 0, itt, 0, statsn, exp_cmdsn, max_cmdsn, 0, 0, 0)
+
+    def text_response(self, itt, ttt, statsn, exp_cmdsn, max_cmdsn, *, data=None, final=True, more=False) -> list:
+        """Text Response (§11.11). `more`: the C bit, more of our text follows; not `final` and no data:
+        the empty answer that asks for the rest of a request sent with C."""
+        flags = (F_FINAL if final else 0) | (F_CONTINUE if more else 0)
+        return self._pdu(OP_TEXT_RSP, flags, 0, 0, 0, itt, ttt, statsn, exp_cmdsn, max_cmdsn, 0, 0, 0, data)
+
+    def login_response(self, itt, isid, tsih, statsn, exp_cmdsn, max_cmdsn, *, transit, csg, nsg, status=0,
+                       data=None) -> list:
+        """Login Response (§11.13): stages in the flags, ISID+TSIH where requests carry the LUN."""
+        flags = (F_TRANSIT | (csg << 2) | nsg) if transit else (csg << 2)
+        return self._pdu(OP_LOGIN_RSP, flags, 0, 0, (isid << 16) | tsih, itt, 0, statsn, exp_cmdsn, max_cmdsn,
+                         status << 16, 0, 0, data)
+
+    def logout_response(self, itt, response, statsn, exp_cmdsn, max_cmdsn, *, time2wait=0, time2retain=0) -> list:
+        """Logout Response (§11.15)."""
+        return self._pdu(OP_LOGOUT_RSP, F_FINAL, response, 0, 0, itt, 0, statsn, exp_cmdsn, max_cmdsn, 0,
+                         (time2wait << 16) | time2retain, 0)
+
+    def async_message(self, event, statsn, exp_cmdsn, max_cmdsn, *, parameter3=0) -> list:
+        """Asynchronous Message (§11.9); event 1 asks for a logout within `parameter3` seconds."""
+        return self._pdu(OP_ASYNC, F_FINAL, 0, 0, 0, RSVD_TAG, RSVD_TAG, statsn, exp_cmdsn, max_cmdsn, event << 24,
+                         parameter3, 0)
+
+    def reject(self, reason, bhs, statsn, exp_cmdsn, max_cmdsn) -> list:
+        """Reject (§11.17), carrying the offending header."""
+        return self._pdu(OP_REJECT, F_FINAL, reason, 0, 0, RSVD_TAG, 0, statsn, exp_cmdsn, max_cmdsn, 0, 0, 0,
+                         bytes(bhs[:BHS_LEN]))
 
 
 def encode_request(opcode: int, *, flags: int = 0, immediate: bool = False, b2: int = 0, b3: int = 0, lun: int = 0,

@@ -1,4 +1,5 @@
-"""The iSCSI target service: builds targets and LUNs from the config, runs the server, reports events.
+"""The iSCSI target service, the process glue: builds targets and LUNs from the config, runs the I/O loop
+(io_loop.py), emits the events the connections hand out (events.py) and the periodic I/O statistics.
 
 A new configuration revision is applied without dropping sessions: targets that appear are served at
 once; targets that disappear ask their initiators to log out (Async Message, then a close after a grace
@@ -17,7 +18,7 @@ from pathlib import Path
 
 from services.iscsi_target import events as ev
 from services.iscsi_target.access import AccessPolicy
-from services.iscsi_target.server import Server
+from services.iscsi_target.io_loop import Server
 from shared.paths import state_path
 from shared.service import BaseService
 
@@ -94,7 +95,7 @@ class IscsiTargetService(BaseService):
     # ------------------------------------------------------------------ life
     async def start(self, config) -> None:
         self._build(config)
-        self.server = Server(self.registry, self._emit, self._settings(config.iscsi))
+        self.server = Server(self.registry, self.on_event, self._settings(config.iscsi))
         self.server.set_portals([(p.ip, p.port) for p in config.iscsi.portals])
         self.config = config
         self._stats_task = asyncio.get_running_loop().create_task(self._stats_loop())
@@ -169,22 +170,22 @@ class IscsiTargetService(BaseService):
             return [name for name in old if name not in new]
 
     # ------------------------------------------------------------------ events
-    def _emit(self, name: str, fields: dict) -> None:
-        if name == ev.SESSION_END:
-            self._emit_session_stats(fields["session"], final=True)
+    def on_event(self, event: ev.Event) -> None:
+        """An event from a connection (called from its thread) or from the statistics below."""
+        if isinstance(event, ev.SessionEnd):
+            self._emit_session_stats(event.session, final=True)
             return
-        if name == ev.ERROR:
-            if fields.get("level") == "warning":
-                self.log.warning("%s: %s", fields.get("where"), fields.get("error"))
+        if isinstance(event, ev.Error):
+            if event.level == "warning":
+                self.log.warning("%s: %s", event.where, event.error)
             else:
-                self.log.error("SCSI layer fault in %s: %s", fields.get("where"), fields.get("error"))
+                self.log.error("SCSI layer fault in %s: %s", event.where, event.error)
             return
-        ip = fields.get("ip")
-        if ip and "mac" not in fields:
-            mac = self.ctx.mac_for_ip(ip)
+        if event.mac is None and event.ip:
+            mac = self.ctx.mac_for_ip(event.ip)
             if mac:
-                fields["mac"] = mac
-        self.ctx.emit(name, **fields)
+                event = event.with_mac(mac)
+        self.ctx.emit(event)
 
     async def _stats_loop(self) -> None:
         while True:
@@ -212,7 +213,6 @@ class IscsiTargetService(BaseService):
                 ops = delta[0] + delta[1] + delta[2]
                 if not ops:
                     continue
-                self._emit(ev.IO_STATS, {"ip": s.ip, "initiator": s.initiator, "target": s.target, "tsih": s.tsih,
-                                         "lun": lun, "reads": delta[0], "writes": delta[1], "others": delta[2],
-                                         "read_bytes": delta[3], "write_bytes": delta[4],
-                                         "latency_us_avg": round(delta[5] / ops / 1000, 1)})
+                self.on_event(ev.IoStats(ip=s.ip, initiator=s.initiator, target=s.target, tsih=s.tsih, lun=lun,
+                                         reads=delta[0], writes=delta[1], others=delta[2], read_bytes=delta[3],
+                                         write_bytes=delta[4], latency_us_avg=round(delta[5] / ops / 1000, 1)))

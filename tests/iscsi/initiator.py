@@ -59,6 +59,7 @@ class Initiator:
         self.cmdsn = 1
         self.statsn = 0
         self.hd = self.dd = False
+        self.events: list = []  # every event the connection handed out, in order
 
     def send(self, raw: bytes, now=0.0) -> list:
         consumed = self.conn.receive(memoryview(raw), now)
@@ -66,9 +67,14 @@ class Initiator:
         return self.take()
 
     def take(self) -> list:
-        out = b"".join(bytes(b) for b in self.conn.out)
-        self.conn.out = []
+        """The PDUs the connection queued since the last call (its events go to `self.events`)."""
+        out = b"".join(bytes(b) for b in self.conn.take_output())
+        self.events += self.conn.take_events()
         return parse_stream(out, self.hd, self.dd)
+
+    def events_of(self, kind) -> list:
+        self.events += self.conn.take_events()
+        return [e for e in self.events if isinstance(e, kind)]
 
     def next_itt(self) -> int:
         self.itt += 1
@@ -88,15 +94,15 @@ class Initiator:
         if security is not None:
             (rsp,) = self.send(self.login_pdu(first + security, 0, 1))
             first = []
-            assert rsp.b2 == 0 and (rsp.w[4] >> 16) == 0, hex(rsp.w[4])
+            assert rsp.login_status == 0, hex(rsp.login_status)
         (rsp,) = self.send(self.login_pdu(first + list(keys), 1, 3))
         self.after_login(rsp)
         return rsp
 
     def after_login(self, rsp):
-        if rsp.w[4] >> 16 == 0 and rsp.flags & 0x80 and (rsp.flags & 3) == 3:
-            self.tsih = rsp.lun & 0xFFFF
-            self.statsn = rsp.w[1] + 1
+        if rsp.login_status == 0 and rsp.flags & P.F_TRANSIT and (rsp.flags & 3) == 3:
+            self.tsih = rsp.tsih
+            self.statsn = rsp.statsn + 1
             keys = dict(P.decode_text(rsp.data))
             self.hd = keys.get("HeaderDigest") == "CRC32C"
             self.dd = keys.get("DataDigest") == "CRC32C"
@@ -135,3 +141,14 @@ def read10(lba, blocks):
 
 def write10(lba, blocks):
     return struct.pack(">BBIBHB", 0x2A, 0, lba, 0, blocks, 0)
+
+
+def sense_length(rsp: P.Pdu) -> int:
+    """SenseLength: the first two bytes of a SCSI Response's data segment (§11.4.7.2)."""
+    return struct.unpack_from(">H", rsp.data)[0]
+
+
+def sense_of(rsp: P.Pdu) -> tuple[int, int, int]:
+    """(sense key, ASC, ASCQ) of the fixed-format sense data in a SCSI Response."""
+    sense = rsp.data[2 : 2 + sense_length(rsp)]
+    return sense[2] & 0x0F, sense[12], sense[13]

@@ -4,6 +4,7 @@ import hashlib
 
 import pytest
 
+from services.iscsi_target import events as ev
 from services.iscsi_target import login as L
 from services.iscsi_target import pdu as P
 from services.iscsi_target.access import AccessPolicy
@@ -15,7 +16,7 @@ MUTUAL = "mutualsecret9"
 
 
 def status(rsp):
-    return rsp.w[4] >> 16
+    return rsp.login_status
 
 
 def keys(rsp):
@@ -45,7 +46,7 @@ def test_anonymous_login_straight_to_operational():
     assert "MaxRecvDataSegmentLength" in k
     assert ini.tsih != 0 and ini.conn.state == "full"
     assert ini.conn.send_max == 65536
-    assert ini.conn.events[-1][0] == "iscsi.login"
+    assert isinstance(ini.events[-1], ev.Login)
 
 
 def test_security_stage_auth_none_then_operational():
@@ -78,15 +79,15 @@ def test_chap_right_secret():
     assert status(rsp) == 0 and rsp.flags & 0x80
     rsp = ini.login()
     assert status(rsp) == 0 and ini.conn.state == "full"
-    assert ini.conn.events[-1][1]["user"] == "alice" and ini.conn.events[-1][1]["auth"] == "CHAP"
+    assert ini.events[-1].user == "alice" and ini.events[-1].auth == "CHAP"
 
 
 def test_chap_wrong_secret_fails_with_auth_failure():
     ini = Initiator(chap_policy())
     rsp, _ = run_chap(ini, secret="wrongwrongwrong")
     assert status(rsp) == L.AUTH_FAILURE and ini.conn.closing
-    assert ini.conn.events[-1][0] == "iscsi.login.failed"
-    assert "wrong CHAP secret" in ini.conn.events[-1][1]["reason"]
+    (failed,) = ini.events_of(ev.LoginFailed)
+    assert "wrong CHAP secret" in failed.reason and failed.status == "0x0201"
 
 
 def test_chap_unknown_user():
@@ -212,7 +213,7 @@ def test_session_reinstatement_on_same_isid():
     rsp = second.login()
     assert status(rsp) == 0 and Handle.reason and "reinstated" in Handle.reason
     assert len(table) == 1 and table.all()[0] is second.conn.session
-    assert second.conn.events[-1][1]["reinstated"] is True
+    assert second.events[-1].reinstated is True
     assert first.registry.entries[TARGET].scsi.lost  # the old nexus was released
     # the old connection's cleanup must not remove its successor
     first.conn.connection_lost("reinstated")

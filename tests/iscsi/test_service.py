@@ -2,26 +2,21 @@
 
 import asyncio
 import socket
-import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 
+import support
 from services.iscsi_target import pdu as P
+from services.iscsi_target.login import NOT_FOUND
 from services.iscsi_target.service import IscsiTargetService
 from shared.config.model import BootfleetConfig
 from shared.service import ServiceContext
 
 A = "iqn.2026-11.org.test:a"
 B = "iqn.2026-11.org.test:b"
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+INITIATOR = "iqn.2026-11.org.test:i"
 
 
 def config(port, targets):
@@ -33,14 +28,20 @@ def target(name, *lun_ids, size="1MiB"):
     return {"name": name, "luns": [{"id": i, "backstore": {"type": "ram", "size": size}} for i in lun_ids]}
 
 
-def login(port, name):
+def login(port, name) -> tuple[socket.socket, P.Pdu]:
+    """One anonymous login straight to full feature phase; the socket and the final Login Response."""
     s = socket.create_connection(("127.0.0.1", port), timeout=5)
-    data = P.encode_text([("InitiatorName", "iqn.2026-11.org.test:i"), ("TargetName", name)])
-    s.sendall(P.encode_request(P.OP_LOGIN_REQ, immediate=True, flags=0x87, lun=(0x8000AA << 16) << 16, itt=1,
+    data = P.encode_text([("InitiatorName", INITIATOR), ("TargetName", name)])
+    s.sendall(P.encode_request(P.OP_LOGIN_REQ, immediate=True, flags=0x87, lun=0x8000AA << 32, itt=1,
                                words=(0, 1, 0, 0, 0, 0, 0), data=data))
-    head = recv_exact(s, 48)
-    recv_exact(s, P.padded(int.from_bytes(head[5:8], "big")))
-    return s, head
+    return s, receive_pdu(s)
+
+
+def receive_pdu(s) -> P.Pdu:
+    head = recv_exact(s, P.BHS_LEN)
+    pdu = P.parse_header(head)
+    pdu.data = recv_exact(s, P.padded(pdu.dsl))[: pdu.dsl]
+    return pdu
 
 
 def recv_exact(s, n):
@@ -57,7 +58,7 @@ def new_service(tmp_path) -> tuple[IscsiTargetService, list, int]:
     """A service in this process, the events it emits, and a free port for its portal."""
     events: list = []
     ctx = ServiceContext("iscsi_target", 0, tmp_path, lambda t, f: events.append((t, f)))
-    return IscsiTargetService(ctx), events, free_port()
+    return IscsiTargetService(ctx), events, support.free_port()
 
 
 def test_apply_adds_and_removes_targets_and_luns(tmp_path):
@@ -65,13 +66,13 @@ def test_apply_adds_and_removes_targets_and_luns(tmp_path):
 
     async def scenario():
         await svc.start(config(port, [target(A, 0)]))
-        sock, head = await asyncio.to_thread(login, port, A)
-        assert head[0] == P.OP_LOGIN_RSP and head[36] == 0
+        sock, rsp = await asyncio.to_thread(login, port, A)
+        assert rsp.opcode == P.OP_LOGIN_RSP and rsp.login_status == 0
         await svc.apply(config(port, [target(B, 0, 1)]))
         assert set(svc.registry.targets) == {B} and set(svc.registry.targets[B].scsi.luns) == {0, 1}
         # the removed target's session is asked to log out (Async Message, event 1), then closed
-        msg = await asyncio.to_thread(recv_exact, sock, 48)
-        assert msg[0] == P.OP_ASYNC and msg[36] == 1
+        msg = await asyncio.to_thread(receive_pdu, sock)
+        assert msg.opcode == P.OP_ASYNC and msg.async_event == 1
         started = time.monotonic()
         closed = await asyncio.to_thread(lambda: sock.recv(100) == b"")
         assert closed and time.monotonic() - started < 6
@@ -79,47 +80,49 @@ def test_apply_adds_and_removes_targets_and_luns(tmp_path):
         scsi_b = svc.registry.targets[B].scsi
         await svc.apply(config(port, [target(B, 1, 2)]))
         assert svc.registry.targets[B].scsi is scsi_b and set(scsi_b.luns) == {1, 2}
-        sock2, head = await asyncio.to_thread(login, port, A)
-        assert head[36] == 0x02 and head[37] == 0x03  # removed: target not found
+        sock2, rsp = await asyncio.to_thread(login, port, A)
+        assert rsp.login_status == NOT_FOUND  # removed: target not found
         sock2.close()
         await svc.stop()
 
     asyncio.run(scenario())
-    reasons = [f.get("reason") for t, f in events if t == "iscsi.logout"]
-    assert any("target removed" in r or "closed" in r for r in reasons), reasons
+    # the target closed it after the grace period, not the initiator
+    reasons = [f["reason"] for t, f in events if t == "iscsi.logout" and f["target"] == A]
+    assert reasons == ["target removed: logout deadline passed"]
 
 
 @pytest.mark.integration
-def test_two_processes_share_the_port(tmp_path):
-    port = free_port()
+def test_two_processes_share_the_port(tmp_path, procs):
+    port = support.free_port()
     cfg = tmp_path / "c.yaml"
     cfg.write_text(f"""version: 1
+logging: {{level: info}}
 iscsi:
   portals: [{{ip: 127.0.0.1, port: {port}}}]
   targets: [{{name: {A}, luns: [{{id: 0, backstore: {{type: ram, size: 1MiB}}}}]}}]
 """)
-    root = Path(__file__).resolve().parents[2]
-    procs = [subprocess.Popen([sys.executable, "-m", "services.iscsi_target", "--config", str(cfg), "--state-dir",
-                               str(tmp_path), "--instance", str(i)], cwd=root, stdout=subprocess.DEVNULL,
-                              stderr=subprocess.PIPE) for i in range(2)]
-    try:
-        deadline = time.monotonic() + 15
-        while time.monotonic() < deadline:
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
-                break
-            except OSError:
-                time.sleep(0.1)
-        time.sleep(1.0)  # the second process binds too
-        assert all(p.poll() is None for p in procs), [p.stderr.read().decode()[-500:] for p in procs if p.poll()]
-        for _ in range(6):
-            s, head = login(port, A)
-            assert head[36] == 0
-            s.close()
-    finally:
-        for p in procs:
-            p.terminate()
-            p.wait(12)
+    logs = [tmp_path / f"iscsi-{i}.log" for i in range(2)]
+    running = [procs.start([sys.executable, "-m", "services.iscsi_target", "--config", str(cfg), "--state-dir",
+                            str(tmp_path), "--instance", str(i)], log=logs[i]) for i in range(2)]
+
+    def listening(log):
+        return log.exists() and f"listening on 127.0.0.1:{port}" in log.read_text()
+
+    support.wait_for(lambda: all(listening(log) for log in logs), timeout=20, what="both processes listening")
+
+    def served(log):
+        return "iscsi.login ip=127.0.0.1" in log.read_text()
+
+    def one_login():
+        assert all(p.poll() is None for p in running), [log.read_text()[-500:] for log in logs]
+        s, rsp = login(port, A)
+        assert rsp.login_status == 0
+        s.close()
+        return all(served(log) for log in logs)
+
+    # The kernel spreads connections over the two listeners by a hash of the addresses: log in until each
+    # process has served one (2 ** -40 odds that 40 logins all land in one).
+    support.wait_for(one_login, timeout=30, interval=0.0, what="a login served by each process")
 
 
 def test_session_reinstatement_closes_the_old_connection(tmp_path):
@@ -127,10 +130,10 @@ def test_session_reinstatement_closes_the_old_connection(tmp_path):
 
     async def scenario():
         await svc.start(config(port, [target(A, 0)]))
-        first, head = await asyncio.to_thread(login, port, A)
-        tsih1 = int.from_bytes(head[14:16], "big")
-        second, head = await asyncio.to_thread(login, port, A)  # same initiator name and ISID
-        assert head[36] == 0 and int.from_bytes(head[14:16], "big") != tsih1
+        first, rsp = await asyncio.to_thread(login, port, A)
+        tsih1 = rsp.tsih
+        second, rsp = await asyncio.to_thread(login, port, A)  # same initiator name and ISID
+        assert rsp.login_status == 0 and rsp.tsih != tsih1
         closed = await asyncio.to_thread(lambda: first.recv(100) == b"")
         assert closed
         assert len(svc.server.sessions) == 1

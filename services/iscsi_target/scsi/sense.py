@@ -41,6 +41,9 @@ NOT_READY_INIT_REQUIRED = (0x04, 0x02)
 INSUFFICIENT_REGISTRATION_RESOURCES = (0x55, 0x04)
 WRITE_ERROR = (0x0C, 0x00)
 UNRECOVERED_READ_ERROR = (0x11, 0x00)
+INVALID_FIELD_IN_INFORMATION_UNIT = (0x0E, 0x03)  # transport: the CDB's length and the EDTL disagree
+DATA_PHASE_ERROR = (0x4B, 0x00)  # transport: a Data-Out sequence it cannot accept
+INTERNAL_TARGET_FAILURE = (0x44, 0x00)
 # unit attentions
 POWER_ON_RESET = (0x29, 0x00)
 POWER_ON_OCCURRED = (0x29, 0x01)
