@@ -1,0 +1,321 @@
+"""RAID-1: one backing store over two legs of the same size.
+
+Theory of operation. A write goes to every leg that is in sync, one after the other on the caller's
+thread, and is acknowledged when each has it (or has failed and been dropped). Reads alternate between
+the legs that are in sync. A leg whose read, write or sync raises (an OSError: EIO, ENOSPC, EBADF; or a
+ScsiError from a device backstore), or whose file is found removed or replaced on a sync, is dropped:
+the mirror records the drop in its state file (fsync'd, before the failing write is acknowledged, so a
+restart never serves the stale leg), calls `on_leg_failed(index, name, reason)` and serves from the other
+leg. The last leg in sync is never dropped: its errors fail the command (MEDIUM ERROR).
+
+Writes hold a range lock while they run: two overlapping writes never interleave their leg writes (the
+legs would end up disagreeing) and the resync's chunk copy waits for overlapping writes and they for it.
+
+`resync(index, leg=None, progress=...)` rebuilds a dropped leg (optionally a new Backstore in its place)
+while the LUN serves: it copies the in-sync leg chunk by chunk; the watermark is the end of the copied
+region. A write below the watermark goes to both legs; one at or above it goes to the good leg only and
+the copy brings it over later (the chunk being copied is locked against writes, so no write slips between
+the copy's read and its write). When the copy reaches the end the leg is synced and in sync again.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import threading
+
+from services.iscsi_target.scsi import sense as S
+from services.iscsi_target.scsi.backstore import Backstore, BackstoreError
+
+IN_SYNC, FAILED, RESYNCING = "in_sync", "failed", "resyncing"
+RESYNC_CHUNK = 1 << 20
+LEG_ERRORS = (OSError, S.ScsiError, ValueError)  # ValueError: an fd closed under a write
+
+
+class ResyncError(BackstoreError):
+    """The resync stopped: a leg failed while copying (the message says which and why)."""
+
+
+def _reason(exc: BaseException) -> str:
+    if isinstance(exc, OSError) and exc.strerror:
+        return f"{exc.strerror} (errno {exc.errno})"
+    return str(exc) or type(exc).__name__
+
+
+class MirrorBackstore(Backstore):
+    def __init__(self, legs, names=None, on_leg_failed=None, state_file=None, write_through: bool = False,
+                 failed=()):
+        """legs: two Backstores (one may be None: missing, so failed); failed: indexes known stale."""
+        if len(legs) != 2:
+            raise BackstoreError(f"a mirror needs two legs, got {len(legs)}")
+        present = [leg for leg in legs if leg is not None]
+        if not present:
+            raise BackstoreError("a mirror needs at least one leg it can open")
+        first = present[0]
+        for leg in present[1:]:
+            if (leg.size, leg.block_size) != (first.size, first.block_size):
+                raise BackstoreError(f"mirror legs differ: {first.size} bytes of {first.block_size}-byte blocks "
+                                     f"against {leg.size} of {leg.block_size}")
+        super().__init__(first.size, first.block_size)
+        self.legs = list(legs)
+        self.names = list(names or [getattr(leg, "path", f"leg {i}") for i, leg in enumerate(legs)])
+        self.on_leg_failed = on_leg_failed
+        self.on_resync_done = None  # called with (index, name) when a resync completes
+        self.state_file = os.fspath(state_file) if state_file else None
+        self.write_through = write_through
+        self.readonly = any(leg.readonly for leg in present)
+        self.thin = all(leg.thin for leg in present)
+        self.state = [IN_SYNC if leg is not None else FAILED for leg in legs]
+        for i in failed:
+            self.state[i] = FAILED
+        for name, state in self._load_state().items():
+            if name in self.names and state == FAILED:
+                self.state[self.names.index(name)] = FAILED
+        if self.state == [FAILED, FAILED]:
+            raise BackstoreError(f"mirror {self.names}: both legs are recorded as failed; nothing to serve")
+        for leg in present:
+            if hasattr(leg, "fd"):  # the mirror's write_through is its legs'
+                leg.write_through = write_through
+        self._save_state()
+        self._cond = threading.Condition(threading.Lock())
+        self._writes: dict[int, tuple[int, int]] = {}  # in-flight writes: token -> [start, end)
+        self._tokens = itertools.count()
+        self._copy: tuple[int, int] | None = None     # the range the resync is copying right now
+        self.watermark = 0                            # resync: bytes below this are on both legs
+        self._rr = itertools.count()
+
+    # ---------------------------------------------------------------- state
+    @property
+    def degraded(self) -> bool:
+        return self.state != [IN_SYNC, IN_SYNC]
+
+    def status(self) -> list[dict]:
+        return [{"leg": i, "name": self.names[i], "state": s} for i, s in enumerate(self.state)]
+
+    def _load_state(self) -> dict:
+        if not self.state_file:
+            return {}
+        try:
+            with open(self.state_file) as f:
+                return json.load(f).get("legs", {})
+        except FileNotFoundError:
+            return {}
+        except (OSError, ValueError) as exc:
+            raise BackstoreError(f"{self.state_file}: mirror state unreadable: {exc}") from exc
+
+    def _save_state(self) -> None:
+        """Durable before a write only one leg has is acknowledged: a restart must not serve the stale leg."""
+        if not self.state_file:
+            return
+        legs = {name: (FAILED if s != IN_SYNC else IN_SYNC) for name, s in zip(self.names, self.state)}
+        tmp = self.state_file + ".tmp"
+        with open(tmp, "w") as f:
+            json.dump({"legs": legs}, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, self.state_file)
+        fd = os.open(os.path.dirname(self.state_file) or ".", os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+    def _drop(self, i: int, leg, exc: BaseException) -> None:
+        """Leg i failed: drop it, unless it is the last one in sync (then the command fails)."""
+        with self._cond:
+            if self.legs[i] is not leg or self.state[i] == FAILED:
+                return  # already dropped (or replaced by a resync): a stale report
+            other = self.state[1 - i]
+            if self.state[i] == IN_SYNC and other != IN_SYNC:
+                raise S.ScsiError(S.MEDIUM_ERROR, S.WRITE_ERROR if isinstance(exc, _WriteFailure)
+                                  else S.UNRECOVERED_READ_ERROR)
+            self.state[i] = FAILED
+            self._save_state()
+            self._cond.notify_all()
+        reason = _reason(exc.__cause__ if isinstance(exc, _WriteFailure) and exc.__cause__ else exc)
+        if self.on_leg_failed is not None:
+            self.on_leg_failed(i, self.names[i], reason)
+
+    # ---------------------------------------------------------------- I/O
+    def _begin(self, start: int, end: int):
+        with self._cond:
+            while True:
+                copy = self._copy
+                if copy is not None and start < copy[1] and copy[0] < end:
+                    self._cond.wait()
+                    continue
+                if any(start < e and s < end for s, e in self._writes.values()):
+                    self._cond.wait()
+                    continue
+                break
+            token = next(self._tokens)
+            self._writes[token] = (start, end)
+            state = self.state
+            targets = [(i, self.legs[i]) for i in (0, 1)
+                       if state[i] == IN_SYNC or (state[i] == RESYNCING and start < self.watermark)]
+        return token, targets
+
+    def _end(self, token: int) -> None:
+        with self._cond:
+            del self._writes[token]
+            self._cond.notify_all()
+
+    def _each_leg(self, start: int, end: int, op) -> None:
+        token, targets = self._begin(start, end)
+        try:
+            done = 0
+            for i, leg in targets:
+                try:
+                    op(leg)
+                    done += 1
+                except LEG_ERRORS as exc:
+                    failure = _WriteFailure(_reason(exc))
+                    failure.__cause__ = exc
+                    self._drop(i, leg, failure)  # raises MEDIUM ERROR if it was the last leg in sync
+            if not done:
+                raise S.ScsiError(S.MEDIUM_ERROR, S.WRITE_ERROR)
+        finally:
+            self._end(token)
+
+    def write(self, offset: int, data) -> None:
+        self._each_leg(offset, offset + len(data), lambda leg: leg.write(offset, data))
+
+    def unmap(self, offset: int, length: int) -> None:
+        self._each_leg(offset, offset + length, lambda leg: leg.unmap(offset, length))
+
+    def read(self, offset: int, length: int):
+        while True:
+            state = self.state
+            if state[0] == IN_SYNC and state[1] == IN_SYNC:
+                i = next(self._rr) & 1
+            else:
+                i = 0 if state[0] == IN_SYNC else 1
+            leg = self.legs[i]
+            try:
+                return leg.read(offset, length)
+            except LEG_ERRORS as exc:
+                self._drop(i, leg, exc)  # the last leg in sync: MEDIUM ERROR; else try the other
+
+    def sync(self) -> None:
+        for i in (0, 1):
+            leg = self.legs[i]
+            if leg is None or self.state[i] == FAILED:
+                continue
+            try:
+                why = leg.gone() if hasattr(leg, "gone") else None
+                if why:
+                    raise OSError(0, why)
+                leg.sync()
+            except LEG_ERRORS as exc:
+                failure = _WriteFailure(_reason(exc))
+                failure.__cause__ = exc
+                self._drop(i, leg, failure)
+
+    def check(self) -> None:
+        """Drop legs whose file was removed or replaced (also done on every sync)."""
+        self.sync()
+
+    def mapped(self, offset: int) -> tuple[bool, int]:
+        i = 0 if self.state[0] == IN_SYNC else 1
+        return self.legs[i].mapped(offset)
+
+    def resize(self, size: int) -> None:
+        raise BackstoreError("a mirror cannot be resized while it serves")
+
+    def close(self) -> None:
+        for leg in self.legs:
+            if leg is not None:
+                leg.close()
+
+    # ---------------------------------------------------------------- resync
+    def resync(self, index: int, leg: Backstore | None = None, progress=None, chunk: int = RESYNC_CHUNK) -> None:
+        """Rebuild leg `index` from the other while serving; `progress(done_bytes, total_bytes)` per chunk."""
+        src = 1 - index
+        chunk = max(self.block_size, chunk - chunk % self.block_size)
+        with self._cond:
+            if self.state[index] == IN_SYNC:
+                raise ResyncError(f"{self.names[index]}: already in sync")
+            if self.state[index] == RESYNCING:
+                raise ResyncError(f"{self.names[index]}: a resync is already running")
+            if self.state[src] != IN_SYNC:
+                raise ResyncError(f"{self.names[src]}: not in sync; nothing to copy from")
+            old = self.legs[index]
+            if leg is not None:
+                if (leg.size, leg.block_size) != (self.size, self.block_size):
+                    raise ResyncError(f"{self.names[index]}: the new leg has {leg.size} bytes of "
+                                      f"{leg.block_size}-byte blocks; the mirror {self.size} of {self.block_size}")
+                if hasattr(leg, "fd"):
+                    leg.write_through = self.write_through
+                self.legs[index] = leg
+            elif old is None:
+                raise ResyncError(f"{self.names[index]}: the leg is missing; give a new one to resync onto")
+            target = self.legs[index]
+            self.watermark = 0
+            self.state[index] = RESYNCING
+        if leg is not None and old is not None and old is not leg:
+            try:
+                old.close()
+            except (OSError, BufferError, ValueError):
+                pass
+        pos = 0
+        try:
+            while pos < self.size:
+                n = min(chunk, self.size - pos)
+                with self._cond:
+                    if self.legs[index] is not target or self.state[index] != RESYNCING:
+                        raise ResyncError(f"{self.names[index]}: dropped during the resync")
+                    if self.state[src] != IN_SYNC:
+                        raise ResyncError(f"{self.names[src]}: failed during the resync")
+                    self._copy = (pos, pos + n)
+                    while any(pos + n > s and e > pos for s, e in self._writes.values()):
+                        self._cond.wait()
+                try:
+                    source = self.legs[src]
+                    try:
+                        data = source.read(pos, n)
+                    except LEG_ERRORS as exc:
+                        self._drop(src, source, exc)  # the last leg in sync: raises MEDIUM ERROR
+                        raise ResyncError(f"{self.names[src]}: read failed during the resync: {_reason(exc)}") from exc
+                    try:
+                        target.write(pos, data)
+                    except LEG_ERRORS as exc:
+                        failure = _WriteFailure(_reason(exc))
+                        failure.__cause__ = exc
+                        self._drop(index, target, failure)
+                        raise ResyncError(f"{self.names[index]}: write failed during the resync: "
+                                          f"{_reason(exc)}") from exc
+                    with self._cond:
+                        self.watermark = pos + n
+                finally:
+                    with self._cond:
+                        self._copy = None
+                        self._cond.notify_all()
+                pos += n
+                if progress is not None:
+                    progress(pos, self.size)
+            try:
+                target.sync()
+            except LEG_ERRORS as exc:
+                failure = _WriteFailure(_reason(exc))
+                failure.__cause__ = exc
+                self._drop(index, target, failure)
+                raise ResyncError(f"{self.names[index]}: sync failed at the end of the resync: {_reason(exc)}") from exc
+            with self._cond:
+                if self.legs[index] is not target or self.state[index] != RESYNCING:
+                    raise ResyncError(f"{self.names[index]}: dropped during the resync")
+                self.state[index] = IN_SYNC
+                self._save_state()
+        except S.ScsiError as exc:
+            raise ResyncError(f"{self.names[src]}: the last leg in sync failed during the resync") from exc
+        finally:
+            with self._cond:
+                if self.state[index] == RESYNCING:
+                    self.state[index] = FAILED
+                self._cond.notify_all()
+        if self.on_resync_done is not None:
+            self.on_resync_done(index, self.names[index])
+
+
+class _WriteFailure(Exception):
+    """A leg failed a write or a sync (so the last leg's error is a WRITE ERROR, not a read error)."""

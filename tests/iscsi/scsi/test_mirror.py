@@ -1,0 +1,360 @@
+"""RAID-1 (scsi/mirror.py): a leg failing under concurrent load — a leg on a small tmpfs that fills up, a leg
+file removed, injected I/O errors — is dropped with its callback while the LUN keeps serving; a resync
+rebuilds it while writers keep writing; afterwards every acknowledged write reads back from both legs."""
+
+from __future__ import annotations
+
+import errno
+import os
+import random
+import shutil
+import subprocess
+import threading
+
+import pytest
+
+from services.iscsi_target.scsi import RamBackstore
+from services.iscsi_target.scsi import sense as S
+from services.iscsi_target.scsi.backstore import BackstoreError
+from services.iscsi_target.scsi.mirror import FAILED, IN_SYNC, MirrorBackstore, ResyncError
+from services.iscsi_target.scsi.pread_file import PreadFileBackstore
+
+from support import wait_for
+
+from .helpers import MiB, data, key_asc, nexus, read10, ready_target, write10
+
+BS = 512
+SIZE = 8 * MiB
+NX = nexus()
+
+
+class FaultyLeg:
+    """A leg wrapper that raises EIO on demand (reads, writes or syncs)."""
+
+    def __init__(self, inner):
+        self.inner = inner
+        self.fail_reads = self.fail_writes = self.fail_sync = False
+        self.fail_after_writes = None  # fail every write once this many more have succeeded
+        self.size, self.block_size, self.readonly, self.thin = inner.size, inner.block_size, False, inner.thin
+        self.write_through = False
+
+    def read(self, offset, length):
+        if self.fail_reads:
+            raise OSError(errno.EIO, "injected read error")
+        return self.inner.read(offset, length)
+
+    def write(self, offset, data):
+        if self.fail_after_writes is not None:
+            if self.fail_after_writes <= 0:
+                self.fail_writes = True
+            self.fail_after_writes -= 1
+        if self.fail_writes:
+            raise OSError(errno.EIO, "injected write error")
+        self.inner.write(offset, data)
+
+    def sync(self):
+        if self.fail_sync:
+            raise OSError(errno.EIO, "injected sync error")
+        self.inner.sync()
+
+    def unmap(self, offset, length):
+        self.write(offset, bytes(length))
+
+    def mapped(self, offset):
+        return self.inner.mapped(offset)
+
+    def close(self):
+        self.inner.close()
+
+
+class Load:
+    """Writer threads on disjoint blocks (thread t owns blocks b with b % threads == t), each write's
+    content unique; `acked` keeps the last acknowledged content of every block."""
+
+    def __init__(self, mirror, threads=4, blocks_per_write=(1, 16), sync_every=25, seed=1):
+        self.mirror, self.threads, self.span, self.sync_every = mirror, threads, blocks_per_write, sync_every
+        self.acked: dict[int, bytes] = {}
+        self.errors: list = []
+        self.count = 0
+        self.stop = threading.Event()
+        self._lock = threading.Lock()
+        self._workers = [threading.Thread(target=self._run, args=(t, seed + t), daemon=True) for t in range(threads)]
+
+    def _run(self, t, seed):
+        rnd = random.Random(seed)
+        nblocks = self.mirror.blocks
+        serial = 0
+        while not self.stop.is_set():
+            n = rnd.randint(*self.span)
+            start = rnd.randrange(0, nblocks - n * self.threads) // self.threads * self.threads + t
+            lbas = [start + k * self.threads for k in range(n)]
+            blocks = {}
+            for lba in lbas:  # one write per block (they are not contiguous), each acknowledged alone
+                serial += 1
+                payload = (f"t{t} lba{lba} #{serial} ".encode() * 40)[:BS]
+                try:
+                    self.mirror.write(lba * BS, payload)
+                except Exception as exc:  # noqa: BLE001 - a refused write is not acknowledged
+                    self.errors.append(exc)
+                    continue
+                blocks[lba] = payload
+            with self._lock:
+                self.acked.update(blocks)
+                self.count += 1
+                if self.count % self.sync_every == 0:
+                    try:
+                        self.mirror.sync()
+                    except Exception as exc:  # noqa: BLE001
+                        self.errors.append(exc)
+
+    def __enter__(self):
+        for w in self._workers:
+            w.start()
+        return self
+
+    def wait_writes(self, n, timeout=30.0):
+        import time
+        deadline = time.monotonic() + timeout
+        start = self.count
+        while self.count < start + n:
+            assert time.monotonic() < deadline, f"the writers made {self.count - start} of {n} writes"
+            self.stop.wait(0.01)
+
+    def __exit__(self, *exc):
+        self.stop.set()
+        for w in self._workers:
+            w.join(10)
+
+
+def check_both_legs(mirror, acked, legs=None):
+    legs = legs or mirror.legs
+    assert mirror.state == [IN_SYNC, IN_SYNC]
+    for lba, payload in acked.items():
+        for i, leg in enumerate(legs):
+            got = bytes(leg.read(lba * BS, BS))
+            assert got == payload, f"leg {i} block {lba}: {got[:24]!r} is not the acknowledged {payload[:24]!r}"
+
+
+def events():
+    dropped = []
+    return dropped, lambda i, name, reason: dropped.append((i, name, reason))
+
+
+# ---------------------------------------------------------------------------------------------- basics
+def test_writes_reach_both_legs_and_reads_alternate():
+    a, b = RamBackstore(MiB), RamBackstore(MiB)
+    m = MirrorBackstore([a, b])
+    m.write(4096, b"x" * 512)
+    assert bytes(a.read(4096, 512)) == bytes(b.read(4096, 512)) == b"x" * 512
+    seen = []
+    a.read = lambda o, n, r=a.read: (seen.append("a"), r(o, n))[1]
+    b.read = lambda o, n, r=b.read: (seen.append("b"), r(o, n))[1]
+    for _ in range(4):
+        assert bytes(m.read(4096, 512)) == b"x" * 512
+    assert sorted(seen) == ["a", "a", "b", "b"]
+
+
+def test_legs_of_different_sizes_are_refused():
+    with pytest.raises(BackstoreError, match="legs differ"):
+        MirrorBackstore([RamBackstore(MiB), RamBackstore(2 * MiB)])
+
+
+def test_a_read_error_drops_the_leg_and_the_other_answers():
+    a, b = FaultyLeg(RamBackstore(MiB)), RamBackstore(MiB)
+    dropped, cb = events()
+    m = MirrorBackstore([a, b], names=["a", "b"], on_leg_failed=cb)
+    m.write(0, b"y" * 512)
+    a.fail_reads = True
+    for _ in range(3):
+        assert bytes(m.read(0, 512)) == b"y" * 512
+    assert m.state == [FAILED, IN_SYNC] and dropped == [(0, "a", "injected read error (errno 5)")]
+
+
+def test_the_last_leg_is_never_dropped_its_errors_fail_the_command():
+    a, b = FaultyLeg(RamBackstore(MiB)), FaultyLeg(RamBackstore(MiB))
+    m = MirrorBackstore([a, b])
+    t = ready_target(m)
+    a.fail_writes = True
+    assert t.execute(NX, 0, write10(0, 1), b"z" * 512).status == 0  # a dropped, b has it
+    b.fail_writes = True
+    r = t.execute(NX, 0, write10(0, 1), b"w" * 512)
+    assert key_asc(r) == (S.MEDIUM_ERROR, 0x0C, 0x00)
+    b.fail_writes, b.fail_reads = False, True
+    assert key_asc(t.execute(NX, 0, read10(0, 1), None)) == (S.MEDIUM_ERROR, 0x11, 0x00)
+    assert m.state == [FAILED, IN_SYNC]
+
+
+def test_through_the_scsi_layer_with_file_legs(tmp_path):
+    legs = [PreadFileBackstore(tmp_path / f"leg{i}.img", MiB) for i in (0, 1)]
+    t = ready_target(MirrorBackstore(legs))
+    assert t.execute(NX, 0, write10(5, 2, flags=0x08), b"\x5a" * 1024).status == 0
+    assert data(t.execute(NX, 0, read10(5, 2), None)) == b"\x5a" * 1024
+    for i in (0, 1):
+        with open(tmp_path / f"leg{i}.img", "rb") as f:
+            assert f.read()[5 * 512:7 * 512] == b"\x5a" * 1024
+
+
+def test_a_dropped_leg_is_remembered_across_a_restart(tmp_path):
+    state = tmp_path / "mirror.state"
+    legs = [FaultyLeg(RamBackstore(MiB)), RamBackstore(MiB)]
+    m = MirrorBackstore(legs, names=["a", "b"], state_file=state)
+    legs[0].fail_writes = True
+    m.write(0, b"q" * 512)
+    assert m.state == [FAILED, IN_SYNC]
+    again = MirrorBackstore([RamBackstore(MiB), RamBackstore(MiB)], names=["a", "b"], state_file=state)
+    assert again.state == [FAILED, IN_SYNC]  # the stale leg is not served after a restart
+    again.resync(0)
+    assert MirrorBackstore([RamBackstore(MiB), RamBackstore(MiB)], names=["a", "b"],
+                           state_file=state).state == [IN_SYNC, IN_SYNC]
+
+
+def test_resync_reports_progress_and_refuses_a_leg_in_sync():
+    a, b = FaultyLeg(RamBackstore(4 * MiB)), RamBackstore(4 * MiB)
+    m = MirrorBackstore([a, b])
+    with pytest.raises(ResyncError, match="already in sync"):
+        m.resync(0)
+    b.write(0, b"p" * 512)  # behind the mirror's back: only b has it, as after a drop
+    a.fail_writes = True
+    m.write(MiB, b"r" * 512)
+    a.fail_writes = False
+    steps = []
+    m.resync(0, progress=lambda done, total: steps.append((done, total)), chunk=MiB)
+    assert steps == [(MiB, 4 * MiB), (2 * MiB, 4 * MiB), (3 * MiB, 4 * MiB), (4 * MiB, 4 * MiB)]
+    assert bytes(a.read(0, 512)) == b"p" * 512 and bytes(a.read(MiB, 512)) == b"r" * 512
+
+
+def test_a_leg_failing_during_its_resync_stops_it():
+    a, b = FaultyLeg(RamBackstore(4 * MiB)), RamBackstore(4 * MiB)
+    m = MirrorBackstore([a, b])
+    a.fail_writes = True
+    m.write(0, b"1" * 512)
+    a.fail_writes, a.fail_after_writes = False, 2
+    with pytest.raises(ResyncError, match="write failed during the resync"):
+        m.resync(0, chunk=MiB)
+    assert m.state == [FAILED, IN_SYNC]
+
+
+# ---------------------------------------------------------------------------------------------- under load
+def _resync_under_load(m, load, index, leg=None):
+    progress = []
+    load.wait_writes(20)
+    m.resync(index, leg=leg, progress=lambda d, t: progress.append(d), chunk=256 << 10)
+    load.wait_writes(20)  # writes after the resync reach both legs too
+    assert progress[-1] == m.size and progress == sorted(progress)
+
+
+def test_injected_write_errors_under_load_then_resync(tmp_path):
+    legs = [PreadFileBackstore(tmp_path / "a.img", SIZE), FaultyLeg(PreadFileBackstore(tmp_path / "b.img", SIZE))]
+    dropped, cb = events()
+    m = MirrorBackstore(legs, names=["a", "b"], on_leg_failed=cb)
+    with Load(m) as load:
+        load.wait_writes(30)
+        legs[1].fail_writes = True
+        load.wait_writes(30)
+        assert m.state == [IN_SYNC, FAILED] and dropped[0][:2] == (1, "b")
+        legs[1].fail_writes = False
+        _resync_under_load(m, load, 1)
+    assert not load.errors, load.errors[:3]
+    assert len(dropped) == 1
+    check_both_legs(m, load.acked)
+
+
+def test_injected_read_errors_under_load(tmp_path):
+    legs = [FaultyLeg(PreadFileBackstore(tmp_path / "a.img", SIZE)), PreadFileBackstore(tmp_path / "b.img", SIZE)]
+    m = MirrorBackstore(legs)
+    with Load(m) as load:
+        load.wait_writes(20)
+        legs[0].fail_reads = True
+        for _ in range(50):  # reads keep being answered from b
+            with load._lock:
+                sample = list(load.acked.items())[:20]
+            for lba, payload in sample:
+                got = bytes(m.read(lba * BS, BS))
+                # another write to the block may be in flight; it must be this one or a newer one by its owner
+                assert got == payload or got.startswith(payload[:4])
+        assert m.state == [FAILED, IN_SYNC]
+        legs[0].fail_reads = False
+        _resync_under_load(m, load, 0)
+    assert not load.errors
+    check_both_legs(m, load.acked)
+
+
+def test_leg_file_removed_under_load_then_resync_onto_a_new_file(tmp_path):
+    path = tmp_path / "b.img"
+    legs = [PreadFileBackstore(tmp_path / "a.img", SIZE), PreadFileBackstore(path, SIZE)]
+    dropped, cb = events()
+    m = MirrorBackstore(legs, names=["a", str(path)], on_leg_failed=cb)
+    with Load(m, sync_every=5) as load:  # initiators sync often (FUA, SYNCHRONIZE CACHE): that is when it is seen
+        load.wait_writes(20)
+        os.unlink(path)
+        load.wait_writes(30)
+        assert m.state == [IN_SYNC, FAILED] and dropped == [(1, str(path), "the file was removed (errno 0)")]
+        _resync_under_load(m, load, 1, leg=PreadFileBackstore(path, SIZE))
+    assert not load.errors
+    check_both_legs(m, load.acked)
+    with open(path, "rb") as f:  # the new file holds it, not just the object
+        disk = f.read()
+    for lba, payload in load.acked.items():
+        assert disk[lba * BS:(lba + 1) * BS] == payload
+
+
+@pytest.fixture
+def small_tmpfs(tmp_path):
+    assert shutil.which("mount") and shutil.which("umount"), "mount/umount missing"
+    point = tmp_path / "tmpfs"
+    point.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "bootfleet-test", str(point)], check=True)
+    try:
+        yield point
+    finally:
+        if subprocess.run(["umount", str(point)]).returncode:  # a leg left open by a failed test
+            subprocess.run(["umount", "-l", str(point)], check=True)
+
+
+def test_leg_on_a_tmpfs_that_fills_up_under_load_then_resync(tmp_path, small_tmpfs):
+    full = small_tmpfs / "b.img"
+    legs = [PreadFileBackstore(tmp_path / "a.img", SIZE), PreadFileBackstore(full, SIZE, sparse=True)]
+    dropped, cb = events()
+    m = MirrorBackstore(legs, names=["a", "b"], on_leg_failed=cb)
+    try:
+        with Load(m, blocks_per_write=(8, 32)) as load:
+            load.wait_writes(3000, timeout=60)  # 8 MiB of writes spread over the LUN: the 2 MiB tmpfs fills
+            assert m.state == [IN_SYNC, FAILED], "the tmpfs leg should have filled up"
+            assert dropped[0][:2] == (1, "b") and "No space left on device" in dropped[0][2]
+            subprocess.run(["mount", "-o", "remount,size=16m", str(small_tmpfs)], check=True)
+            _resync_under_load(m, load, 1)
+        assert not load.errors
+        check_both_legs(m, load.acked)
+    finally:
+        m.close()  # before the fixture unmounts the tmpfs
+
+
+def test_a_write_in_flight_on_the_good_leg_when_the_copy_reaches_it_is_not_lost():
+    """The race the chunk lock closes: a write already past its leg choice (good leg only, below no
+    watermark yet) is still writing when the resync copies its chunk; the copy must wait for it."""
+    good, stale = RamBackstore(MiB), FaultyLeg(RamBackstore(MiB))
+    m = MirrorBackstore([good, stale])
+    stale.fail_writes = True
+    m.write(0, b"o" * 512)  # the stale leg is dropped
+    stale.fail_writes = False
+    inside, release = threading.Event(), threading.Event()
+    real = good.write
+
+    def slow_write(offset, data):
+        inside.set()
+        release.wait(10)
+        real(offset, data)
+
+    good.write = slow_write
+    writer = threading.Thread(target=m.write, args=(0, b"N" * 512))
+    writer.start()
+    assert inside.wait(10)
+    good.write = real
+    resync = threading.Thread(target=m.resync, args=(1,), kwargs={"chunk": 64 << 10})
+    resync.start()
+    wait_for(lambda: m._copy is not None or not resync.is_alive(), what="the resync to reach chunk 0")
+    release.set()
+    writer.join(10)
+    resync.join(10)
+    assert m.state == [IN_SYNC, IN_SYNC]
+    assert bytes(stale.read(0, 512)) == b"N" * 512
