@@ -22,7 +22,8 @@ we gather it and answer each piece with an empty response until the last.
   older one with the same initiator, ISID and target) and gets its TSIH.
 
 Failures answer with a Login Response carrying a status class/detail (§11.13.5) and then the
-connection closes. The machine is sans-IO: `handle(pdu, now)` returns a `LoginStep`.
+connection closes. The machine is sans-IO: `LoginMachine.handle(pdu)` returns a `LoginStep`, which the
+connection (connection.py) turns into a Login Response.
 """
 
 from __future__ import annotations
@@ -69,7 +70,6 @@ class LoginStep:
     transit: bool = False
     csg: int = 0
     nsg: int = 0
-    cont: bool = False  # C bit: more of our text follows (never used: our answers are short)
     complete: bool = False  # full feature phase starts after this response
     reason: str = ""  # for failures: why, for the event log
 

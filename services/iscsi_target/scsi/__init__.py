@@ -1,7 +1,7 @@
 """SCSI emulation for the iSCSI target: SPC-4 primary and SBC-3 block commands over file or RAM
 backing stores. Sans-IO: no sockets; the transport calls in.
 
-Interface (used by services/iscsi_target/connection.py and service.py):
+Interface (used by the connection core: responses.py, task_management.py, connection.py; and service.py):
     ScsiTarget(name, luns: dict[int, LogicalUnit])
         .luns                                   current {lun_id: LogicalUnit} (replaced whole on change)
         .data_out_length(lun, cdb) -> int       Data-Out bytes this CDB transfers (0 for non-writes)
