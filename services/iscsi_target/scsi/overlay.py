@@ -1,0 +1,540 @@
+"""A PC's disk: a read-only image version (the base) plus the PC's own copy-on-write overlay.
+
+Same surface as FileBackstore (read, write, sync, unmap, mapped, resize, close; block_size, size, readonly,
+thin, write_through), so a LogicalUnit serves it unchanged.
+
+Theory of operation
+-------------------
+The base is a published version file, mmap'd shared and read-only (BaseImage; one mapping per version per
+process through `open_base`, and one page-cache copy for every process: 20 PCs on one version read the
+same pages). The overlay is a sparse file the size of the disk, a granule's data at the disk's own offset,
+plus a bitmap of one bit per granule (the format, and why a crash is harmless, in
+shared/images/overlay_format.py). Three bitmaps live in memory:
+
+- `owned` (persisted): the overlay holds the granule; reads come from the overlay file (a hole there reads
+  as zeros: an UNMAPped granule). Bits only go 0 -> 1.
+- `alloc`: the granule holds data in the overlay file; what the quota counts (granules x granule size).
+  Rebuilt at open from SEEK_DATA/SEEK_HOLE.
+- dirty bitmap pages: what the next sync() writes back.
+
+READ: one bit test (or one int of bits for a multi-granule read). All base: a slice of the base's mmap, no
+copy; all overlay: a slice of the overlay file's mmap, no copy; mixed: `readv` gives the pieces and `read`
+joins them (the only copy, and only for reads that straddle both layers).
+
+WRITE: into granules the overlay owns and has allocated, one pwrite and nothing else (no lock). Otherwise,
+under the stripe locks of the granules touched: reserve quota for granules not yet allocated (OverlayFull
+before any byte is written), fill a partial head and tail granule that the overlay does not own from the
+base (one pwritev of [base head, data, base tail]: the read-modify-write of a granule), then set the owned
+bits. The stripe lock serialises a partial write against any other write to an unowned granule of its
+stripe, so two partial writes to one granule cannot each merge the base over the other's bytes.
+
+UNMAP (and WRITE SAME with UNMAP): whole granules are punched out of the overlay file, marked owned and
+no longer allocated: they read as zeros, take no space, and the quota gets them back. So LBPRZ=1 is true:
+an unmapped block reads zeros, not the base's data (falling back to the base would make the block's
+content after UNMAP depend on the image below, which LBPRZ=1 forbids and libiscsi checks). A part of a
+granule is zeroed: punched if the overlay owns the granule, else written as zeros (a read-modify-write,
+which allocates and so can raise OverlayFull). GET LBA STATUS: owned and allocated = mapped; owned
+and not allocated = deallocated; not owned = what the base says (a hole in the base reads zeros too).
+
+Durability (`durable=True`, for `persistent` and `super`): sync() fdatasyncs the overlay data, then writes
+the dirty bitmap pages and fdatasyncs the bitmap: data durable before the bit that points at it. Syncs
+are serialised, so a sync never returns while an earlier one's bitmap is still in flight. With
+`durable=False` (`discard`), sync() still writes the bitmap pages (into the page cache: a `kill -9` of the
+target loses nothing, the reconnecting PC finds its writes) but never fsyncs: a power loss may lose the
+overlay, which the next power-on discards anyway.
+
+Granule: 4 KiB (GRANULE). NTFS and ext4 write 4 KiB clusters, so an OS's write is a whole granule (no
+read of the base, no write amplification); measured against 64 KiB in docs/images.md ("Granule").
+
+Quota and space: `quota` bytes of allocated granules; crossing `soft_threshold` sets `threshold_crossed`
+and calls `on_threshold(overlay)` once (re-armed when UNMAP brings the use back below); a write that would
+pass the quota, or that `space_guard(nbytes)` refuses (the store's free-space reserve), raises OverlayFull
+before writing anything. ENOSPC from the file system despite the reserve also raises OverlayFull, then
+possibly after part of the range was written (the command fails; its blocks are undefined, as SBC allows).
+A WRITE and an UNMAP of the same granule in flight at once may leave the count one granule off until the
+overlay is reopened (the data is right; initiators do not issue those together).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import mmap
+import os
+import threading
+from pathlib import Path
+
+from services.iscsi_target.scsi.backstore import (_FALLOC_FL_KEEP_SIZE, _FALLOC_FL_PUNCH_HOLE, SEEK_DATA,
+                                                   SEEK_HOLE, Backstore, BackstoreError, _fallocate)
+from shared.atomic_file import write_atomic
+from shared.images import overlay_format as F
+
+GRANULE = 4096
+MAX_GRANULE = 64 * 1024
+STRIPES = 64          # locks for writes into unowned granules
+STRIPE_SHIFT = 4      # 16 consecutive granules share a stripe, so a 1 MiB write takes 16 locks, not 256
+_PAGE_SHIFT = 15      # granules per bitmap page: 4096 bytes x 8 bits
+
+
+class OverlayError(BackstoreError):
+    """The overlay cannot be opened or used (the message names the file and why)."""
+
+
+class OverlayFull(OverlayError):
+    """A write refused for lack of space, raised before anything of it was written (except `enospc`).
+
+    reason: "quota" (the overlay's own quota), "reserve" (the image store's free-space reserve), or
+    "enospc" (the file system itself). The iSCSI layer answers DATA PROTECT, SPACE ALLOCATION FAILED
+    WRITE PROTECT (27h/07h).
+    """
+
+    def __init__(self, path: str, reason: str, needed: int, used: int, limit: int | None):
+        self.path, self.reason, self.needed, self.used, self.limit = path, reason, needed, used, limit
+        what = {"quota": f"quota of {limit} bytes", "reserve": "image store's free-space reserve",
+                "enospc": "file system (ENOSPC)"}[reason]
+        super().__init__(f"{path}: {needed} more bytes would pass the {what} ({used} bytes in use)")
+
+
+def _punch(fd: int, offset: int, length: int) -> None:
+    if length <= 0:
+        return
+    if _fallocate(fd, _FALLOC_FL_PUNCH_HOLE | _FALLOC_FL_KEEP_SIZE, offset, length) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"cannot punch a hole: {os.strerror(err)}")
+
+
+# ---------------------------------------------------------------------------------------------- the base
+class BaseImage(Backstore):
+    """A published version: read-only, mmap'd shared. Also usable alone as a `readonly` PC's backstore."""
+
+    readonly = True
+    write_through = False
+    thin = False
+
+    def __init__(self, path, block_size: int = 512):
+        self.path = os.fspath(path)
+        try:
+            self.fd = os.open(self.path, os.O_RDONLY | os.O_CLOEXEC)
+        except OSError as exc:
+            raise OverlayError(f"{self.path}: cannot open image version: {exc.strerror}") from exc
+        try:
+            st = os.fstat(self.fd)
+            self.key = (st.st_dev, st.st_ino)
+            super().__init__(st.st_size, block_size)
+            self.map = mmap.mmap(self.fd, self.size, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ)
+        except BaseException:
+            os.close(self.fd)
+            raise
+        self.view = memoryview(self.map)
+        self.refs = 1  # the opener's; close() drops it, each overlay on it holds one more
+
+    def read(self, offset: int, length: int):
+        return self.view[offset:offset + length]
+
+    def write(self, offset: int, data) -> None:
+        raise BackstoreError(f"{self.path}: an image version is read-only")
+
+    def sync(self) -> None:
+        """Nothing is ever written."""
+
+    def unmap(self, offset: int, length: int) -> None:
+        raise BackstoreError(f"{self.path}: an image version is read-only")
+
+    def mapped(self, offset: int) -> tuple[bool, int]:
+        try:
+            data = os.lseek(self.fd, offset, SEEK_DATA)
+        except OSError:
+            return False, self.size - offset
+        if data > offset:
+            return False, min(data, self.size) - offset
+        try:
+            hole = os.lseek(self.fd, offset, SEEK_HOLE)
+        except OSError:
+            hole = self.size
+        return True, min(hole, self.size) - offset
+
+    def resize(self, size: int) -> None:
+        raise BackstoreError(f"{self.path}: an image version is immutable; it cannot be resized")
+
+    def close(self) -> None:
+        release_base(self)
+
+
+_bases: dict = {}
+_bases_lock = threading.Lock()
+
+
+def open_base(path, block_size: int = 512) -> BaseImage:
+    """The process's one BaseImage of this version file (shared by every overlay on it; refcounted)."""
+    st = os.stat(path)
+    key = (st.st_dev, st.st_ino, block_size)
+    with _bases_lock:
+        base = _bases.get(key)
+        if base is None:
+            base = BaseImage(path, block_size)
+            _bases[key] = base
+        else:
+            base.refs += 1
+        return base
+
+
+def release_base(base: BaseImage) -> None:
+    with _bases_lock:
+        base.refs -= 1
+        if base.refs > 0:
+            return
+        if _bases.get(base.key + (base.block_size,)) is base:
+            del _bases[base.key + (base.block_size,)]
+    base.view.release()
+    try:
+        base.map.close()
+    except BufferError:  # a read's slice is still being sent; the GC closes it later
+        pass
+    os.close(base.fd)
+
+
+# ---------------------------------------------------------------------------------------------- the overlay
+class Overlay(Backstore):
+    """A version plus a PC's copy-on-write layer. `path` is the data file (`<pc>.overlay`); the bitmap is
+    beside it (`<pc>.bitmap`). Created when missing (if `create`); reopened as the bitmap on disk says."""
+
+    readonly = False
+
+    def __init__(self, base, path, *, block_size: int = 512, granule: int = GRANULE, base_id: str = "",
+                 durable: bool = True, write_through: bool = False, quota: int | None = None,
+                 soft_threshold: int | None = None, on_threshold=None, space_guard=None, create: bool = True):
+        if _fallocate is None:
+            raise OverlayError("overlays need fallocate(PUNCH_HOLE) (Linux, glibc)")
+        if granule < 512 or granule > MAX_GRANULE or granule & (granule - 1):
+            raise OverlayError(f"granule {granule} is not a power of two in 512..{MAX_GRANULE}")
+        if isinstance(base, BaseImage):
+            with _bases_lock:
+                base.refs += 1
+            self.base = base
+        else:
+            self.base = open_base(base, block_size)
+        try:
+            super().__init__(self.base.size, block_size)
+            self.path = os.fspath(path)
+            self.bitmap_path = os.fspath(F.bitmap_path(path))
+            self.durable = durable
+            self.write_through = write_through
+            self.thin = True
+            self.quota = quota
+            self.soft_threshold = soft_threshold
+            self.on_threshold = on_threshold
+            self.space_guard = space_guard
+            self.threshold_crossed = False
+            self._open(granule, base_id, create)
+        except BaseException:
+            release_base(self.base)
+            raise
+        self._base_view = self.base.view
+        self._meta = threading.Lock()       # bitmaps, counters, dirty pages
+        self._sync_lock = threading.Lock()  # one sync at a time
+        self._stripes = [threading.Lock() for _ in range(STRIPES)]
+        if soft_threshold is not None and self.used >= soft_threshold:
+            self.threshold_crossed = True
+
+    # ------------------------------------------------------------------ open, create, recover
+    def _open(self, granule: int, base_id: str, create: bool) -> None:
+        exists = os.path.exists(self.bitmap_path)
+        if not exists:
+            if not create:
+                raise OverlayError(f"{self.bitmap_path}: overlay does not exist (and create is off)")
+            self._create(granule, base_id)
+        try:
+            self._bm_fd = os.open(self.bitmap_path, os.O_RDWR | os.O_CLOEXEC)
+        except OSError as exc:
+            raise OverlayError(f"{self.bitmap_path}: cannot open overlay bitmap: {exc.strerror}") from exc
+        try:
+            header = F.read_header(self._bm_fd, self.bitmap_path)
+            if header.size != self.size:
+                raise OverlayError(f"{self.bitmap_path}: overlay is for a {header.size}-byte disk, "
+                                   f"the base {self.base.path} is {self.size} bytes")
+            if base_id and header.base_id != base_id:
+                raise OverlayError(f"{self.bitmap_path}: overlay sits on {header.base_id!r}, not {base_id!r}")
+            self.header = header
+            self.granule = header.granule
+            self._shift = header.granule.bit_length() - 1
+            self._granules = header.granules
+            self._bits = F.read_bits(self._bm_fd, header)
+            self._open_data()
+        except BaseException:
+            os.close(self._bm_fd)
+            raise
+        self._dirty: set[int] = set()
+
+    def _create(self, granule: int, base_id: str) -> None:
+        header = F.Header(granule, self.size, base_id)
+        Path(self.path).parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+        try:
+            os.ftruncate(fd, self.size)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        # the bitmap last: its existence is the overlay's
+        write_atomic(Path(self.bitmap_path), header.pack() + bytes(header.bitmap_bytes))
+
+    def _open_data(self) -> None:
+        try:
+            self._fd = os.open(self.path, os.O_RDWR | os.O_CLOEXEC)
+        except FileNotFoundError:
+            if any(self._bits):
+                raise OverlayError(f"{self.path}: overlay data file is missing but its bitmap "
+                                   f"{self.bitmap_path} names granules in it") from None
+            self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            if os.fstat(self._fd).st_size != self.size:
+                os.ftruncate(self._fd, self.size)
+            self._alloc = self._recover()
+            self.used = F.count(self._alloc, 0, self._granules) * self.granule
+            self.map = mmap.mmap(self._fd, self.size, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ)
+            self._view = memoryview(self.map)
+        except BaseException:
+            os.close(self._fd)
+            raise
+
+    def _recover(self) -> bytearray:
+        """The alloc bitmap from the data file's extents; data in granules the bitmap does not own is a
+        write that never reached a sync: punched away (it is not the disk's content and would count)."""
+        alloc = bytearray(len(self._bits))
+        sh, bits = self._shift, self._bits
+        for start, end in F.data_extents(self._fd, self.size):
+            g, g1 = start >> sh, ((end - 1) >> sh) + 1
+            while g < g1:
+                run = F.run_end(bits, g, g1)
+                if F.bit(bits, g):
+                    F.set_range(alloc, g, run)
+                else:
+                    _punch(self._fd, max(start, g << sh), min(end, run << sh) - max(start, g << sh))
+                g = run
+        return alloc
+
+    # ------------------------------------------------------------------ reads
+    def read(self, offset: int, length: int):
+        if length <= 0:
+            return self._view[offset:offset]
+        sh = self._shift
+        g0 = offset >> sh
+        g1 = ((offset + length - 1) >> sh) + 1
+        if g1 - g0 == 1:
+            own = (self._bits[g0 >> 3] >> (g0 & 7)) & 1
+        else:
+            f = F.field(self._bits, g0, g1)
+            if f == 0:
+                own = 0
+            elif f == (1 << (g1 - g0)) - 1:
+                own = 1
+            else:
+                return b"".join(self.readv(offset, length))
+        return (self._view if own else self._base_view)[offset:offset + length]
+
+    def readv(self, offset: int, length: int) -> list:
+        """The pieces of [offset, offset+length), each a slice of one layer's mapping (no copy)."""
+        sh, bits = self._shift, self._bits
+        end = offset + length
+        pieces = []
+        g, g1 = offset >> sh, ((end - 1) >> sh) + 1
+        pos = offset
+        while pos < end:
+            run = F.run_end(bits, g, g1)
+            stop = min(end, run << sh)
+            pieces.append((self._view if F.bit(bits, g) else self._base_view)[pos:stop])
+            pos, g = stop, run
+        return pieces
+
+    # ------------------------------------------------------------------ writes
+    def write(self, offset: int, data) -> None:
+        n = len(data)
+        if not n:
+            return
+        sh = self._shift
+        g0 = offset >> sh
+        g1 = ((offset + n - 1) >> sh) + 1
+        bits, alloc = self._bits, self._alloc
+        if g1 - g0 == 1:
+            fast = (bits[g0 >> 3] & alloc[g0 >> 3]) >> (g0 & 7) & 1
+        else:
+            full = (1 << (g1 - g0)) - 1
+            fast = F.field(bits, g0, g1) == full and F.field(alloc, g0, g1) == full
+        if fast:
+            self._pwrite(data, offset)
+        else:
+            self._write_cow(offset, data, g0, g1)
+        if self.write_through:
+            self.sync()
+
+    def _locks(self, g0: int, g1: int) -> list:
+        s0, s1 = g0 >> STRIPE_SHIFT, ((g1 - 1) >> STRIPE_SHIFT) + 1
+        if s1 - s0 == 1:
+            return [self._stripes[s0 & (STRIPES - 1)]]
+        if s1 - s0 >= STRIPES:
+            return self._stripes
+        return [self._stripes[i] for i in sorted({s & (STRIPES - 1) for s in range(s0, s1)})]
+
+    def _write_cow(self, offset: int, data, g0: int, g1: int) -> None:
+        locks = self._locks(g0, g1)
+        for lock in locks:
+            lock.acquire()
+        try:
+            self._reserve(g0, g1)
+            sh, bits, base = self._shift, self._bits, self._base_view
+            end = offset + len(data)
+            pieces, start = [data], offset
+            if offset & (self.granule - 1) and not F.bit(bits, g0):
+                start = g0 << sh
+                pieces.insert(0, base[start:offset])
+            stop = min(g1 << sh, self.size)
+            if end < stop and not F.bit(bits, g1 - 1):
+                pieces.append(base[end:stop])
+            self._pwritev(pieces, start)
+            with self._meta:
+                F.set_range(bits, g0, g1)
+                self._dirty.update(range(g0 >> _PAGE_SHIFT, ((g1 - 1) >> _PAGE_SHIFT) + 1))
+        finally:
+            for lock in locks:
+                lock.release()
+
+    def _reserve(self, g0: int, g1: int) -> None:
+        """Count the granules of [g0, g1) not yet allocated against the quota and the reserve."""
+        crossed = False
+        with self._meta:
+            new = (g1 - g0) - F.count(self._alloc, g0, g1)
+            if not new:
+                return
+            need = new * self.granule
+            if self.quota is not None and self.used + need > self.quota:
+                raise OverlayFull(self.path, "quota", need, self.used, self.quota)
+            if self.space_guard is not None and not self.space_guard(need):
+                raise OverlayFull(self.path, "reserve", need, self.used, self.quota)
+            F.set_range(self._alloc, g0, g1)
+            self.used += need
+            if self.soft_threshold is not None and not self.threshold_crossed and self.used >= self.soft_threshold:
+                self.threshold_crossed = crossed = True
+        if crossed and self.on_threshold is not None:
+            self.on_threshold(self)
+
+    def _pwrite(self, data, offset: int) -> None:
+        try:
+            n = os.pwrite(self._fd, data, offset)
+            while n < len(data):
+                n += os.pwrite(self._fd, memoryview(data)[n:], offset + n)
+        except OSError as exc:
+            self._raise_write(exc, len(data))
+
+    def _pwritev(self, pieces: list, offset: int) -> None:
+        total = sum(len(p) for p in pieces)
+        try:
+            n = os.pwritev(self._fd, pieces, offset)
+        except OSError as exc:
+            self._raise_write(exc, total)
+        if n < total:  # short: the rest in one buffer
+            self._pwrite(memoryview(b"".join(pieces))[n:], offset + n)
+
+    def _raise_write(self, exc: OSError, need: int):
+        if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise OverlayFull(self.path, "enospc", need, self.used, self.quota) from exc
+        raise exc
+
+    # ------------------------------------------------------------------ thin provisioning
+    def unmap(self, offset: int, length: int) -> None:
+        if length <= 0:
+            return
+        end = offset + length
+        g_size, sh = self.granule, self._shift
+        a = -(-offset // g_size)
+        b = self._granules if end >= self.size else end >> sh
+        if a >= b:  # no whole granule: one part, or two on either side of a granule boundary
+            mid = a << sh
+            if offset < mid < end:
+                self._zero_part(offset, mid)
+                self._zero_part(mid, end)
+            else:
+                self._zero_part(offset, end)
+            return
+        if offset < a << sh:
+            self._zero_part(offset, a << sh)
+        if b < self._granules and b << sh < end:
+            self._zero_part(b << sh, end)
+        locks = self._locks(a, b)
+        for lock in locks:
+            lock.acquire()
+        try:
+            _punch(self._fd, a << sh, min(b << sh, self.size) - (a << sh))
+            with self._meta:
+                freed = F.count(self._alloc, a, b)
+                F.clear_range(self._alloc, a, b)
+                F.set_range(self._bits, a, b)
+                self._dirty.update(range(a >> _PAGE_SHIFT, ((b - 1) >> _PAGE_SHIFT) + 1))
+                self.used -= freed * g_size
+                if self.threshold_crossed and self.used < (self.soft_threshold or 0):
+                    self.threshold_crossed = False  # re-armed: the next crossing reports again
+        finally:
+            for lock in locks:
+                lock.release()
+        if self.write_through:
+            self.sync()
+
+    def _zero_part(self, start: int, end: int) -> None:
+        """Zero part of one granule: punched where the overlay owns it, written (copy-on-write) where not."""
+        g = start >> self._shift
+        if F.bit(self._bits, g):
+            _punch(self._fd, start, end - start)
+            if self.write_through:
+                self.sync()
+        else:
+            self.write(start, bytes(end - start))
+
+    def mapped(self, offset: int) -> tuple[bool, int]:
+        """(holds data, bytes from offset with the same answer)."""
+        sh = self._shift
+        g = offset >> sh
+        limit = min(self._granules, g + (1 << 20))
+        end = F.run_end(self._bits, g, limit)
+        if F.bit(self._bits, g):
+            end = min(end, F.run_end(self._alloc, g, end))
+            return bool(F.bit(self._alloc, g)), min(end << sh, self.size) - offset
+        here, run = self.base.mapped(offset)
+        return here, min(run, min(end << sh, self.size) - offset)
+
+    # ------------------------------------------------------------------ durability, life cycle
+    def sync(self) -> None:
+        """Make every completed write durable (durable mode): data first, then the bitmap naming it."""
+        with self._sync_lock:
+            with self._meta:
+                pages, self._dirty = self._dirty, set()
+                snap = [(p, bytes(self._bits[p << 12:(p + 1) << 12])) for p in sorted(pages)]
+            try:
+                if self.durable:
+                    os.fdatasync(self._fd)
+                for p, chunk in snap:
+                    os.pwrite(self._bm_fd, chunk, F.HEADER_SIZE + (p << 12))
+                if self.durable and snap:
+                    os.fdatasync(self._bm_fd)
+            except OSError:
+                with self._meta:
+                    self._dirty.update(pages)
+                raise
+
+    def resize(self, size: int) -> None:
+        raise BackstoreError(f"{self.path}: an overlay has its image version's size; it cannot be resized")
+
+    @property
+    def allocated(self) -> int:
+        """Bytes the overlay file really takes on disk (st_blocks)."""
+        return os.fstat(self._fd).st_blocks * 512
+
+    def close(self) -> None:
+        try:
+            self.sync()
+        finally:
+            self._view.release()
+            try:
+                self.map.close()
+            except BufferError:
+                pass
+            os.close(self._fd)
+            os.close(self._bm_fd)
+            release_base(self.base)
