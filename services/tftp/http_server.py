@@ -1,0 +1,309 @@
+"""The HTTP I/O layer: a TCP listener in the service's asyncio loop, one small object per connection, files
+sent with sendfile(2).
+
+- The listener binds with SO_REUSEPORT, so `scale.tftp` processes share the HTTP port as they share 69.
+- Sockets are our own, driven by the loop's reader and writer callbacks (no asyncio transport: a transport
+  keeps its socket's writer callback to itself, and sendfile needs it), non-blocking throughout.
+- A connection reads into its `HttpConnection` (http_core.py) and sends what that answers, one reply at a
+  time: the head (and an in-memory body) with `send`, a file part with `os.sendfile` straight from the page
+  cache, as many bytes as the socket takes per call; the head goes with MSG_MORE, so it shares a segment with
+  the file's first bytes. While a reply is being sent the connection does not read: a pipelined request waits
+  in the kernel, not in our memory.
+- A connection that sends nothing for `keepalive_timeout` seconds while idle, or takes nothing for as long
+  while a reply is sent to it, is closed. Beyond `max_connections` a new connection gets 503 and is closed.
+- `listen()` again (a new address or port on apply) opens the new listener before closing the old; the
+  connections already accepted go on, and each request takes the site (`self.site`) current when it arrives.
+- Every callback runs inside try/except: an exception closes that one connection (logged with its
+  traceback), never the loop; the client sees a closed connection, never a traceback.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import logging
+import os
+import socket
+import time
+from typing import Callable
+
+from services.tftp.http_core import CLOSE, HttpConnection, Reply, Site
+from shared.events import Event
+from shared.log_limit import LogLimiter
+
+log = logging.getLogger("bootfleet.tftp.http")
+
+_monotonic = time.monotonic
+ACCEPT_BATCH = 64  # connections accepted per wake-up of the listener
+RECV_SIZE = 65536
+BUSY = (b"HTTP/1.1 503 Service Unavailable\r\nServer: bootfleet\r\nContent-Type: text/plain; charset=utf-8\r\n"
+        b"Content-Length: 24\r\nConnection: close\r\n\r\n503 Service Unavailable\n")
+_MSG_MORE = getattr(socket, "MSG_MORE", 0x8000)
+
+
+class HttpServer:
+    def __init__(self, site: Site, emit: Callable[[Event], None], keepalive_timeout: float = 60.0,
+                 max_connections: int = 1000):
+        self.site = site
+        self.emit = emit
+        self.keepalive_timeout = keepalive_timeout
+        self.max_connections = max_connections
+        self.loop: asyncio.AbstractEventLoop | None = None
+        self.listener: socket.socket | None = None
+        self.address = ""
+        self.port = 0
+        self.connections: set[_Connection] = set()
+        self.limiter = LogLimiter(log, "log lines about refused HTTP requests")
+        self.stats = dict(http_connections=0, http_requests=0, http_finished=0, http_failed=0, http_bytes_sent=0,
+                          http_refused_busy=0, http_internal_errors=0)
+
+    def listen(self, address: str, port: int) -> int:
+        """Listen on address:port (0: any free port) from the running loop's thread; an earlier listener
+        closes once the new one is up. -> the port."""
+        self.loop = asyncio.get_running_loop()
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+            sock.bind((address, port))
+            sock.listen(1024)
+            sock.setblocking(False)
+        except OSError:
+            sock.close()
+            raise
+        old, self.listener = self.listener, sock
+        self.address, self.port = address, sock.getsockname()[1]
+        self.loop.add_reader(sock.fileno(), self._on_accept, sock)
+        if old is not None:
+            # connections the kernel completed on the old socket are taken first: closing it would reset them
+            while self._on_accept(old):
+                pass
+            self._close_listener(old)  # stops accepting; accepted connections go on
+        return self.port
+
+    def stop(self) -> None:
+        """Close the listener and every connection (replies in flight are cut)."""
+        if self.listener is not None:
+            self._close_listener(self.listener)
+            self.listener = None
+        for connection in list(self.connections):
+            connection.close(abort=True)
+
+    def counters(self) -> dict[str, float]:
+        return {**self.stats, "http_active": len(self.connections)}
+
+    def _close_listener(self, sock: socket.socket) -> None:
+        self.loop.remove_reader(sock.fileno())
+        sock.close()
+
+    def _on_accept(self, listener: socket.socket) -> bool:
+        """Accept up to a batch; -> True if the batch was full (more may wait)."""
+        for _ in range(ACCEPT_BATCH):
+            try:
+                sock, peer = listener.accept()
+            except BlockingIOError:
+                return False
+            except OSError as exc:  # EMFILE and friends: the connection waits in the backlog
+                if self.limiter.allow():
+                    log.warning("HTTP accept failed: %s", exc)
+                return False
+            self.stats["http_connections"] += 1
+            if len(self.connections) >= self.max_connections:
+                self.stats["http_refused_busy"] += 1
+                try:
+                    sock.setblocking(False)
+                    sock.send(BUSY)
+                except OSError:
+                    pass
+                sock.close()
+                continue
+            try:
+                self.connections.add(_Connection(self, sock, peer))
+            except Exception:
+                self.stats["http_internal_errors"] += 1
+                log.exception("HTTP connection from %s:%d could not be set up", *peer[:2])
+                sock.close()
+        return True
+
+    def _report(self, events: list[Event]) -> None:
+        for item in events:
+            if item.type.endswith("failed"):
+                self.stats["http_failed"] += 1
+                self.stats["http_bytes_sent"] += item.bytes
+                if self.limiter.allow():
+                    log.info("%s:%d %s: %d %s", item.ip, item.port, item.file or "-", item.status, item.reason)
+            else:
+                self.stats["http_finished"] += 1
+                self.stats["http_bytes_sent"] += item.bytes
+            self.emit(item)
+
+
+class _Connection:
+    __slots__ = ("server", "loop", "sock", "fd", "conn", "reply", "out", "sent", "file_offset", "file_left",
+                 "timer", "reading", "writing", "closed")
+
+    def __init__(self, server: HttpServer, sock: socket.socket, peer):
+        self.server = server
+        self.loop = server.loop
+        self.sock = sock
+        self.fd = sock.fileno()
+        sock.setblocking(False)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # a script's last segment must not wait
+        self.conn = HttpConnection(server.site, peer[:2], sock.getsockname()[0])
+        self.reply: Reply | None = None
+        self.out = memoryview(b"")  # head and in-memory body still to send
+        self.sent = 0  # body bytes of the reply sent
+        self.file_offset = 0
+        self.file_left = 0
+        self.timer: asyncio.TimerHandle | None = None
+        self.reading = False
+        self.writing = False
+        self.closed = False
+        self._read(True)
+        self._arm_timer()
+
+    # -- callbacks ---------------------------------------------------------------------------------------------
+
+    def _on_readable(self) -> None:
+        try:
+            try:
+                data = self.sock.recv(RECV_SIZE)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError:
+                data = b""  # reset by the peer: as good as closed
+            self.conn.receive(data)
+            self._pump()
+        except Exception:
+            self._internal_error()
+
+    def _on_writable(self) -> None:
+        try:
+            self._flush()
+        except Exception:
+            self._internal_error()
+
+    def _on_timeout(self) -> None:
+        self.timer = None
+        if self.closed:
+            return
+        if self.reply is not None:
+            self._reply_done(f"the client took nothing for {self.server.keepalive_timeout:g} s")
+        self.close(abort=self.reply is not None)
+
+    # -- the work ----------------------------------------------------------------------------------------------
+
+    def _pump(self) -> None:
+        """Start the next reply, or wait for more bytes; while a reply is out, nothing else happens."""
+        while not self.closed and self.reply is None:
+            reply = self.conn.next_reply(_monotonic())
+            if reply is None:
+                self._read(True)
+                self._arm_timer()
+                return
+            if reply is CLOSE:
+                self.close()
+                return
+            self.server.stats["http_requests"] += 1
+            self.reply = reply
+            self.sent = 0
+            self.out = memoryview(reply.head + reply.body if reply.body else reply.head)
+            self.file_offset, self.file_left = reply.offset, (reply.count if reply.fd >= 0 else 0)
+            self._read(False)
+            self._flush()
+
+    def _flush(self) -> None:
+        """Send what the reply has left; on EAGAIN wait for the socket to drain. A finished reply is
+        reported, then the next one starts (or the connection closes)."""
+        reply = self.reply
+        if reply is None:
+            return
+        sock = self.sock
+        progressed = False
+        try:
+            while self.out:
+                n = sock.send(self.out, _MSG_MORE if self.file_left else 0)
+                self.out = self.out[n:]
+                progressed = True
+            while self.file_left:
+                n = os.sendfile(self.fd, reply.fd, self.file_offset, self.file_left)
+                if n == 0:
+                    raise OSError(errno.EIO, f"the file ended {self.file_left} bytes early (truncated while sent?)")
+                self.file_offset += n
+                self.file_left -= n
+                self.sent += n
+                progressed = True
+        except (BlockingIOError, InterruptedError):
+            self._write(True)
+            if progressed:
+                self._arm_timer()
+            return
+        except OSError as exc:  # the client went away (EPIPE, ECONNRESET) or the file failed
+            self._reply_done(exc.strerror or str(exc))
+            self.close(abort=True)
+            return
+        self._write(False)
+        if reply.fd < 0:
+            self.sent = len(reply.body)
+        self._reply_done(None)
+        if reply.close:
+            self.close()
+            return
+        self._pump()
+
+    def _reply_done(self, error: str | None) -> None:
+        reply, self.reply = self.reply, None
+        if reply is None:
+            return
+        if reply.fd >= 0:
+            os.close(reply.fd)
+            reply.fd = -1
+        self.conn.done(reply, self.sent, _monotonic(), error)
+        self.server._report(self.conn.take_events())
+
+    def _read(self, on: bool) -> None:
+        if on != self.reading and not self.closed:
+            self.reading = on
+            if on:
+                self.loop.add_reader(self.fd, self._on_readable)
+            else:
+                self.loop.remove_reader(self.fd)
+
+    def _write(self, on: bool) -> None:
+        if on != self.writing and not self.closed:
+            self.writing = on
+            if on:
+                self.loop.add_writer(self.fd, self._on_writable)
+            else:
+                self.loop.remove_writer(self.fd)
+
+    def _arm_timer(self) -> None:
+        if self.timer is not None:
+            self.timer.cancel()
+        self.timer = self.loop.call_later(self.server.keepalive_timeout, self._on_timeout)
+
+    def close(self, abort: bool = False) -> None:
+        if self.closed:
+            return
+        self._read(False)
+        self._write(False)
+        self.closed = True
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+        if self.reply is not None:  # cut short (stop, abort): its file is closed, its event sent
+            self._reply_done("the server closed the connection")
+        self.server.connections.discard(self)
+        try:
+            if abort:
+                self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
+            else:
+                self.sock.shutdown(socket.SHUT_WR)
+        except OSError:
+            pass
+        self.sock.close()
+
+    def _internal_error(self) -> None:
+        self.server.stats["http_internal_errors"] += 1
+        log.exception("HTTP connection %s:%d: internal error; closing it", *self.conn.peer)
+        self.close(abort=True)
