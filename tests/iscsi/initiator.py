@@ -5,8 +5,10 @@ from __future__ import annotations
 import struct
 
 from services.iscsi_target import pdu as P
+from services.iscsi_target.access import AccessPolicy
 from services.iscsi_target.connection import Connection
 from services.iscsi_target.session import SessionTable
+from shared.config.iscsi import AuthConfig
 from tests.iscsi.fake_scsi import FakeTarget, Nexus
 
 TARGET = "iqn.2026-11.org.test:t"
@@ -133,6 +135,14 @@ class Initiator:
         return itt, P.encode_request(opcode, immediate=immediate, flags=flags, lun=lun, itt=itt,
                                      words=(w0, sn, self.statsn) + tuple(words_tail), data=data,
                                      header_digest=self.hd, data_digest=self.dd)
+
+
+def logged_in(keys=(), **kw) -> "Initiator":
+    """An anonymous initiator in full feature phase, having offered these operational keys."""
+    ini = Initiator(AccessPolicy(AuthConfig()), **kw)
+    rsp = ini.login(list(keys))
+    assert rsp.login_status == 0
+    return ini
 
 
 def read10(lba, blocks):
