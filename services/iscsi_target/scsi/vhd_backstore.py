@@ -284,15 +284,16 @@ class VhdBackstore(Backstore):
         self.map, self.view = new, memoryview(new)  # the old map closes when the last read's slice is sent
 
     def _load_bitmap(self, index: int) -> bytearray:
+        """A committed block's bitmap, from the file (readers and the writer may race here: setdefault makes
+        them share one object; a new block's bitmap is put in the cache before its BAT entry is set)."""
+        loaded = bytearray(_pread_exact(self.fd, self.bm_size, self.bat[index] * V.SECTOR))
+        return self.bitmaps.setdefault(index, loaded)
+
+    def _trim_bitmaps(self) -> None:
+        """Drop clean cached bitmaps (under the write lock: a writer's bitmap is never dropped under it)."""
         if len(self.bitmaps) >= BITMAP_CACHE:
             for key in [k for k in self.bitmaps if k not in self.dirty]:
                 del self.bitmaps[key]
-        if index in self.new_blocks:
-            bm = bytearray(self.bm_size)
-        else:
-            bm = bytearray(_pread_exact(self.fd, self.bm_size, self.bat[index] * V.SECTOR))
-        self.bitmaps[index] = bm
-        return bm
 
     # ------------------------------------------------------------------------------------------ writing
     def write(self, offset: int, data) -> None:
@@ -307,6 +308,7 @@ class VhdBackstore(Backstore):
         length = len(data)
         mask = self.block - 1
         with self._lock:
+            self._trim_bitmaps()
             done = 0
             while done < length:
                 at = offset + done
@@ -340,10 +342,10 @@ class VhdBackstore(Backstore):
             if not _punch(self.fd, start, n):
                 _pwrite_all(self.fd, _zeros(n) if n <= len(_ZEROS) else bytes(n), start)
         sector = start // V.SECTOR
-        self.bat[index] = sector
+        self.bitmaps[index] = bytearray(self.bm_size)  # before the BAT entry: a reader must not load it
         self.new_blocks.add(index)
-        self.bitmaps[index] = bytearray(self.bm_size)
         self.dirty.add(index)
+        self.bat[index] = sector
         self.free = start + self.span
         self.footer_moved = True
         return sector
