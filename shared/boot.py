@@ -1,4 +1,5 @@
-"""What a given PC boots: its target, the root-path DHCP hands it and the iPXE script TFTP renders.
+"""What a given PC boots: its target, the root-path DHCP hands it and the iPXE script TFTP renders, and where
+iPXE fetches them from (TFTP, or HTTP with `boot.transport: http`).
 
 Both the DHCP and TFTP services call these, so a client gets the same answer from either.
 """
@@ -57,6 +58,24 @@ def chap_for(config: BootfleetConfig, iqn: str) -> tuple[str, str] | None:
     """CHAP (username, secret) an initiator must present to this target, or None when anonymous works."""
     lookup = getattr(config.iscsi, "boot_credentials", None)
     return lookup(iqn) if lookup else None
+
+
+def file_url(config: BootfleetConfig, server_ip: str, name: str) -> str:
+    """The URL iPXE fetches `name` (a file under the TFTP root, or a rendered name) from: the TFTP service's
+    HTTP listener with `boot.transport: http`, else its TFTP. `server_ip` as for `root_path`."""
+    server = config.boot.server or server_ip
+    if config.boot.transport == "http":
+        port = config.http.port
+        return f"http://{server}{'' if port == 80 else f':{port}'}/{name.lstrip('/')}"
+    return f"tftp://{server}/{name.lstrip('/')}"
+
+
+def script_bootfile(config: BootfleetConfig, server_ip: str) -> str:
+    """What DHCP hands an iPXE client as its boot file (option 67): the script's name, fetched over TFTP from
+    next-server, or with `boot.transport: http` the script's http:// URL, so iPXE chains it over HTTP."""
+    if config.boot.transport == "http":
+        return file_url(config, server_ip, config.boot.script)
+    return config.boot.script
 
 
 def ipxe_script(config: BootfleetConfig, server_ip: str, mac: str | None = None, ip: str | None = None) -> str:

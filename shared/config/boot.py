@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Literal
+
 from pydantic import Field
 
 from shared.config.base import IPv4, IscsiName, Mac, StrictModel
@@ -25,6 +27,11 @@ class BootConfig(StrictModel):
     script: str = Field("boot.ipxe", description="file name of the iPXE script handed to iPXE clients")
     loaders: Loaders = Field(default_factory=Loaders)
     keep_san: bool = Field(True, description="iPXE `set keep-san 1`: keep the SAN disk attached after boot")
+    transport: Literal["tftp", "http"] = Field(
+        "tftp",
+        description="how iPXE fetches the script and what the script loads: tftp, or http from the TFTP "
+        "service's HTTP listener (needs http.enabled); the firmware's own PXE loads the loader over TFTP either way",
+    )
 
 
 class ClientAssignment(StrictModel):

@@ -9,6 +9,7 @@ from pydantic import Field, model_validator
 from shared.config.base import StrictModel
 from shared.config.boot import BootConfig, ClientAssignment
 from shared.config.dhcp import DhcpConfig
+from shared.config.http import HttpConfig
 from shared.config.iscsi import IscsiConfig
 from shared.config.tftp import TftpConfig
 
@@ -51,6 +52,7 @@ class BootfleetConfig(StrictModel):
     iscsi: IscsiConfig = Field(default_factory=IscsiConfig)
     dhcp: DhcpConfig = Field(default_factory=DhcpConfig)
     tftp: TftpConfig = Field(default_factory=TftpConfig)
+    http: HttpConfig = Field(default_factory=HttpConfig)
 
     @model_validator(mode="after")
     def _unique_clients(self) -> "BootfleetConfig":
@@ -59,6 +61,12 @@ class BootfleetConfig(StrictModel):
             if client.mac in seen:
                 raise ValueError(f"clients[{i}].mac: {client.mac} is already assigned by clients[{seen[client.mac]}]")
             seen[client.mac] = i
+        return self
+
+    @model_validator(mode="after")
+    def _http_transport_needs_http(self) -> "BootfleetConfig":
+        if self.boot.transport == "http" and not self.http.enabled:
+            raise ValueError("boot.transport: http needs http.enabled: true (the HTTP listener is off by default)")
         return self
 
     @model_validator(mode="after")
