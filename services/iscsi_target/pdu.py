@@ -197,6 +197,14 @@ class Pdu:
         return self.w[4] >> 24
 
     @property
+    def async_parameter3(self) -> int:  # Asynchronous Message: bytes 42..43 (logout: seconds to wait)
+        return self.w[5] & 0xFFFF
+
+    @property
+    def time2wait(self) -> int:  # Logout Response: bytes 40..41
+        return self.w[5] >> 16
+
+    @property
     def r2tsn(self) -> int:  # R2T
         return self.w[4]
 

@@ -84,7 +84,7 @@ def test_target_requested_logout():
     ini = logged_in()
     ini.conn.request_logout(now=1.0, grace=3)
     (msg,) = ini.take()
-    assert msg.opcode == P.OP_ASYNC and msg.async_event == 1  # logout requested
+    assert msg.opcode == P.OP_ASYNC and msg.async_event == 1 and msg.async_parameter3 == 3  # log out within 3 s
     ini.conn.timer(5.0)
     assert ini.conn.closing
 

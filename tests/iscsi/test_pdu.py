@@ -73,9 +73,9 @@ def test_builders_put_each_field_where_rfc_7143_says():
     assert login.flags == P.F_TRANSIT | (1 << 2) | 3 and login.isid == 0x80123456789A and login.tsih == 3
     assert login.login_status == 0x0201
     logout = parsed(w.logout_response(9, 1, 4, 5, 36, time2wait=2))
-    assert logout.response == 1 and logout.w[5] >> 16 == 2  # Time2Wait
+    assert logout.response == 1 and logout.time2wait == 2
     msg = parsed(w.async_message(1, 4, 5, 36, parameter3=3))
-    assert msg.async_event == 1 and msg.itt == P.RSVD_TAG and msg.w[5] & 0xFFFF == 3  # Parameter3
+    assert msg.async_event == 1 and msg.itt == P.RSVD_TAG and msg.async_parameter3 == 3
     txt = parsed(w.text_response(9, 77, 4, 5, 36, data=b"a=b\0", final=False, more=True))
     assert txt.flags == P.F_CONTINUE and txt.ttt == 77
     assert parsed(w.text_response(9, 77, 4, 5, 36, final=False)).flags == 0  # "send the rest of your request"
