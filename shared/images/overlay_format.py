@@ -20,6 +20,8 @@ zeros to 4096.
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import os
 import re
 import struct
@@ -175,20 +177,42 @@ def runs(bits, granules: int, value: int = 1):
         g = end
 
 
-def data_extents(fd: int, size: int):
-    """(start, end) byte ranges of a sparse file that hold data (SEEK_DATA/SEEK_HOLE)."""
-    offset = 0
+def data_extents(fd: int, size: int, start: int = 0):
+    """(start, end) byte ranges of a sparse file within [start, size) that hold data (SEEK_DATA/SEEK_HOLE)."""
+    offset = start
     while offset < size:
         try:
-            start = os.lseek(fd, offset, SEEK_DATA)
+            begin = os.lseek(fd, offset, SEEK_DATA)
         except OSError:  # ENXIO: only a hole from here on
             return
-        if start >= size:
+        if begin >= size:
             return
         try:
-            end = os.lseek(fd, start, SEEK_HOLE)
+            end = os.lseek(fd, begin, SEEK_HOLE)
         except OSError:
             end = size
         end = min(end, size)
-        yield start, end
+        yield begin, end
         offset = end
+
+
+_FALLOC_FL_KEEP_SIZE = 0x01
+_FALLOC_FL_PUNCH_HOLE = 0x02
+try:
+    _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+    _fallocate = _libc.fallocate
+    _fallocate.argtypes = (ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64)
+    _fallocate.restype = ctypes.c_int
+except (OSError, AttributeError):  # not glibc
+    _fallocate = None
+
+
+def punch_hole(fd: int, offset: int, length: int) -> None:
+    """Deallocate [offset, offset+length) of a file, keeping its size (reads then return zeros)."""
+    if length <= 0:
+        return
+    if _fallocate is None:
+        raise OSError(95, "fallocate(PUNCH_HOLE) is not available (not Linux/glibc)")
+    if _fallocate(fd, _FALLOC_FL_PUNCH_HOLE | _FALLOC_FL_KEEP_SIZE, offset, length) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"cannot punch a hole: {os.strerror(err)}")

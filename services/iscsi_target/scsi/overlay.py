@@ -57,15 +57,13 @@ overlay is reopened (the data is right; initiators do not issue those together).
 
 from __future__ import annotations
 
-import ctypes
 import errno
 import mmap
 import os
 import threading
 from pathlib import Path
 
-from services.iscsi_target.scsi.backstore import (_FALLOC_FL_KEEP_SIZE, _FALLOC_FL_PUNCH_HOLE, SEEK_DATA,
-                                                   SEEK_HOLE, Backstore, BackstoreError, _fallocate)
+from services.iscsi_target.scsi.backstore import SEEK_DATA, SEEK_HOLE, Backstore, BackstoreError
 from shared.atomic_file import write_atomic
 from shared.images import overlay_format as F
 
@@ -95,12 +93,7 @@ class OverlayFull(OverlayError):
         super().__init__(f"{path}: {needed} more bytes would pass the {what} ({used} bytes in use)")
 
 
-def _punch(fd: int, offset: int, length: int) -> None:
-    if length <= 0:
-        return
-    if _fallocate(fd, _FALLOC_FL_PUNCH_HOLE | _FALLOC_FL_KEEP_SIZE, offset, length) != 0:
-        err = ctypes.get_errno()
-        raise OSError(err, f"cannot punch a hole: {os.strerror(err)}")
+_punch = F.punch_hole
 
 
 # ---------------------------------------------------------------------------------------------- the base
@@ -203,7 +196,7 @@ class Overlay(Backstore):
     def __init__(self, base, path, *, block_size: int = 512, granule: int = GRANULE, base_id: str = "",
                  durable: bool = True, write_through: bool = False, quota: int | None = None,
                  soft_threshold: int | None = None, on_threshold=None, space_guard=None, create: bool = True):
-        if _fallocate is None:
+        if F._fallocate is None:
             raise OverlayError("overlays need fallocate(PUNCH_HOLE) (Linux, glibc)")
         if granule < 512 or granule > MAX_GRANULE or granule & (granule - 1):
             raise OverlayError(f"granule {granule} is not a power of two in 512..{MAX_GRANULE}")

@@ -1,0 +1,587 @@
+"""The image store: named images, each a chain of immutable, flat versions, and the PCs' overlays on them.
+
+On disk, under the state directory (docs/images.md, "On disk"):
+
+    images/<name>/image.json            the manifest: size, current version, keep_versions, versions with sha256
+    images/<name>/versions/<n>.raw      version n: a whole raw disk (sparse), chmod 0444, never written again
+    images/<name>/overlays/<pc>.overlay a PC's copy-on-write data (sparse, at the disk's own offsets)
+    images/<name>/overlays/<pc>.bitmap  its granule bitmap (shared/images/overlay_format.py)
+    images/<name>/.lock                 flock'd by every change of the manifest
+
+Every version is flat: publishing copies the version below (a reflink where the file system has them,
+else a sparse copy of its data extents) and merges the overlay's granules into it, so a read of version 9
+costs what a read of version 1 does (one bitmap test in the PC's overlay, then the version's mapping) and
+prune merges nothing: it deletes files. The price is space: on ext4 each version takes the space of its
+data (measured in docs/images.md); on XFS/btrfs the copy is a reflink and only the changed extents cost.
+
+The manifest is replaced atomically (shared/atomic_file.py) after the version file it names is complete,
+fsync'd, read-only and renamed into place, so a crash leaves either the old manifest or the new one; a
+`<n>.raw.tmp` or a version file the manifest does not name is debris a later change removes.
+
+The controller owns the store (its commands change it); the iSCSI target only opens versions read-only
+and overlays read-write (`disk_for`). Overlay resets and publishing need the PC's session closed: the
+caller's rule (the controller knows the sessions), not something the files can enforce.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import json
+import os
+import re
+import subprocess
+import threading
+import time
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from shared.atomic_file import write_atomic
+from shared.images import overlay_format as F
+
+NAME_RE = re.compile(r"^[a-z0-9][a-z0-9._-]{0,39}$")       # short enough for a base id in 64 bytes
+PC_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+MANIFEST = "image.json"
+CHUNK = 1 << 20
+IMPORT_FORMATS = ("raw", "qcow2", "vpc", "vhdx", "vmdk")
+EXPORT_FORMATS = ("raw", "qcow2", "vpc")
+DEFAULT_KEEP = 3
+_FICLONE = 0x40049409
+_PROGRESS = re.compile(rb"\((\d+(?:\.\d+)?)/100%\)")
+
+
+class ImageStoreError(Exception):
+    """An image command that cannot be done (the message names the image, version or file and why)."""
+
+
+class SpaceError(ImageStoreError):
+    """The change would leave less free space than the store's reserve."""
+
+
+@dataclass(frozen=True)
+class Version:
+    n: int
+    size: int
+    sha256: str
+    created: float
+    parent: int | None
+    source: str          # "create", "import <file>", "publish <pc>"
+
+
+@dataclass(frozen=True)
+class OverlayInfo:
+    pc: str
+    base_version: int | None   # None: the bitmap is unreadable
+    allocated: int             # bytes the overlay takes on disk (data + bitmap)
+    path: str
+
+
+@dataclass(frozen=True)
+class ImageInfo:
+    name: str
+    size: int
+    current: int
+    keep_versions: int
+    versions: list[Version]
+    overlays: list[OverlayInfo] = field(default_factory=list)
+    disk_usage: dict = field(default_factory=dict)   # version -> bytes on disk
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class VerifyResult:
+    n: int
+    ok: bool
+    problem: str = ""    # "" when ok
+
+
+@dataclass(frozen=True)
+class DiskPlan:
+    """What the iSCSI target opens for a PC: `Overlay(version_path, overlay_path, base_id=base_id)`."""
+    image: str
+    version: int
+    version_path: Path
+    overlay_path: Path
+    base_id: str
+
+
+class SpaceGuard:
+    """The store's free-space reserve as an overlay's `space_guard`: True while `nbytes` more leave at
+    least `reserve` bytes free. statvfs is asked again every second or when the cached budget runs out,
+    so the hot path is one subtraction; other writers in that second can make it late by what they wrote."""
+
+    def __init__(self, path: Path, reserve: int, interval: float = 1.0):
+        self.path, self.reserve, self.interval = path, reserve, interval
+        self._budget, self._at = 0, -interval
+        self._lock = threading.Lock()
+
+    def free(self) -> int:
+        st = os.statvfs(self.path)
+        return st.f_bavail * st.f_frsize
+
+    def __call__(self, nbytes: int) -> bool:
+        with self._lock:
+            now = time.monotonic()
+            if now - self._at >= self.interval or self._budget < nbytes:
+                self._budget, self._at = self.free() - self.reserve, now
+            if self._budget < nbytes:
+                return False
+            self._budget -= nbytes
+            return True
+
+
+def _progress_none(done: int, total: int, phase: str) -> None:
+    pass
+
+
+class ImageStore:
+    """All images under `root` (the state directory's `images/`). `reserve`: bytes of free space that no
+    image operation or overlay write may take (SpaceError, OverlayFull with reason "reserve")."""
+
+    def __init__(self, root: str | os.PathLike, reserve: int = 0, qemu_img: str = "qemu-img"):
+        self.root = Path(root)
+        self.root.mkdir(parents=True, exist_ok=True)
+        self.reserve = reserve
+        self.qemu_img = qemu_img
+        self.space_guard = SpaceGuard(self.root, reserve)
+
+    @classmethod
+    def for_state_dir(cls, state_dir: str | os.PathLike, reserve: int = 0) -> "ImageStore":
+        return cls(Path(state_dir) / "images", reserve)
+
+    # ------------------------------------------------------------------ paths, manifest
+    def _dir(self, name: str) -> Path:
+        if not NAME_RE.match(name or ""):
+            raise ImageStoreError(f"image name {name!r}: use 1..40 of a-z 0-9 . _ - (starting with a letter or digit)")
+        return self.root / name
+
+    def version_path(self, name: str, n: int | None = None) -> Path:
+        m = self._manifest(name)
+        n = m["current"] if n is None else n
+        self._version(m, n)
+        return self._dir(name) / "versions" / f"{n}.raw"
+
+    def overlay_path(self, name: str, pc: str) -> Path:
+        if not PC_RE.match(pc or ""):
+            raise ImageStoreError(f"PC name {pc!r}: use 1..64 of A-Z a-z 0-9 . _ -")
+        return self._dir(name) / "overlays" / f"{pc}.overlay"
+
+    def base_id(self, name: str, n: int) -> str:
+        """What an overlay's header records of the version below it: name, number and checksum prefix."""
+        return f"{name}@{n}:{self._version(self._manifest(name), n)['sha256'][:16]}"
+
+    def names(self) -> list[str]:
+        return sorted(p.name for p in self.root.iterdir() if (p / MANIFEST).is_file())
+
+    def exists(self, name: str) -> bool:
+        return (self._dir(name) / MANIFEST).is_file()
+
+    def _manifest(self, name: str) -> dict:
+        path = self._dir(name) / MANIFEST
+        try:
+            return json.loads(path.read_text())
+        except FileNotFoundError:
+            raise ImageStoreError(f"image {name!r} does not exist") from None
+
+    def _write_manifest(self, name: str, m: dict) -> None:
+        write_atomic(self._dir(name) / MANIFEST, json.dumps(m, indent=1, sort_keys=True) + "\n")
+
+    @staticmethod
+    def _version(m: dict, n: int) -> dict:
+        for v in m["versions"]:
+            if v["n"] == n:
+                return v
+        have = ", ".join(str(v["n"]) for v in m["versions"])
+        raise ImageStoreError(f"image {m['name']!r} has no version {n} (versions: {have})")
+
+    @contextmanager
+    def _locked(self, name: str):
+        d = self._dir(name)
+        d.mkdir(parents=True, exist_ok=True)
+        fd = os.open(d / ".lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            yield d
+        finally:
+            os.close(fd)
+
+    def _need(self, nbytes: int, what: str) -> None:
+        free = self.space_guard.free()
+        if free - nbytes < self.reserve:
+            raise SpaceError(f"{what} needs {nbytes} bytes; {free} are free and the reserve is {self.reserve}")
+
+    # ------------------------------------------------------------------ reading the store
+    def info(self, name: str) -> ImageInfo:
+        m = self._manifest(name)
+        d = self._dir(name)
+        usage = {}
+        for v in m["versions"]:
+            try:
+                usage[v["n"]] = os.stat(d / "versions" / f"{v['n']}.raw").st_blocks * 512
+            except FileNotFoundError:
+                usage[v["n"]] = 0
+        return ImageInfo(m["name"], m["size"], m["current"], m["keep_versions"],
+                         [Version(**v) for v in m["versions"]], self.overlays(name), usage)
+
+    def overlays(self, name: str) -> list[OverlayInfo]:
+        d = self._dir(name) / "overlays"
+        out = []
+        for bm in sorted(d.glob("*.bitmap")) if d.is_dir() else []:
+            pc = bm.stem
+            out.append(OverlayInfo(pc, self.overlay_base(name, pc), self.overlay_size(name, pc),
+                                   str(bm.with_suffix(".overlay"))))
+        return out
+
+    def overlay_base(self, name: str, pc: str) -> int | None:
+        """The version a PC's overlay sits on (None: no overlay, or an unreadable one)."""
+        path = F.bitmap_path(self.overlay_path(name, pc))
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        except FileNotFoundError:
+            return None
+        try:
+            base = F.read_header(fd, str(path)).base_id
+        except F.OverlayFormatError:
+            return None
+        finally:
+            os.close(fd)
+        m = re.match(rf"^{re.escape(name)}@(\d+):", base)
+        return int(m.group(1)) if m else None
+
+    def overlay_size(self, name: str, pc: str) -> int:
+        """Bytes a PC's overlay takes on disk (its data file's blocks plus the bitmap's)."""
+        path = self.overlay_path(name, pc)
+        total = 0
+        for p in (path, F.bitmap_path(path)):
+            try:
+                total += os.stat(p).st_blocks * 512
+            except FileNotFoundError:
+                pass
+        return total
+
+    def disk_for(self, name: str, pc: str) -> DiskPlan:
+        """The version and overlay a PC's disk is made of: the version its overlay sits on if it has one
+        (a persistent PC keeps its version until reset), else the current version (a new overlay)."""
+        m = self._manifest(name)
+        n = self.overlay_base(name, pc)
+        if n is None or not any(v["n"] == n for v in m["versions"]):
+            if n is not None or F.bitmap_path(self.overlay_path(name, pc)).exists():
+                self.overlay_reset(name, pc)  # its version is gone or the bitmap unreadable
+            n = m["current"]
+        return DiskPlan(name, n, self.version_path(name, n), self.overlay_path(name, pc), self.base_id(name, n))
+
+    # ------------------------------------------------------------------ changing the store
+    def create(self, name: str, size: int, keep_versions: int = DEFAULT_KEEP) -> Version:
+        """A new image whose version 1 is an empty (sparse, all zeros) disk of `size` bytes."""
+        if size <= 0 or size % 512:
+            raise ImageStoreError(f"image {name!r}: size {size} is not a positive multiple of 512")
+        return self._new_image(name, keep_versions, "create", lambda tmp, progress: os.truncate(tmp, size),
+                               _progress_none, 0)
+
+    def import_file(self, name: str, source: str | os.PathLike, keep_versions: int = DEFAULT_KEEP,
+                    progress=_progress_none) -> Version:
+        """A new image whose version 1 is `source`: raw as it is (holes kept); qcow2, VHD (vpc), VHDX and
+        VMDK converted with `qemu-img convert`, whose progress goes to `progress(done, total, "convert")`."""
+        source = Path(source)
+        if not source.is_file():
+            raise ImageStoreError(f"import: {source} is not a file")
+        meta = self._qemu_info(source)
+        fmt = meta.get("format")
+        if fmt not in IMPORT_FORMATS:
+            raise ImageStoreError(f"import: {source} is {fmt!r}; importable: {', '.join(IMPORT_FORMATS)}")
+        size = os.path.getsize(source) if fmt == "raw" else int(meta["virtual-size"])  # qemu rounds raw up
+        if size <= 0 or size % 512:
+            raise ImageStoreError(f"import: {source} is {size} bytes, not a positive multiple of 512")
+        need = int(meta.get("actual-size") or size)
+
+        def fill(tmp: Path, progress) -> None:
+            if fmt == "raw":
+                with open(source, "rb") as src, open(tmp, "wb") as dst:
+                    _sparse_copy(src.fileno(), dst.fileno(), size, progress, "copy")
+            else:
+                self._convert(["-f", fmt, "-O", "raw", str(source), str(tmp)], size, progress)
+            if os.path.getsize(tmp) != size:
+                raise ImageStoreError(f"import: {source} converted to {os.path.getsize(tmp)} bytes, not {size}")
+
+        return self._new_image(name, keep_versions, f"import {source.name} ({fmt})", fill, progress, need)
+
+    def _new_image(self, name: str, keep: int, source: str, fill, progress, need: int) -> Version:
+        if keep < 1:
+            raise ImageStoreError(f"image {name!r}: keep_versions {keep} must be at least 1")
+        with self._locked(name) as d:
+            if (d / MANIFEST).exists():
+                raise ImageStoreError(f"image {name!r} already exists")
+            self._need(need, f"image {name!r}")
+            (d / "versions").mkdir(exist_ok=True)
+            (d / "overlays").mkdir(exist_ok=True)
+            tmp = d / "versions" / "1.raw.tmp"
+            tmp.unlink(missing_ok=True)
+            tmp.touch(mode=0o600)
+            try:
+                fill(tmp, progress)
+                v = self._seal(name, tmp, 1, None, source, progress)
+            except BaseException:
+                tmp.unlink(missing_ok=True)
+                raise
+            self._write_manifest(name, {"name": name, "size": v.size, "current": 1, "keep_versions": keep,
+                                        "next": 2, "versions": [asdict(v)]})
+            return v
+
+    def _seal(self, name: str, tmp: Path, n: int, parent: int | None, source: str, progress) -> Version:
+        """fsync, checksum, chmod 0444 and rename a finished version file into place."""
+        fd = os.open(tmp, os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            os.fsync(fd)
+            size = os.fstat(fd).st_size
+            digest = _sha256(fd, size, progress)
+        finally:
+            os.close(fd)
+        os.chmod(tmp, 0o444)
+        final = tmp.with_name(f"{n}.raw")
+        os.replace(tmp, final)
+        _fsync_dir(final.parent)
+        return Version(n, size, digest, time.time(), parent, source)
+
+    def publish(self, name: str, pc: str, progress=_progress_none) -> Version:
+        """The super PC's overlay becomes the next version, which becomes current; the overlay is reset.
+        The PC must be shut down (its session closed): the caller's check. Running PCs are not touched:
+        their version file stays as it was."""
+        with self._locked(name) as d:
+            m = self._manifest(name)
+            path = self.overlay_path(name, pc)
+            bm_path = F.bitmap_path(path)
+            base_n = self.overlay_base(name, pc)
+            if base_n is None:
+                raise ImageStoreError(f"publish {name!r}: PC {pc!r} has no overlay on this image")
+            base = self._version(m, base_n)
+            with open(bm_path, "rb") as bmf:
+                header = F.read_header(bmf.fileno(), str(bm_path))
+                if header.base_id != self.base_id(name, base_n):
+                    raise ImageStoreError(f"publish {name!r}: {pc}'s overlay sits on {header.base_id!r}, "
+                                          f"which is not version {base_n} as the manifest has it")
+                bits = F.read_bits(bmf.fileno(), header)
+            n = m.get("next", max(v["n"] for v in m["versions"]) + 1)
+            self._sweep(d, m)
+            base_path = d / "versions" / f"{base_n}.raw"
+            self._need(os.stat(path).st_blocks * 512 if _can_reflink(base_path, d) else
+                       os.stat(base_path).st_blocks * 512 + os.stat(path).st_blocks * 512, f"publish {name!r}")
+            tmp = d / "versions" / f"{n}.raw.tmp"
+            tmp.unlink(missing_ok=True)
+            try:
+                with open(base_path, "rb") as src, open(tmp, "wb") as dst, open(path, "rb") as ov:
+                    if not _reflink(src.fileno(), dst.fileno()):
+                        _sparse_copy(src.fileno(), dst.fileno(), base["size"], progress, "copy")
+                    _merge(ov.fileno(), dst.fileno(), bits, header, progress)
+                v = self._seal(name, tmp, n, base_n, f"publish {pc}", progress)
+            except BaseException:
+                tmp.unlink(missing_ok=True)
+                raise
+            m["versions"].append(asdict(v))
+            m["current"], m["next"] = n, n + 1
+            self._write_manifest(name, m)
+            self._remove_overlay(path)
+            return v
+
+    def rollback(self, name: str, n: int) -> None:
+        """Version n becomes current: PCs get it at their next power-on."""
+        with self._locked(name):
+            m = self._manifest(name)
+            self._version(m, n)
+            if not (self._dir(name) / "versions" / f"{n}.raw").is_file():
+                raise ImageStoreError(f"image {name!r}: version {n}'s file is missing (run image verify)")
+            m["current"] = n
+            self._write_manifest(name, m)
+
+    def set_keep_versions(self, name: str, keep: int) -> None:
+        if keep < 1:
+            raise ImageStoreError(f"image {name!r}: keep_versions {keep} must be at least 1")
+        with self._locked(name):
+            m = self._manifest(name)
+            m["keep_versions"] = keep
+            self._write_manifest(name, m)
+
+    def prune(self, name: str, in_use=()) -> list[int]:
+        """Delete versions older than the last keep_versions, never the current one, one in `in_use` (the
+        versions running PCs booted), or one an overlay on disk sits on. Returns the versions deleted."""
+        with self._locked(name) as d:
+            m = self._manifest(name)
+            numbers = sorted(v["n"] for v in m["versions"])
+            keep = set(numbers[-m["keep_versions"]:]) | {m["current"]} | set(in_use)
+            keep |= {o.base_version for o in self.overlays(name) if o.base_version is not None}
+            gone = [n for n in numbers if n not in keep]
+            if gone:
+                m["versions"] = [v for v in m["versions"] if v["n"] not in gone]
+                self._write_manifest(name, m)  # first: a crash then leaves files nobody names, not names without files
+                for n in gone:
+                    (d / "versions" / f"{n}.raw").unlink(missing_ok=True)
+            self._sweep(d, m)
+            return gone
+
+    def verify(self, name: str, progress=_progress_none) -> list[VerifyResult]:
+        """Each version's file against the manifest: present, read-only, its size and its sha256."""
+        m = self._manifest(name)
+        out = []
+        for v in m["versions"]:
+            path = self._dir(name) / "versions" / f"{v['n']}.raw"
+            try:
+                fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+            except FileNotFoundError:
+                out.append(VerifyResult(v["n"], False, f"{path} is missing"))
+                continue
+            try:
+                st = os.fstat(fd)
+                if st.st_mode & 0o222:
+                    out.append(VerifyResult(v["n"], False, f"{path} is writable (mode {st.st_mode & 0o777:o})"))
+                elif st.st_size != v["size"]:
+                    out.append(VerifyResult(v["n"], False, f"{path} is {st.st_size} bytes, not {v['size']}"))
+                else:
+                    digest = _sha256(fd, st.st_size, progress)
+                    ok = digest == v["sha256"]
+                    out.append(VerifyResult(v["n"], ok, "" if ok else f"sha256 {digest}, recorded {v['sha256']}"))
+            finally:
+                os.close(fd)
+        return out
+
+    def export(self, name: str, dest: str | os.PathLike, version: int | None = None, fmt: str = "raw",
+               progress=_progress_none) -> Path:
+        """A version written to `dest` as raw, qcow2 or vpc (dynamic VHD of exactly the disk's size)."""
+        if fmt not in EXPORT_FORMATS:
+            raise ImageStoreError(f"export: format {fmt!r}; one of {', '.join(EXPORT_FORMATS)}")
+        src = self.version_path(name, version)
+        dest = Path(dest)
+        opts = ["-o", "subformat=dynamic,force_size=on"] if fmt == "vpc" else []
+        self._convert(["-f", "raw", "-O", fmt, *opts, str(src), str(dest)], os.path.getsize(src), progress)
+        return dest
+
+    def overlay_reset(self, name: str, pc: str) -> bool:
+        """Delete a PC's overlay (its next disk starts clean on the then current version). Only while the PC
+        has no session. True when there was one."""
+        self._manifest(name)
+        return self._remove_overlay(self.overlay_path(name, pc))
+
+    # ------------------------------------------------------------------ helpers
+    @staticmethod
+    def _remove_overlay(path: Path) -> bool:
+        bm = F.bitmap_path(path)
+        existed = bm.exists() or path.exists()
+        bm.unlink(missing_ok=True)  # the bitmap first: without it the data file means nothing
+        path.unlink(missing_ok=True)
+        if existed:
+            _fsync_dir(path.parent)
+        return existed
+
+    @staticmethod
+    def _sweep(d: Path, m: dict) -> None:
+        named = {f"{v['n']}.raw" for v in m["versions"]}
+        for p in (d / "versions").iterdir():
+            if p.name not in named and (p.suffix in (".raw", ".tmp")):
+                p.unlink(missing_ok=True)
+
+    def _qemu_info(self, path: Path) -> dict:
+        try:
+            out = subprocess.run([self.qemu_img, "info", "--output=json", str(path)], capture_output=True,
+                                 check=True, text=True).stdout
+        except FileNotFoundError:
+            raise ImageStoreError(f"{self.qemu_img} is not installed (Debian: qemu-utils)") from None
+        except subprocess.CalledProcessError as exc:
+            raise ImageStoreError(f"qemu-img info {path}: {exc.stderr.strip()}") from None
+        return json.loads(out)
+
+    def _convert(self, args: list[str], total: int, progress) -> None:
+        cmd = [self.qemu_img, "convert", "-p", *args]
+        try:
+            proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        except FileNotFoundError:
+            raise ImageStoreError(f"{self.qemu_img} is not installed (Debian: qemu-utils)") from None
+        buf = b""
+        while True:
+            chunk = proc.stdout.read1(4096)
+            if not chunk:
+                break
+            buf = (buf + chunk)[-256:]
+            found = _PROGRESS.findall(buf)
+            if found:
+                progress(int(float(found[-1]) * total / 100), total, "convert")
+        err = proc.stderr.read().decode(errors="replace").strip()
+        if proc.wait():
+            raise ImageStoreError(f"{' '.join(cmd)}: {err or 'failed'}")
+        progress(total, total, "convert")
+
+
+# ---------------------------------------------------------------------------------------------- file helpers
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _reflink(src: int, dst: int) -> bool:
+    """Clone src into dst (XFS, btrfs): instant and shares every extent. False where unsupported."""
+    try:
+        fcntl.ioctl(dst, _FICLONE, src)
+        return True
+    except OSError:
+        return False
+
+
+def _can_reflink(base: Path, d: Path) -> bool:
+    probe = d / "versions" / ".reflink-probe"
+    try:
+        with open(base, "rb") as src, open(probe, "wb") as dst:
+            return _reflink(src.fileno(), dst.fileno())
+    finally:
+        probe.unlink(missing_ok=True)
+
+
+def _copy_range(src: int, dst: int, start: int, end: int) -> None:
+    off = start
+    while off < end:
+        n = os.copy_file_range(src, dst, min(end - off, 1 << 30), off, off)
+        if n <= 0:  # not supported across these files: by hand
+            data = os.pread(src, min(end - off, CHUNK), off)
+            n = os.pwrite(dst, data, off)
+        off += n
+
+
+def _sparse_copy(src: int, dst: int, size: int, progress, phase: str) -> None:
+    """Copy src's data extents to the same offsets in dst; its holes stay holes."""
+    os.ftruncate(dst, size)
+    for start, end in F.data_extents(src, size):
+        _copy_range(src, dst, start, end)
+        progress(end, size, phase)
+    progress(size, size, phase)
+
+
+def _merge(ov: int, dst: int, bits, header: F.Header, progress) -> None:
+    """Lay the overlay's owned granules over dst: zeros (a hole) where the overlay holds none (unmapped
+    granules read zeros), its data where it has some. Granules it does not own stay the base's."""
+    g_size, size = header.granule, header.size
+    for g0, g1 in F.runs(bits, header.granules, 1):
+        start, end = g0 * g_size, min(g1 * g_size, size)
+        F.punch_hole(dst, start, end - start)
+        for ds, de in F.data_extents(ov, end, start):
+            _copy_range(ov, dst, ds, de)
+        progress(end, size, "merge")
+    progress(size, size, "merge")
+
+
+def _sha256(fd: int, size: int, progress) -> str:
+    h = hashlib.sha256()
+    buf = bytearray(CHUNK)
+    view = memoryview(buf)
+    off = 0
+    while off < size:
+        n = os.preadv(fd, [view[:min(CHUNK, size - off)]], off)
+        if n <= 0:
+            raise ImageStoreError(f"short read at {off} of {size} while checksumming")
+        h.update(view[:n])
+        off += n
+        if not off & ((64 << 20) - 1):
+            progress(off, size, "checksum")
+    progress(size, size, "checksum")
+    return h.hexdigest()
