@@ -6,7 +6,7 @@ set -euo pipefail
 
 PACKAGES=(
   iproute2 procps psmisc curl systemd
-  libiscsi-bin qemu-utils qemu-block-extra tgt open-iscsi
+  libiscsi-bin qemu-utils qemu-block-extra tgt open-iscsi python3-libvhdi
   isc-dhcp-client udhcpc kea-admin kea-dhcp4-server dnsmasq-base
   tftp-hpa atftp tftpd-hpa
   qemu-system-x86 ipxe-qemu ipxe

@@ -232,11 +232,11 @@ class Chain:
         self.models.append(bytearray(self.models[-1]))
         return open_image(path)
 
-    def write(self, store, rng, count=60):
+    def write(self, store, rng, count=60, align=1):
         model = self.models[-1]
         for _ in range(count):
-            sectors = rng.choice([1, 3, 8, 200])
-            offset = rng.randrange(0, self.size // 512 - sectors) * 512
+            sectors = rng.choice([1, 3, 8, 200]) * align
+            offset = rng.randrange(0, (self.size // 512 - sectors) // align) * 512 * align
             data = rng.randbytes(sectors * 512)
             store.write(offset, data)
             model[offset:offset + len(data)] = data
@@ -265,6 +265,43 @@ def test_differencing_chain_three_deep_against_model(tmp_path):
         assert top.mapped(0)[0]
     finally:
         top.close()
+
+
+LIBVHDI = r"""
+import sys, pyvhdi
+files = []
+for path in sys.argv[1:]:
+    f = pyvhdi.file()
+    f.open(path)
+    files.append(f)
+for child, parent in zip(files, files[1:]):
+    child.set_parent(parent)
+sys.stdout.buffer.write(files[0].read_buffer_at_offset(files[0].media_size, 0))
+"""
+
+
+def libvhdi_read(paths) -> bytes:
+    """The top of a chain (paths from the top down to the base) as libvhdi reads it (Debian python3-libvhdi,
+    for the system's python3: a second reader, independent of ours)."""
+    python = shutil.which("python3", path="/usr/bin")
+    assert python, "/usr/bin/python3 is missing"
+    probe = subprocess.run([python, "-c", "import pyvhdi"], capture_output=True)
+    assert probe.returncode == 0, "pyvhdi is missing (Debian python3-libvhdi; deploy/system-deps.sh installs it)"
+    return subprocess.run([python, "-c", LIBVHDI, *map(str, paths)], check=True, capture_output=True).stdout
+
+
+def test_differencing_chain_equals_libvhdi(tmp_path):
+    """libvhdi follows parents itself; it reads 4 KiB-aligned data of a chain right (design.md), so the
+    writes here are 4 KiB-aligned."""
+    chain = Chain(tmp_path)
+    rng = random.Random(7)
+    for _ in range(3):
+        store = chain.add_layer()
+        chain.write(store, rng, 40, align=8)
+        store.close()
+    for depth in range(1, 4):
+        layers = list(reversed(chain.paths[:depth + 1]))
+        assert libvhdi_read(layers) == bytes(chain.models[depth]), f"layer {depth}"
 
 
 def test_parent_found_relative_first_then_absolute(tmp_path):
