@@ -34,7 +34,7 @@ from services.iscsi_target import events as ev
 from services.iscsi_target.login import SESSION_DOES_NOT_EXIST, LoginStep, LoginMachine
 from services.iscsi_target.params import TARGET_MAX_RECV_DATA, Negotiation
 from services.iscsi_target.pdu import (
-    F_FINAL, F_WRITE, OP_DATA_OUT, OP_LOGIN_REQ, OP_LOGOUT_REQ, OP_NOP_OUT, OP_SCSI_CMD, OP_SNACK, OP_TEXT_REQ,
+    F_WRITE, OP_DATA_OUT, OP_LOGIN_REQ, OP_LOGOUT_REQ, OP_NOP_OUT, OP_SCSI_CMD, OP_SNACK, OP_TEXT_REQ,
     OP_TMF_REQ, REJECT_INVALID_FIELD, REJECT_NOT_SUPPORTED, REJECT_PROTOCOL_ERROR, REJECT_TASK_IN_PROGRESS, RSVD_TAG,
     PduError, PduReader, PduWriter, decode_lun, encode_text,
 )

@@ -8,6 +8,7 @@ import time
 import pytest
 
 import support
+from services.iscsi_target import events as ev
 from services.iscsi_target import pdu as P
 from services.iscsi_target.login import NOT_FOUND
 from services.iscsi_target.service import IscsiTargetService
@@ -145,3 +146,16 @@ def test_session_reinstatement_closes_the_old_connection(tmp_path):
     logins = [f for t, f in events if t == "iscsi.login"]
     assert [f["reinstated"] for f in logins] == [False, True]
     assert any("reinstated" in f.get("reason", "") for t, f in events if t == "iscsi.logout")
+
+
+def test_events_get_the_pcs_mac_and_local_ones_stay_here(tmp_path):
+    svc, events, _ = new_service(tmp_path)
+    svc.ctx.leases["10.0.0.5"] = "52:54:00:00:00:05"  # what DHCP lease events taught the service
+    svc.on_event(ev.Logout(ip="10.0.0.5", initiator=INITIATOR, target=A, tsih=1, reason="logout"))
+    svc.on_event(ev.Logout(ip="10.0.0.6", initiator=INITIATOR, target=A, tsih=2, reason="logout"))
+    svc.on_event(ev.Error(where="nexus_lost", error="boom"))
+    assert events == [
+        ("iscsi.logout", {"ip": "10.0.0.5", "initiator": INITIATOR, "target": A, "tsih": 1, "reason": "logout",
+                          "mac": "52:54:00:00:00:05"}),
+        ("iscsi.logout", {"ip": "10.0.0.6", "initiator": INITIATOR, "target": A, "tsih": 2, "reason": "logout"}),
+    ]
