@@ -53,6 +53,7 @@ class HttpServer:
         self.address = ""
         self.port = 0
         self.connections: set[_Connection] = set()
+        self.draining = False  # closing down gently: no new requests, replies in flight finish
         self.limiter = LogLimiter(log, "log lines about refused HTTP requests")
         self.stats = dict(http_connections=0, http_requests=0, http_finished=0, http_failed=0, http_bytes_sent=0,
                           http_refused_busy=0, http_internal_errors=0)
@@ -80,6 +81,16 @@ class HttpServer:
                 pass
             self._close_listener(old)  # stops accepting; accepted connections go on
         return self.port
+
+    def drain(self) -> None:
+        """Stop listening; idle connections close now, the others after the reply they are sending."""
+        self.draining = True
+        if self.listener is not None:
+            self._close_listener(self.listener)
+            self.listener = None
+        for connection in list(self.connections):
+            if connection.reply is None:
+                connection.close()
 
     def stop(self) -> None:
         """Close the listener and every connection (replies in flight are cut)."""
@@ -196,6 +207,10 @@ class _Connection:
     def _pump(self) -> None:
         """Start the next reply, or wait for more bytes; while a reply is out, nothing else happens."""
         while not self.closed and self.reply is None:
+            if self.server.draining:
+                self.close()
+                return
+            self.conn.site = self.server.site  # a new revision applies from the next request on
             reply = self.conn.next_reply(_monotonic())
             if reply is None:
                 self._read(True)
@@ -307,3 +322,53 @@ class _Connection:
         self.server.stats["http_internal_errors"] += 1
         log.exception("HTTP connection %s:%d: internal error; closing it", *self.conn.peer)
         self.close(abort=True)
+
+
+class HttpListener:
+    """The `http` section applied to the service: the server on or off, its address and port, its limits, and
+    the site (the TFTP policy's jail and rendered names) swapped for every revision. Runs in the service's loop.
+    Turning HTTP off, or the service being given a new address, never cuts a reply in flight."""
+
+    def __init__(self, emit: Callable[[Event], None]):
+        self.emit = emit
+        self.server: HttpServer | None = None
+        self.bound: tuple[str, int] | None = None  # the configured (address, port), port 0 included
+        self.old: list[HttpServer] = []  # turned off, draining
+
+    def apply(self, config, jail, dynamic) -> None:
+        h = config.http
+        if not h.enabled:
+            if self.server is not None:
+                log.info("HTTP off: no longer listening on %s:%d", self.server.address, self.server.port)
+                self.server.drain()
+                self.old.append(self.server)
+                self.server, self.bound = None, None
+            return
+        site = Site(jail, dynamic)
+        address = h.address or config.tftp.address
+        if self.server is None:
+            self.server = HttpServer(site, self.emit, h.keepalive_timeout, h.max_connections)
+        server = self.server
+        server.site = site
+        server.keepalive_timeout = h.keepalive_timeout
+        server.max_connections = h.max_connections
+        if self.bound != (address, h.port):
+            try:
+                port = server.listen(address, h.port)
+            except OSError as exc:
+                raise OSError(exc.errno, f"http.address/http.port {address}:{h.port}: {exc.strerror}") from None
+            self.bound = (address, h.port)
+            log.info("HTTP: serving %s on %s:%d", jail.root, address, port)
+        self.old = [s for s in self.old if s.connections]
+
+    def stop(self) -> None:
+        for server in [*self.old, *([self.server] if self.server else [])]:
+            server.stop()
+        self.server, self.bound, self.old = None, None, []
+
+    def counters(self) -> dict[str, float]:
+        total: dict[str, float] = {}
+        for server in [*self.old, *([self.server] if self.server else [])]:
+            for key, value in server.counters().items():
+                total[key] = total.get(key, 0) + value
+        return total

@@ -214,13 +214,17 @@ def test_the_script_rendered_for_the_client(tree):
 
 
 def test_a_client_that_goes_away_mid_file(http, tree):
-    with socket.create_connection(("127.0.0.1", http.port)) as s:
-        s.sendall(b"GET /big.bin HTTP/1.1\r\nHost: x\r\n\r\n")
+    with open(tree / "huge.bin", "wb") as f:
+        f.truncate(64 << 20)  # more than the socket buffers on both sides hold
+    with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        s.connect(("127.0.0.1", http.port))
+        s.sendall(b"GET /huge.bin HTTP/1.1\r\nHost: x\r\n\r\n")
         s.recv(1000)
         s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")  # RST
     support.wait_for(lambda: http.failed(), what="the failed event")
     [event] = http.failed()
-    assert event.file == "big.bin" and 0 <= event.bytes < (3 << 20) + 3
+    assert event.file == "huge.bin" and 0 <= event.bytes < 64 << 20
     assert curl("-o", "/dev/null", "-w", "%{http_code}", http.url("/sub/small.txt")).stdout == b"200"
     support.wait_for(lambda: http.call(lambda: len(http.server.connections)) == 0, what="no connection left")
 
@@ -271,3 +275,93 @@ def test_a_new_listener_keeps_connections_in_flight(http, tree):
     assert curl("-o", "-", f"http://127.0.0.1:{new_port}/sub/small.txt").stdout == b"small\n"
     refused = curl("-o", "/dev/null", "-w", "%{http_code}", f"http://127.0.0.1:{old_port}/sub/small.txt")
     assert refused.stdout == b"000"  # nobody listens there now
+
+
+class LoopThread:
+    """A loop of its own in a thread, for objects that live in the service's loop."""
+
+    def __init__(self):
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, name="http-test-loop", daemon=True)
+        self.thread.start()
+
+    def call(self, fn, *args):
+        async def go():
+            return fn(*args)
+
+        return asyncio.run_coroutine_threadsafe(go(), self.loop).result(10)
+
+    def close(self):
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(10)
+        self.loop.close()
+
+
+def http_config(root, **http):
+    return BootfleetConfig.model_validate({
+        "tftp": {"root": str(root), "address": "127.0.0.1"},
+        "http": {"enabled": True, "port": 0, **http},
+    })
+
+
+def test_the_listener_turns_on_moves_and_turns_off_without_cutting_a_reply(tree):
+    from services.tftp.http_server import HttpListener
+
+    events = []
+    loop = LoopThread()
+    listener = HttpListener(events.append)
+    jail, dynamic = Jail(str(tree)), DynamicFiles(BootfleetConfig(), lambda ip: None)
+    try:
+        loop.call(listener.apply, BootfleetConfig(), jail, dynamic)  # off by default
+        assert listener.server is None
+        loop.call(listener.apply, http_config(tree), jail, dynamic)
+        first = listener.server.port
+        size = 12 << 20
+        with open(tree / "huge.bin", "wb") as f:
+            f.truncate(size)  # more than the socket buffers on both sides hold (tcp_wmem's largest: 4 MiB)
+        slow = socket.socket()
+        slow.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # a client that takes its time
+        slow.connect(("127.0.0.1", first))
+        slow.sendall(b"GET /huge.bin HTTP/1.1\r\nHost: x\r\n\r\n")
+        got = slow.recv(1000)
+
+        free = support.free_port()
+        loop.call(listener.apply, http_config(tree, port=free), jail, dynamic)  # moved: the reply goes on
+        assert listener.server.port == free
+        assert curl("-o", "-", f"http://127.0.0.1:{free}/sub/small.txt").stdout == b"small\n"
+        assert curl("-o", "/dev/null", "-w", "%{http_code}", f"http://127.0.0.1:{first}/").stdout == b"000"
+
+        loop.call(listener.apply, BootfleetConfig.model_validate({"tftp": {"root": str(tree)}}), jail, dynamic)
+        assert listener.server is None  # off: nobody listens, the reply still goes on
+        assert loop.call(lambda: [len(s.connections) for s in listener.old]) == [1]
+        assert curl("-o", "/dev/null", "-w", "%{http_code}", f"http://127.0.0.1:{free}/").stdout == b"000"
+        slow.settimeout(10)
+        slow.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 20)
+        while chunk := slow.recv(1 << 16):  # the server closes once the reply is out (it is draining)
+            got += chunk
+        slow.close()
+        assert len(got.partition(b"\r\n\r\n")[2]) == size
+        support.wait_for(lambda: [e for e in events if e.type == "http.transfer.finished" and e.file == "huge.bin"],
+                         what="the finished event")
+        assert not [e for e in events if e.type == "http.transfer.failed"]
+    finally:
+        loop.call(listener.stop)
+        loop.close()
+
+
+def test_a_port_taken_is_an_error_that_names_the_field(tree):
+    from services.tftp.http_server import HttpListener
+
+    loop = LoopThread()
+    listener = HttpListener(lambda e: None)
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        try:
+            with pytest.raises(OSError, match=f"http.address/http.port 127.0.0.1:{port}"):
+                loop.call(listener.apply, http_config(tree, port=port), Jail(str(tree)),
+                          DynamicFiles(BootfleetConfig(), lambda ip: None))
+        finally:
+            loop.call(listener.stop)
+            loop.close()
