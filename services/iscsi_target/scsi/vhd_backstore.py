@@ -231,6 +231,8 @@ class VhdBackstore(Backstore):
     def read(self, offset: int, length: int):
         if self.disk_type == V.FIXED:
             return self.view[offset:offset + length]
+        if (offset | length) & (V.SECTOR - 1):
+            raise BackstoreError(f"{self.path}: read of {length} bytes at {offset} is not in whole sectors")
         mask = self.block - 1
         inner = offset & mask
         if inner + length <= self.block:  # the common case: one block
@@ -306,6 +308,8 @@ class VhdBackstore(Backstore):
             return
         data = memoryview(data).cast("B")
         length = len(data)
+        if (offset | length) & (V.SECTOR - 1):  # a bitmap bit covers a whole sector
+            raise BackstoreError(f"{self.path}: write of {length} bytes at {offset} is not in whole sectors")
         mask = self.block - 1
         with self._lock:
             self._trim_bitmaps()

@@ -563,6 +563,12 @@ def test_resize_refused_and_readonly_writes_refused(tmp_path):
     with pytest.raises(BackstoreError, match="read-only"):
         store.write(0, bytes(512))
     store.close()
+    store = open_image(path)
+    with pytest.raises(BackstoreError, match="whole sectors"):
+        store.write(512, bytes(100))
+    with pytest.raises(BackstoreError, match="whole sectors"):
+        store.read(500, 512)
+    store.close()
 
 
 def test_mapped_reports_unallocated_blocks(tmp_path):
