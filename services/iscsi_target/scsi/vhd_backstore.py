@@ -28,6 +28,7 @@ commit also runs when more than COMMIT_LIMIT blocks wait, so memory stays bounde
 from __future__ import annotations
 
 import errno
+import fcntl
 import mmap
 import os
 import threading
@@ -97,6 +98,15 @@ class VhdBackstore(Backstore):
             self.fd = os.open(self.path, (os.O_RDONLY if readonly else os.O_RDWR) | getattr(os, "O_CLOEXEC", 0))
         except OSError as exc:
             raise BackstoreError(f"{self.path}: cannot open VHD: {exc.strerror}") from exc
+        try:
+            # one writer and no reader, or readers only: a base written while a child reads it through its
+            # parent link corrupts the child, and two writers (two LUNs, or two target processes) would
+            # allocate the same free offset
+            fcntl.flock(self.fd, (fcntl.LOCK_SH if readonly else fcntl.LOCK_EX) | fcntl.LOCK_NB)
+        except OSError as exc:
+            os.close(self.fd)
+            raise BackstoreError(f"{self.path}: in use by another LUN or process ({'written' if readonly else 'open'} "
+                                 "there); a VHD is written by one LUN only, and a parent is never written") from exc
         try:
             self._open(block_size, _depth)
         except V.VhdFormatError as exc:

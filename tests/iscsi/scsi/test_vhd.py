@@ -571,6 +571,25 @@ def test_resize_refused_and_readonly_writes_refused(tmp_path):
     store.close()
 
 
+def test_a_vhd_has_one_writer_and_a_parent_none(tmp_path):
+    base = tmp_path / "base.vhd"
+    create_dynamic(base, 4 * MiB)
+    writer = open_image(base)
+    with pytest.raises(BackstoreError, match="in use"):
+        open_image(base)
+    with pytest.raises(BackstoreError, match="in use"):
+        open_image(base, readonly=True)
+    writer.close()
+    create_differencing(tmp_path / "child.vhd", base)
+    child = open_image(tmp_path / "child.vhd")
+    with pytest.raises(BackstoreError, match="in use"):
+        open_image(base)  # the child reads it
+    reader = open_image(base, readonly=True)  # readers share it
+    reader.close()
+    child.close()
+    open_image(base).close()
+
+
 def test_mapped_reports_unallocated_blocks(tmp_path):
     path = tmp_path / "m.vhd"
     create_dynamic(path, 16 * MiB)
