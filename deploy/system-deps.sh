@@ -11,6 +11,7 @@ PACKAGES=(
   tftp-hpa atftp tftpd-hpa
   qemu-system-x86 ipxe-qemu ipxe
   syslinux extlinux syslinux-common mtools dosfstools fdisk busybox-static cpio lz4
+  xorriso e2fsprogs util-linux
 )
 
 missing=()

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from services.iscsi_target import events as ev
+from services.iscsi_target import media
 from services.iscsi_target.access import AccessPolicy
 from services.iscsi_target.io_loop import Server
 from shared.paths import state_path
@@ -65,6 +66,8 @@ class Registry:
 def build_backstore(spec, state_dir: Path):
     from services.iscsi_target.scsi import FileBackstore, RamBackstore
 
+    if spec.type in media.TYPES:  # block devices, mirrors (media.py)
+        return media.open_backstore(spec, state_dir)
     if spec.type == "ram":
         return RamBackstore(spec.size, block_size=spec.block_size)
     path = state_path(state_dir, spec.path)
@@ -76,6 +79,8 @@ def build_backstore(spec, state_dir: Path):
 def build_lun(spec, lun_id: int, state_dir: Path):
     from services.iscsi_target.scsi import LogicalUnit
 
+    if spec.type == "cdrom":
+        return media.build_cdrom(spec, lun_id, state_dir)
     return LogicalUnit(build_backstore(spec, state_dir), lun_id, readonly=spec.readonly)
 
 
@@ -157,10 +162,15 @@ class IscsiTargetService(BaseService):
                     scsi = ScsiTarget(t.name, luns)
                     new[t.name] = TargetEntry(t.name, t.alias, scsi, policy, specs)
                     continue
+                swapped = {lun_id for lun_id, spec in entry.lun_specs.items()  # a new ISO: a media change in place
+                           if specs.get(lun_id, spec) != spec and
+                           media.change_medium(entry.scsi.luns.get(lun_id), spec, specs[lun_id], state_dir)}
                 for lun_id, spec in entry.lun_specs.items():
-                    if lun_id not in specs or specs[lun_id] != spec:
+                    if lun_id not in swapped and (lun_id not in specs or specs[lun_id] != spec):
                         entry.scsi.remove_lun(lun_id)
                 for lun_id, spec in specs.items():
+                    if lun_id in swapped:
+                        continue
                     if lun_id not in entry.lun_specs or entry.lun_specs[lun_id] != spec:
                         entry.scsi.add_lun(lun_id, build_lun(spec, lun_id, state_dir))
                 new[t.name] = TargetEntry(t.name, t.alias, entry.scsi, policy, specs)

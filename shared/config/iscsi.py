@@ -91,16 +91,24 @@ class AuthConfig(StrictModel):
 
 
 class Backstore(StrictModel):
-    type: Literal["file", "ram"] = Field("ram", description="file: a raw image file; ram: memory, lost on exit")
-    path: str | None = Field(None, description="file: image path (relative to the state directory)")
+    type: Literal["file", "ram", "block", "mirror", "cdrom"] = Field(
+        "ram", description="file: a raw image file; ram: memory, lost on exit; block: a block device or partition "
+        "(/dev/...); mirror: RAID-1 over two legs; cdrom: a CD/DVD-ROM drive with an ISO image as its disc")
+    path: str | None = Field(None, description="file: image path (relative to the state directory); block: the "
+                             "device (/dev/...); cdrom: the ISO image (relative to the state directory)")
     size: int | None = Field(
-        None, description='bytes (accepts "64MiB"); file: required to create, else the file\'s size; ram: required'
+        None, description='bytes (accepts "64MiB"); file: required to create, else the file\'s size; ram: required; '
+        "block, cdrom, mirror: none (the device's, the image's, the legs')"
     )
     sparse: bool = Field(False, description="file: create a sparse file instead of preallocating it")
     create: bool = Field(True, description="file: create the image if it does not exist")
-    block_size: Literal[512, 4096] = Field(512, description="logical block size in bytes")
-    readonly: bool = Field(False, description="refuse writes (WRITE PROTECT)")
-    write_through: bool = Field(False, description="file: every write is durable when its response is sent")
+    block_size: Literal[512, 4096] = Field(
+        512, description="logical block size in bytes; block: the device's unless given; cdrom: always 2048")
+    readonly: bool = Field(False, description="refuse writes (WRITE PROTECT); a cdrom always is")
+    write_through: bool = Field(False, description="file, block, mirror: every write is durable when its response is sent")
+    direct: bool = Field(False, description="block: open the device O_DIRECT (the host's page cache keeps none of it)")
+    legs: list["Backstore"] | None = Field(
+        None, description="mirror: the two legs, file, block or ram backstores of the same size")
 
     @field_validator("size", mode="before")
     @classmethod
@@ -109,16 +117,52 @@ class Backstore(StrictModel):
 
     @model_validator(mode="after")
     def _check(self) -> "Backstore":
-        if self.type == "file" and not self.path:
-            raise ValueError("a file backstore needs a path")
-        if self.type == "ram" and not self.size:
-            raise ValueError("a ram backstore needs a size")
+        kind = self.type
+        if kind in ("file", "block", "cdrom") and not self.path:
+            raise ValueError(f"path: a {kind} backstore needs a path")
+        if kind == "ram" and not self.size:
+            raise ValueError("size: a ram backstore needs a size")
+        if kind in ("block", "cdrom", "mirror") and self.size is not None:
+            raise ValueError(f"size: a {kind} backstore takes its size from the "
+                             + {"block": "device", "cdrom": "ISO image", "mirror": "legs"}[kind])
+        if kind == "block" and not self.path.startswith("/dev/"):
+            raise ValueError(f"path: a block backstore is a device under /dev/, not {self.path}")
+        if kind == "cdrom" and "block_size" in self.model_fields_set:
+            raise ValueError("block_size: a cdrom has 2048-byte blocks")
+        if self.direct and kind != "block":
+            raise ValueError("direct: only a block backstore opens its device O_DIRECT")
+        if kind != "mirror" and self.legs is not None:
+            raise ValueError("legs: only a mirror has legs")
+        if kind == "mirror":
+            self._check_legs()
         if self.size is not None:
             if self.size <= 0:
                 raise ValueError(f"size {self.size} must be positive")
             if self.size % self.block_size:
                 raise ValueError(f"size {self.size} is not a multiple of block_size {self.block_size}")
         return self
+
+    def _check_legs(self) -> None:
+        if self.path:
+            raise ValueError("path: a mirror has no path of its own; its legs have")
+        legs = self.legs or []
+        if len(legs) != 2:
+            raise ValueError(f"legs: a mirror needs exactly two legs, got {len(legs)}")
+        for i, leg in enumerate(legs):
+            if leg.type not in ("file", "block", "ram"):
+                raise ValueError(f"legs[{i}].type: a mirror leg is a file, block or ram backstore, not {leg.type}")
+            if leg.readonly:
+                raise ValueError(f"legs[{i}].readonly: a mirror leg is written; make the mirror readonly instead")
+        if legs[0].block_size != legs[1].block_size:
+            raise ValueError(f"legs[1].block_size: {legs[1].block_size} differs from legs[0].block_size "
+                             f"{legs[0].block_size}")
+        if legs[0].size and legs[1].size and legs[0].size != legs[1].size:
+            raise ValueError(f"legs[1].size: {legs[1].size} bytes differs from legs[0].size {legs[0].size}")
+        if legs[0].type == legs[1].type != "ram" and legs[0].path == legs[1].path:
+            raise ValueError(f"legs[1].path: both legs are {legs[0].path}")
+
+
+Backstore.model_rebuild()  # legs: a Backstore holds Backstores
 
 
 class Lun(StrictModel):
