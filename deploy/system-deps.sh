@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Installs the Debian packages the tests drive (real peers and reference servers).
-# Reference servers (tgt, tftpd-hpa, kea, dnsmasq) must not start on install: they would
-# take ports 67, 69 and 3260. A policy-rc.d that exits 101 keeps them stopped.
+# Reference servers (tgt, tftpd-hpa, kea, dnsmasq; nginx for bench/http.py) must not start on install: they
+# would take ports 67, 69, 3260 and 80. A policy-rc.d that exits 101 keeps them stopped.
 set -euo pipefail
 
 PACKAGES=(
@@ -12,6 +12,7 @@ PACKAGES=(
   qemu-system-x86 ipxe-qemu ipxe
   syslinux extlinux syslinux-common mtools dosfstools fdisk busybox-static cpio lz4
   xorriso e2fsprogs util-linux
+  nginx
 )
 
 missing=()

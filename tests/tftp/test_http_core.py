@@ -383,3 +383,33 @@ def test_a_new_site_applies_to_the_next_request(root, tmp_path):
     conn.site = Site(Jail(str(other)), DynamicFiles(make_config(), lambda ip: None))
     [reply] = ask(conn, get("/new.bin"))
     assert head_of(reply)[0] == 200 and body_of(reply) == b"new"
+
+
+# -- fuzz -----------------------------------------------------------------------------------------------------
+
+from hypothesis import given, settings, strategies as st  # noqa: E402
+
+_PIECES = [get("/undionly.kpxe"), get("/boot.ipxe", "Range: bytes=0-3"), get("/../x"), get("/", method="HEAD"),
+           b"GET /sub/b.txt HTTP/1.0\r\n\r\n", b"POST /x HTTP/1.1\r\nHost: a\r\nContent-Length: 3\r\n\r\nabc",
+           b"GET /x HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\n\r\n", b"\r\n", b""]
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.one_of(st.sampled_from(_PIECES), st.binary(max_size=64)), max_size=8), st.integers(1, 7))
+def test_any_bytes_get_replies_or_a_close_never_an_exception(tmp_path_factory, chunks, cut):
+    root = tmp_path_factory.mktemp("fuzz")
+    (root / "undionly.kpxe").write_bytes(b"x" * 10)
+    conn = connection(root)
+    stream = b"".join(chunks)
+    for i in range(0, len(stream) + 1, cut):  # in pieces of `cut` bytes, then the peer closes
+        conn.receive(stream[i:i + cut] if i < len(stream) else b"")
+        while True:
+            reply = conn.next_reply(1.0)
+            if reply is None or reply is CLOSE:
+                break
+            if reply.fd >= 0:
+                os.close(reply.fd)
+            conn.done(reply, 0, 1.0)
+            assert reply.head.startswith(b"HTTP/1.1 ")
+        if reply is CLOSE:
+            break
