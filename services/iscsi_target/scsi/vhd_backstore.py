@@ -186,6 +186,7 @@ class VhdBackstore(Backstore):
             os.ftruncate(fd, self.free + V.SECTOR)
             os.fdatasync(fd)
             file_size = self.free + V.SECTOR
+        self.file_end = file_size  # kept up to date by our own writes (no fstat on the write path)
         self._map(file_size)
 
     def _open_parent(self, header, depth: int) -> None:
@@ -331,7 +332,10 @@ class VhdBackstore(Backstore):
                 sector = self.bat[index]
                 if sector == V.UNUSED:
                     sector = self._allocate(index)
-                _pwrite_all(self.fd, data[done:done + k], sector * V.SECTOR + self.bm_size + inner)
+                at = sector * V.SECTOR + self.bm_size + inner
+                _pwrite_all(self.fd, data[done:done + k], at)
+                if at + k > self.file_end:
+                    self.file_end = at + k
                 bm = self.bitmaps.get(index)
                 if bm is None:
                     bm = self._load_bitmap(index)
@@ -348,13 +352,13 @@ class VhdBackstore(Backstore):
         start = self.free
         if start + self.span + V.SECTOR > (1 << 32) * V.SECTOR:
             raise OSError(errno.EFBIG, "the VHD cannot address a block past 2 TiB")
-        size = os.fstat(self.fd).st_size
-        if start < size:
-            # an orphan of an interrupted allocation, or the old footer: its bytes must read as zeros to
-            # readers that ignore the bitmap (qemu)
-            n = min(self.span, size - start)
-            if not _punch(self.fd, start, n):
-                _pwrite_all(self.fd, _zeros(n) if n <= len(_ZEROS) else bytes(n), start)
+        data_at = start + self.bm_size
+        if self.file_end > data_at:
+            # an orphan of an interrupted allocation: its data must read as zeros to readers that ignore the
+            # bitmap (qemu). (The old footer lies where the bitmap goes, which the commit writes whole.)
+            n = min(self.block, self.file_end - data_at)
+            if not _punch(self.fd, data_at, n):
+                _pwrite_all(self.fd, _zeros(n) if n <= len(_ZEROS) else bytes(n), data_at)
         sector = start // V.SECTOR
         self.bitmaps[index] = bytearray(self.bm_size)  # before the BAT entry: a reader must not load it
         self.new_blocks.add(index)
@@ -374,8 +378,9 @@ class VhdBackstore(Backstore):
             _pwrite_all(fd, self.bitmaps[index], self.bat[index] * V.SECTOR)
         if self.footer_moved:  # 3. the footer at the new end
             _pwrite_all(fd, self.footer.pack(), self.free)
-            if os.fstat(fd).st_size > self.free + V.SECTOR:
+            if self.file_end > self.free + V.SECTOR:
                 os.ftruncate(fd, self.free + V.SECTOR)
+            self.file_end = self.free + V.SECTOR
         if self.new_blocks:
             os.fdatasync(fd)  # bitmaps and footer before the entries that point at them
             table = self.header.table_offset
