@@ -63,7 +63,7 @@ import os
 import threading
 from pathlib import Path
 
-from services.iscsi_target.scsi.backstore import SEEK_DATA, SEEK_HOLE, Backstore, BackstoreError
+from services.iscsi_target.scsi.backstore import POPULATE_LIMIT, SEEK_DATA, SEEK_HOLE, Backstore, BackstoreError
 from shared.atomic_file import write_atomic
 from shared.images import overlay_format as F
 
@@ -114,7 +114,10 @@ class BaseImage(Backstore):
             st = os.fstat(self.fd)
             self.key = (st.st_dev, st.st_ino)
             super().__init__(st.st_size, block_size)
-            self.map = mmap.mmap(self.fd, self.size, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ)
+            flags = mmap.MAP_SHARED
+            if self.size <= POPULATE_LIMIT:  # prefaulted, as FileBackstore: no page fault per first READ
+                flags |= getattr(mmap, "MAP_POPULATE", 0)
+            self.map = mmap.mmap(self.fd, self.size, flags=flags, prot=mmap.PROT_READ)
         except BaseException:
             os.close(self.fd)
             raise
@@ -223,7 +226,7 @@ class Overlay(Backstore):
             release_base(self.base)
             raise
         self._base_view = self.base.view
-        self._meta = threading.Lock()       # bitmaps, counters, dirty pages
+        self._meta = threading.Lock()       # alloc and the counters (the owned bits: the stripe locks)
         self._sync_lock = threading.Lock()  # one sync at a time
         self._stripes = [threading.Lock() for _ in range(STRIPES)]
         if soft_threshold is not None and self.used >= soft_threshold:
@@ -256,7 +259,8 @@ class Overlay(Backstore):
         except BaseException:
             os.close(self._bm_fd)
             raise
-        self._dirty: set[int] = set()
+        # one flag per bitmap page: set after a bit is set, cleared by sync() before it copies the page
+        self._dirty = bytearray(-(-len(self._bits) // F.PAGE))
 
     def _create(self, granule: int, base_id: str) -> None:
         header = F.Header(granule, self.size, base_id)
@@ -346,16 +350,18 @@ class Overlay(Backstore):
         sh = self._shift
         g0 = offset >> sh
         g1 = ((offset + n - 1) >> sh) + 1
-        bits, alloc = self._bits, self._alloc
         if g1 - g0 == 1:
-            fast = (bits[g0 >> 3] & alloc[g0 >> 3]) >> (g0 & 7) & 1
+            i, m = g0 >> 3, 1 << (g0 & 7)
+            if self._bits[i] & self._alloc[i] & m:
+                self._pwrite(data, offset)
+            else:
+                self._write_one(offset, data, g0, i, m)
         else:
             full = (1 << (g1 - g0)) - 1
-            fast = F.field(bits, g0, g1) == full and F.field(alloc, g0, g1) == full
-        if fast:
-            self._pwrite(data, offset)
-        else:
-            self._write_cow(offset, data, g0, g1)
+            if F.field(self._bits, g0, g1) == full and F.field(self._alloc, g0, g1) == full:
+                self._pwrite(data, offset)
+            else:
+                self._write_cow(offset, data, g0, g1)
         if self.write_through:
             self.sync()
 
@@ -366,6 +372,25 @@ class Overlay(Backstore):
         if s1 - s0 >= STRIPES:
             return self._stripes
         return [self._stripes[i] for i in sorted({s & (STRIPES - 1) for s in range(s0, s1)})]
+
+    def _write_one(self, offset: int, data, g: int, i: int, m: int) -> None:
+        """_write_cow for a write within one granule (an OS's 4 KiB write), without its generality."""
+        with self._stripes[(g >> STRIPE_SHIFT) & (STRIPES - 1)]:
+            if not self._alloc[i] & m:
+                self._reserve(g, g + 1)
+            if self._bits[i] & m:
+                self._pwrite(data, offset)
+                return
+            start = g << self._shift
+            stop = min(start + self.granule, self.size)
+            end = offset + len(data)
+            if offset == start and end == stop:
+                self._pwrite(data, offset)
+            else:
+                base = self._base_view
+                self._pwritev([base[start:offset], data, base[end:stop]], start)
+            self._bits[i] |= m
+            self._dirty[g >> _PAGE_SHIFT] = 1
 
     def _write_cow(self, offset: int, data, g0: int, g1: int) -> None:
         locks = self._locks(g0, g1)
@@ -383,9 +408,9 @@ class Overlay(Backstore):
             if end < stop and not F.bit(bits, g1 - 1):
                 pieces.append(base[end:stop])
             self._pwritev(pieces, start)
-            with self._meta:
-                F.set_range(bits, g0, g1)
-                self._dirty.update(range(g0 >> _PAGE_SHIFT, ((g1 - 1) >> _PAGE_SHIFT) + 1))
+            F.set_range(bits, g0, g1)  # under the stripe locks: a bitmap byte is 8 granules of one stripe
+            for p in range(g0 >> _PAGE_SHIFT, ((g1 - 1) >> _PAGE_SHIFT) + 1):
+                self._dirty[p] = 1
         finally:
             for lock in locks:
                 lock.release()
@@ -394,7 +419,10 @@ class Overlay(Backstore):
         """Count the granules of [g0, g1) not yet allocated against the quota and the reserve."""
         crossed = False
         with self._meta:
-            new = (g1 - g0) - F.count(self._alloc, g0, g1)
+            if g1 - g0 == 1:
+                new = 0 if self._alloc[g0 >> 3] & (1 << (g0 & 7)) else 1
+            else:
+                new = (g1 - g0) - F.count(self._alloc, g0, g1)
             if not new:
                 return
             need = new * self.granule
@@ -402,7 +430,10 @@ class Overlay(Backstore):
                 raise OverlayFull(self.path, "quota", need, self.used, self.quota)
             if self.space_guard is not None and not self.space_guard(need):
                 raise OverlayFull(self.path, "reserve", need, self.used, self.quota)
-            F.set_range(self._alloc, g0, g1)
+            if g1 - g0 == 1:
+                self._alloc[g0 >> 3] |= 1 << (g0 & 7)
+            else:
+                F.set_range(self._alloc, g0, g1)
             self.used += need
             if self.soft_threshold is not None and not self.threshold_crossed and self.used >= self.soft_threshold:
                 self.threshold_crossed = crossed = True
@@ -412,7 +443,8 @@ class Overlay(Backstore):
     def _pwrite(self, data, offset: int) -> None:
         try:
             n = os.pwrite(self._fd, data, offset)
-            while n < len(data):
+            total = len(data)
+            while n < total:  # pwrite may stop short (signals, large writes)
                 n += os.pwrite(self._fd, memoryview(data)[n:], offset + n)
         except OSError as exc:
             self._raise_write(exc, len(data))
@@ -456,11 +488,12 @@ class Overlay(Backstore):
             lock.acquire()
         try:
             _punch(self._fd, a << sh, min(b << sh, self.size) - (a << sh))
+            F.set_range(self._bits, a, b)
+            for p in range(a >> _PAGE_SHIFT, ((b - 1) >> _PAGE_SHIFT) + 1):
+                self._dirty[p] = 1
             with self._meta:
                 freed = F.count(self._alloc, a, b)
                 F.clear_range(self._alloc, a, b)
-                F.set_range(self._bits, a, b)
-                self._dirty.update(range(a >> _PAGE_SHIFT, ((b - 1) >> _PAGE_SHIFT) + 1))
                 self.used -= freed * g_size
                 if self.threshold_crossed and self.used < (self.soft_threshold or 0):
                     self.threshold_crossed = False  # re-armed: the next crossing reports again
@@ -496,9 +529,12 @@ class Overlay(Backstore):
     def sync(self) -> None:
         """Make every completed write durable (durable mode): data first, then the bitmap naming it."""
         with self._sync_lock:
-            with self._meta:
-                pages, self._dirty = self._dirty, set()
-                snap = [(p, bytes(self._bits[p << 12:(p + 1) << 12])) for p in sorted(pages)]
+            dirty, snap = self._dirty, []
+            p = dirty.find(1)
+            while p >= 0:
+                dirty[p] = 0  # first: a bit set from now on sets the flag again for the next sync
+                snap.append((p, bytes(self._bits[p << 12:(p + 1) << 12])))
+                p = dirty.find(1, p + 1)
             try:
                 if self.durable:
                     os.fdatasync(self._fd)
@@ -507,8 +543,8 @@ class Overlay(Backstore):
                 if self.durable and snap:
                     os.fdatasync(self._bm_fd)
             except OSError:
-                with self._meta:
-                    self._dirty.update(pages)
+                for p, _ in snap:
+                    dirty[p] = 1
                 raise
 
     def resize(self, size: int) -> None:
