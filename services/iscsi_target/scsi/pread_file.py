@@ -1,17 +1,44 @@
-"""A raw image file read with pread instead of through an mmap: an I/O error is an OSError, never a SIGBUS.
+"""A raw image file whose failing reads are OSErrors, never a SIGBUS: for mirror legs and ISO images.
 
-FileBackstore reads are slices of a shared mapping: no copy, but a read that fails (EIO, the file truncated
-under us, a tmpfs with no page left to fault in) kills the process with SIGBUS. Where a failing read must
-be survived — a mirror leg (the mirror drops it and serves from the other), an ISO an administrator may
-overwrite in place — the copy pread costs is the price. Writes, sync, unmap and sizing are FileBackstore's.
+FileBackstore reads are slices of a shared mapping: no copy, but a read that faults and fails (EIO, the
+file truncated under us, a tmpfs with no page left to fault in) kills the process with SIGBUS. Where a
+failing read must be survived — a mirror leg (the mirror drops it and serves from the other), an ISO an
+administrator may overwrite in place — a read is a slice of the mapping only when mincore(2) says every
+page of it is in the page cache (nothing to fault in, so nothing to fail); otherwise it is a pread, whose
+error is an OSError (and after which the pages are cached). Read-only files (ISOs) always use pread.
+
+What is left: a page evicted between the check and the transport's send is faulted in by the kernel
+inside sendmsg, where a failure is an EFAULT for that connection rather than a signal; only a data digest
+computed over such a page in user space would still meet the SIGBUS. Writes, sync, unmap and sizing are
+FileBackstore's (pwrite; the page cache is one, so the mapping sees them).
 """
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import errno
+import mmap
 import os
+import threading
 
 from services.iscsi_target.scsi.backstore import BackstoreError, FileBackstore
+
+PAGE = mmap.PAGESIZE
+try:
+    _mincore = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True).mincore
+    _mincore.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_char_p)
+    _mincore.restype = ctypes.c_int
+except (OSError, AttributeError):  # no mincore: every read is a pread
+    _mincore = None
+_string_at = ctypes.string_at
+VEC_PAGES = (32 << 20) // PAGE  # mincore's answer for the largest transfer (32 MiB); larger reads pread
+_VECS = threading.local()       # one answer buffer per connection thread
+
+
+def _new_vec():
+    _VECS.vec = ctypes.create_string_buffer(VEC_PAGES)
+    return _VECS.vec
 
 
 def pread_exact(fd: int, length: int, offset: int) -> bytes:
@@ -31,13 +58,38 @@ def pread_exact(fd: int, length: int, offset: int) -> bytes:
 
 
 class PreadFileBackstore(FileBackstore):
-    """FileBackstore without the mapping: reads return bytes from pread."""
+    """FileBackstore whose reads never fault: a slice of the mapping when it is all cached, else pread."""
 
     def _map(self) -> None:
-        self.map = None
-        self.view = None
+        self.map = self.view = self._anchor = None
+        if self.readonly or _mincore is None or not self.size:
+            return
+        # no MAP_POPULATE: prefaulting a sparse file on tmpfs would allocate (and could fill) it
+        self.map = mmap.mmap(self.fd, self.size, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ | mmap.PROT_WRITE)
+        self.view = memoryview(self.map)
+        self._anchor = ctypes.c_char.from_buffer(self.map)  # the mapping's address, for mincore
+        self._base = ctypes.addressof(self._anchor)
 
-    def read(self, offset: int, length: int) -> bytes:
+    def _unmap(self) -> None:
+        if self.map is None:
+            return
+        self._anchor = None
+        self.view.release()
+        try:
+            self.map.close()
+        except BufferError:  # a read's slice is still being sent; the GC closes it later
+            pass
+        self.map = self.view = None
+
+    def read(self, offset: int, length: int):
+        view = self.view
+        if view is not None and length and offset + length <= self.size:
+            start = (self._base + offset) & ~(PAGE - 1)
+            span = self._base + offset + length - start
+            vec = _VECS.__dict__.get("vec") or _new_vec()
+            if span <= VEC_PAGES * PAGE and not _mincore(start, span, vec) and \
+                    b"\x00" not in _string_at(vec, -(-span // PAGE)):  # every page resident (bit 0 set)
+                return view[offset:offset + length]
         return pread_exact(self.fd, length, offset)
 
     def resize(self, size: int) -> None:
@@ -51,7 +103,9 @@ class PreadFileBackstore(FileBackstore):
                 self._grow(current, size)
             else:
                 os.ftruncate(self.fd, size)
+            self._unmap()
             self.size = size
+            self._map()
         self._notify_resize()
 
     def gone(self) -> str | None:
@@ -71,4 +125,5 @@ class PreadFileBackstore(FileBackstore):
         return None
 
     def close(self) -> None:
+        self._unmap()
         os.close(self.fd)

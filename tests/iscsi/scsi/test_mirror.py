@@ -358,3 +358,19 @@ def test_a_write_in_flight_on_the_good_leg_when_the_copy_reaches_it_is_not_lost(
     resync.join(10)
     assert m.state == [IN_SYNC, IN_SYNC]
     assert bytes(stale.read(0, 512)) == b"N" * 512
+
+
+def test_a_file_leg_reads_cached_pages_from_its_mapping_and_the_rest_with_pread(tmp_path, monkeypatch):
+    from services.iscsi_target.scsi import pread_file
+
+    leg = PreadFileBackstore(tmp_path / "leg.img", MiB)
+    leg.write(0, b"c" * 4096)
+    assert isinstance(leg.read(0, 4096), memoryview)  # just written: in the page cache, no fault possible
+    calls = []
+    monkeypatch.setattr(pread_file, "_mincore", lambda addr, length, vec: calls.append(length) or -1)
+    got = leg.read(0, 4096)  # residency unknown: pread, whose failure is an OSError
+    assert isinstance(got, bytes) and got == b"c" * 4096 and calls == [4096]
+    os.truncate(tmp_path / "leg.img", 2048)  # the file shrank under the leg
+    with pytest.raises(OSError, match="short read"):
+        leg.read(0, 4096)
+    leg.close()

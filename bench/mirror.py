@@ -1,0 +1,154 @@
+"""RAID-1 LUN against a single file LUN of the same target, same client, interleaved runs.
+
+    .venv/bin/python bench/mirror.py [--rounds 3] [--size-mib 128] [--busy-poll-us 100]
+
+One `python -m services.iscsi_target` serves LUN 0 (a file) and LUN 1 (a mirror of two files), all of the
+same size and content on the same file system; `qemu-img bench` over iscsi:// runs each workload against
+each LUN in turn (order alternating by round) and the report gives medians and the ratio mirror/file.
+The issue's bar: reads >= 1.0x, writes >= 0.7x. Bounded: about a minute.
+
+On one machine both legs sit in the same page cache, so a mirror cannot read faster than a file here; what
+the figures show is the mirror's own cost (pread's copy where the file LUN sends a slice of its mapping,
+the range lock, the second pwrite).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+IQN = "iqn.2026-11.org.bootfleet.bench:mirror"
+
+# name, qemu-img bench arguments, unit, operations per run
+WORKLOADS = [
+    ("64 KiB read QD1 (MB/s)", ["-d", "1", "-s", "64k"], "mbs", 6000),
+    ("4 KiB read QD1 (IOPS)", ["-d", "1", "-s", "4k"], "iops", 10000),
+    ("64 KiB seq read QD32 (MB/s)", ["-d", "32", "-s", "64k"], "mbs", 20000),
+    ("64 KiB seq write QD32 (MB/s)", ["-w", "-d", "32", "-s", "64k"], "mbs", 10000),
+    ("4 KiB write QD32 (IOPS)", ["-w", "-d", "32", "-s", "4k"], "iops", 20000),
+]
+
+
+def need(tool: str) -> str:
+    path = shutil.which(tool)
+    if not path:
+        raise SystemExit(f"{tool} is missing (deploy/system-deps.sh installs it)")
+    return path
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start(tmp: Path, port: int, busy_poll_us: int) -> subprocess.Popen:
+    cfg = tmp / "bootfleet.yaml"
+    cfg.write_text(f"""version: 1
+logging: {{level: warning}}
+iscsi:
+  portals: [{{ip: 127.0.0.1, port: {port}}}]
+  busy_poll_us: {busy_poll_us}
+  io_stats_interval: 0
+  targets:
+    - name: {IQN}
+      luns:
+        - {{id: 0, backstore: {{type: file, path: single.img, create: false}}}}
+        - id: 1
+          backstore:
+            type: mirror
+            legs: [{{type: file, path: leg0.img, create: false}}, {{type: file, path: leg1.img, create: false}}]
+""")
+    log = open(tmp / "target.log", "wb")
+    proc = subprocess.Popen([sys.executable, "-m", "services.iscsi_target", "--config", str(cfg), "--state-dir",
+                             str(tmp)], cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + 15
+    while True:
+        if proc.poll() is not None:
+            raise SystemExit(f"the target exited: {(tmp / 'target.log').read_text()[-2000:]}")
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+            return proc
+        except OSError:
+            if time.monotonic() > deadline:
+                raise SystemExit("the target did not listen")
+            time.sleep(0.05)
+
+
+def bench(port: int, lun: int, args: list[str], count: int) -> float:
+    url = f"iscsi://127.0.0.1:{port}/{IQN}/{lun}"
+    r = subprocess.run([need("qemu-img"), "bench", "-f", "raw", "-c", str(count), *args, url],
+                       capture_output=True, text=True, timeout=120)
+    m = re.search(r"Run completed in ([\d.]+) seconds", r.stdout)
+    if r.returncode or not m:
+        raise SystemExit(f"qemu-img bench failed on LUN {lun}: {r.stdout}{r.stderr}")
+    return float(m.group(1))
+
+
+def figure(unit: str, args: list[str], count: int, seconds: float) -> float:
+    if unit == "iops":
+        return count / seconds
+    return count * (65536 if "64k" in args else 4096) / seconds / 1e6
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--size-mib", type=int, default=128)
+    parser.add_argument("--busy-poll-us", type=int, default=0, help="iscsi.busy_poll_us for the run")
+    args = parser.parse_args()
+    tmp = Path(tempfile.mkdtemp(prefix="bench-mirror-"))
+    proc = None
+    try:
+        chunk = os.urandom(1 << 20)
+        with open(tmp / "single.img", "wb") as f:
+            for _ in range(args.size_mib):
+                f.write(chunk)
+        for leg in ("leg0.img", "leg1.img"):
+            shutil.copyfile(tmp / "single.img", tmp / leg)
+        port = free_port()
+        proc = start(tmp, port, args.busy_poll_us)
+        for lun in (0, 1):  # warm the page cache and the target
+            bench(port, lun, ["-d", "32", "-s", "64k"], args.size_mib * 16)
+        results = {w[0]: {0: [], 1: []} for w in WORKLOADS}
+        started = time.monotonic()
+        rounds = 0
+        for round_no in range(args.rounds):
+            for name, wargs, unit, count in WORKLOADS:
+                for lun in ((0, 1) if round_no % 2 == 0 else (1, 0)):
+                    results[name][lun].append(figure(unit, wargs, count, bench(port, lun, wargs, count)))
+            rounds += 1
+            if time.monotonic() - started > 120:
+                break
+        print(f"mirror LUN (two file legs) vs file LUN, one target, qemu-img bench over loopback, {rounds} "
+              f"interleaved rounds, median; busy_poll_us={args.busy_poll_us}; load average "
+              f"{os.getloadavg()[0]:.1f} (a shared machine: compare within one run)")
+        print(f"{'workload':32} {'mirror':>10} {'file':>10} {'ratio':>7}   rounds (mirror/file)")
+        for name, *_ in WORKLOADS:
+            m, f = statistics.median(results[name][1]), statistics.median(results[name][0])
+            each = " ".join(f"{a / b:.2f}" for a, b in zip(results[name][1], results[name][0]))
+            print(f"{name:32} {m:10.0f} {f:10.0f} {m / f:6.2f}x   {each}")
+    finally:
+        if proc is not None and proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(5)
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
