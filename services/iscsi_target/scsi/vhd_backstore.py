@@ -38,7 +38,7 @@ from services.iscsi_target.scsi import vhdx as X
 from services.iscsi_target.scsi.backstore import POPULATE_LIMIT, Backstore, BackstoreError
 from services.iscsi_target.scsi import backstore as _bs
 
-COMMIT_LIMIT = 4096       # pending blocks (new or with new bitmap bits) before a write commits by itself
+COMMIT_LIMIT = 4096       # blocks with bitmaps not yet on disk (new ones included) before a write commits itself
 REMAP_STEP = 64 << 20     # reads past the mapping use pread until the file grew this much past it
 BITMAP_CACHE = 65536      # clean bitmaps kept in memory (512 bytes each at 2 MiB blocks) before trimming
 MAX_CHAIN = 32            # differencing depth: deeper is taken as a loop of parents
@@ -344,7 +344,7 @@ class VhdBackstore(Backstore):
                     V.set_bits(bm, first, end)  # in memory now; on disk only after the data (commit)
                     self.dirty.add(index)
                 done += k
-            if self.write_through or len(self.dirty) + len(self.new_blocks) > COMMIT_LIMIT:
+            if self.write_through or len(self.dirty) > COMMIT_LIMIT:  # new blocks are dirty too
                 self._commit()
 
     def _allocate(self, index: int) -> int:
