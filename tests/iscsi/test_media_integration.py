@@ -144,6 +144,46 @@ iscsi:
         assert iso.read_bytes().find(known) == offset  # the write did not reach the image
 
 
+# A no-emulation El Torito boot image: real-mode code at 0:7C00 that writes a marker to COM1 and halts
+#   xor ax,ax; mov ds,ax; cld; mov dx,0x3f8; mov si,0x7c16; l: lodsb; test al,al; jz h; out dx,al; jmp l;
+#   h: hlt; jmp h; then the message
+BOOT_CODE = bytes.fromhex("31C08ED8FCBAF803BE167CAC84C07403EEEBF8F4EBFD") + b"BOOTFLEET-CD-OK\r\n\0"
+
+
+def test_qemu_boots_an_el_torito_iso_from_the_cdrom_lun(tmp_path):
+    """qemu -drive file=iscsi://...,media=cdrom: SeaBIOS boots the disc through libiscsi from our drive."""
+    tree = tmp_path / "boot.d"
+    tree.mkdir()
+    (tree / "boot.img").write_bytes(BOOT_CODE.ljust(2048, b"\0"))
+    iso = tmp_path / "boot.iso"
+    run([tool("xorriso"), "-as", "mkisofs", "-quiet", "-o", str(iso), "-V", "BOOTCD", "-b", "boot.img",
+         "-no-emul-boot", "-boot-load-size", "4", str(tree)])
+    config = f"""version: 1
+logging: {{level: info}}
+iscsi:
+  portals: [{{ip: 127.0.0.1, port: PORT}}]
+  io_stats_interval: 0
+  targets:
+    - name: {CD}
+      luns: [{{id: 0, backstore: {{type: cdrom, path: {iso.name}}}}}]
+"""
+    serial = tmp_path / "serial.log"
+    with Standalone(tmp_path, config) as t:
+        qemu = subprocess.Popen([tool("qemu-system-x86_64"), "-nodefaults", "-display", "none", "-machine",
+                                 "accel=tcg", "-m", "64", "-serial", f"file:{serial}", "-boot", "d", "-drive",
+                                 f"file={t.url(CD)},media=cdrom,if=ide,format=raw"],
+                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        try:
+            deadline = time.monotonic() + 90
+            while b"BOOTFLEET-CD-OK" not in (serial.read_bytes() if serial.exists() else b""):
+                assert qemu.poll() is None, qemu.stderr.read().decode()
+                assert time.monotonic() < deadline, f"no boot marker: {serial.read_bytes()!r}"
+                time.sleep(0.1)
+        finally:
+            qemu.terminate()
+            qemu.wait(10)
+
+
 # ---------------------------------------------------------------------------------------------- mirror, block
 def test_mirror_and_block_luns_through_qemu_io(tmp_path):
     image = tmp_path / "loop.img"
