@@ -176,9 +176,10 @@ def test_dynamic_vhd_we_create_qemu_reads(tmp_path):
     assert qemu_raw(fixed, "vpc", tmp_path) == bytes(MiB) + b"\x44" * 512 + bytes(3 * MiB - 512)
 
 
-def test_vhdx_read_only_equals_qemu(tmp_path):
+@pytest.mark.parametrize("opts", ["subformat=dynamic", "subformat=fixed", "block_size=1M,block_state_zero=off"])
+def test_vhdx_read_only_equals_qemu(tmp_path, opts):
     path = tmp_path / "q.vhdx"
-    run(tool("qemu-img"), "create", "-q", "-f", "vhdx", str(path), "72M")
+    run(tool("qemu-img"), "create", "-q", "-f", "vhdx", "-o", opts, str(path), "72M")
     qemu_io(path, "vhdx", *QEMU_WRITES, (72 * MiB - 512, 512, 0x99))
     expect = qemu_raw(path, "vhdx", tmp_path)
     store = open_image(path)
@@ -189,6 +190,23 @@ def test_vhdx_read_only_equals_qemu(tmp_path):
         with pytest.raises(BackstoreError, match="read-only"):
             store.write(0, bytes(512))
         assert store.mapped(MiB)[0] and not store.mapped(60 * MiB)[0]
+    finally:
+        store.close()
+
+
+def test_vhdx_bat_with_sector_bitmap_entries(tmp_path):
+    """1 MiB blocks and 512-byte sectors: a sector-bitmap BAT entry follows every 4096 payload entries, so
+    blocks past 4 GiB are found only if the reader skips them."""
+    path = tmp_path / "big.vhdx"
+    run(tool("qemu-img"), "create", "-q", "-f", "vhdx", "-o", "block_size=1M", str(path), "5G")
+    far = 4096 * MiB + 3 * MiB
+    qemu_io(path, "vhdx", (0, 4096, 0x11), (far - 4096, 65536, 0x22))
+    store = open_image(path)
+    try:
+        assert store.size == 5 << 30
+        assert bytes(store.read(0, 8192)) == b"\x11" * 4096 + bytes(4096)
+        assert bytes(store.read(far - 8192, 73728)) == bytes(4096) + b"\x22" * 65536 + bytes(4096)
+        assert not store.mapped(2 << 30)[0]
     finally:
         store.close()
 
