@@ -158,7 +158,7 @@ class LogicalUnit:
 
     def set_wce(self, enabled: bool) -> None:
         self.wce = enabled
-        if hasattr(self.store, "write_through") and hasattr(self.store, "fd"):
+        if hasattr(self.store, "write_through") and (hasattr(self.store, "fd") or hasattr(self.store, "legs")):
             self.store.write_through = not enabled
 
     def close(self) -> None:

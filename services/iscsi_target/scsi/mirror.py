@@ -63,7 +63,7 @@ class MirrorBackstore(Backstore):
         self.on_leg_failed = on_leg_failed
         self.on_resync_done = None  # called with (index, name) when a resync completes
         self.state_file = os.fspath(state_file) if state_file else None
-        self.write_through = write_through
+        self._write_through = write_through
         self.readonly = any(leg.readonly for leg in present)
         self.thin = all(leg.thin for leg in present)
         self.state = [IN_SYNC if leg is not None else FAILED for leg in legs]
@@ -86,6 +86,18 @@ class MirrorBackstore(Backstore):
         self._rr = itertools.count()
 
     # ---------------------------------------------------------------- state
+    @property
+    def write_through(self) -> bool:
+        return self._write_through
+
+    @write_through.setter
+    def write_through(self, value: bool) -> None:
+        """MODE SELECT of WCE reaches the legs: they are what syncs."""
+        self._write_through = value
+        for leg in self.legs:
+            if leg is not None and hasattr(leg, "fd"):
+                leg.write_through = value
+
     @property
     def degraded(self) -> bool:
         return self.state != [IN_SYNC, IN_SYNC]

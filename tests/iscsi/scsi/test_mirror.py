@@ -374,3 +374,13 @@ def test_a_file_leg_reads_cached_pages_from_its_mapping_and_the_rest_with_pread(
     with pytest.raises(OSError, match="short read"):
         leg.read(0, 4096)
     leg.close()
+
+
+def test_wce_off_by_mode_select_makes_both_file_legs_write_through(tmp_path):
+    legs = [PreadFileBackstore(tmp_path / f"{i}.img", MiB) for i in (0, 1)]
+    m = MirrorBackstore(legs)
+    t = ready_target(m)
+    page = bytes([0x08, 0x12]) + bytes(18)  # caching page with WCE=0
+    params = bytes([0, 0, 0, 0]) + page
+    assert t.execute(NX, 0, memoryview(bytes([0x15, 0x10, 0, 0, len(params), 0]).ljust(16, b"\0")), params).status == 0
+    assert m.write_through and all(leg.write_through for leg in legs)
