@@ -625,3 +625,62 @@ def test_4096_byte_blocks_need_a_size_multiple(tmp_path):
     with pytest.raises(BackstoreError, match="current_size"):
         VhdBackstore(path, block_size=4096)
     assert VhdBackstore(path, block_size=512).size == 4 * MiB + 512
+
+
+@pytest.mark.parametrize("remap_step", [0, 1 << 40])
+def test_reads_of_blocks_allocated_after_the_mapping(tmp_path, monkeypatch, remap_step):
+    """New blocks lie past the file's mapping: read through pread, or after a remap."""
+    monkeypatch.setattr(VB, "REMAP_STEP", remap_step)
+    path = tmp_path / "grow.vhd"
+    create_dynamic(path, 32 * MiB)
+    store = open_image(path)
+    try:
+        for i in range(12):
+            store.write(i * 2 * MiB + 4096, bytes([i + 1]) * 65536)
+            assert bytes(store.read(i * 2 * MiB + 4096, 65536)) == bytes([i + 1]) * 65536
+        store.sync()
+        for i in range(12):
+            assert bytes(store.read(i * 2 * MiB, 69632)) == bytes(4096) + bytes([i + 1]) * 65536
+    finally:
+        store.close()
+
+
+def test_threads_writing_disjoint_ranges(tmp_path):
+    """Connections write from their own threads: allocations and bitmap updates stay consistent."""
+    import threading
+
+    path = tmp_path / "threads.vhd"
+    create_dynamic(path, 64 * MiB, block_size=64 * 1024)
+    store = open_image(path)
+    errors = []
+
+    def worker(n):
+        rng = random.Random(n)
+        try:
+            for _ in range(300):
+                sector = rng.randrange(0, 16 * MiB // 512 - 16)
+                offset = n * 16 * MiB + sector * 512
+                store.write(offset, bytes([n + 1]) * 4096)
+                if rng.random() < 0.05:
+                    store.sync()
+                got = bytes(store.read(offset, 4096))
+                if got != bytes([n + 1]) * 4096:
+                    errors.append((n, offset))
+        except Exception as exc:  # noqa: BLE001 - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=worker, args=(n,)) for n in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors
+    store.close()
+    again = open_image(path, readonly=True)
+    try:
+        data = whole(again)
+        for n in range(4):
+            part = data[n * 16 * MiB:(n + 1) * 16 * MiB]
+            assert set(part) <= {0, n + 1} and part.count(n + 1) >= 4096
+    finally:
+        again.close()
