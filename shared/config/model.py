@@ -83,6 +83,12 @@ class BootfleetConfig(StrictModel):
                         f"the RAM disk iscsi.targets[{t}].luns[{n}] (a write through one is missing through "
                         "another); use a file backstore, or one process"
                     )
+                if lun.backstore.type == "mirror":  # a leg one process drops would still be served by another
+                    raise ValueError(
+                        f"scale.iscsi_target: {self.scale.iscsi_target} processes would each keep their own view of "
+                        f"the mirror iscsi.targets[{t}].luns[{n}] (a leg dropped by one would still be read and "
+                        "written by another); serve mirrors from one process"
+                    )
         return self
 
     @model_validator(mode="after")

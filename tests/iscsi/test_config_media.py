@@ -51,3 +51,14 @@ def test_accepted_forms():
 def test_validation_errors_name_the_field(backstore, message):
     with pytest.raises(ValidationError, match=message):
         config(**backstore)
+
+
+def test_a_mirror_is_served_by_one_process():
+    from shared.config.model import BootfleetConfig
+
+    mirror = {"type": "mirror", "legs": [leg("a.img"), leg("b.img")]}
+    iscsi = {"targets": [{"name": T, "luns": [{"id": 0, "backstore": mirror}]}]}
+    BootfleetConfig(iscsi=iscsi)
+    with pytest.raises(ValidationError, match="scale.iscsi_target: 2 processes would each keep their own view of "
+                                              "the mirror iscsi.targets\\[0\\].luns\\[0\\]"):
+        BootfleetConfig(iscsi=iscsi, scale={"iscsi_target": 2})

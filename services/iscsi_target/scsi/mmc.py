@@ -81,6 +81,7 @@ class CdromUnit(LogicalUnit):
         self.tray_open = False
         self.prevent: set = set()     # nexuses that sent PREVENT MEDIUM REMOVAL
         self.media_events: dict = {}  # nexus -> pending media event code for GET EVENT STATUS NOTIFICATION
+        self._retired = None          # the disc before the last change, closed at the next one
         self._load(medium)
 
     def _load(self, medium) -> None:
@@ -111,8 +112,11 @@ class CdromUnit(LogicalUnit):
             self.tray_open = False
             self._media_event_all(EVENT_NEW_MEDIA)
         self.add_ua_all(S.MEDIUM_MAY_HAVE_CHANGED)
-        if old is not medium:
-            old.close()  # a read racing the change fails with EBADF: MEDIUM ERROR, then the UA
+        # Not closed now: a read still running on the old disc would pread a closed descriptor, whose
+        # number the next open may already have reused for another file. The change after this one closes it.
+        retired, self._retired = self._retired, (old if old is not medium else None)
+        if retired is not None:
+            retired.close()
 
     def eject(self, by=None) -> None:
         with self.lock:
@@ -146,6 +150,9 @@ class CdromUnit(LogicalUnit):
     def close(self) -> None:
         super().close()
         self.store.close()
+        if self._retired is not None:
+            self._retired.close()
+            self._retired = None
 
 
 # ---------------------------------------------------------------------------------------------- helpers
