@@ -195,7 +195,8 @@ class _Connection:
 
     def _on_writable(self) -> None:
         try:
-            self._flush()
+            if self._flush():
+                self._pump()
         except Exception:
             self._internal_error()
 
@@ -230,14 +231,16 @@ class _Connection:
             self.out = memoryview(reply.head + reply.body if reply.body else reply.head)
             self.file_offset, self.file_left = reply.offset, (reply.count if reply.fd >= 0 else 0)
             self._read(False)
-            self._flush()
+            if not self._flush():  # still sending, or closed
+                return
 
-    def _flush(self) -> None:
-        """Send what the reply has left; on EAGAIN wait for the socket to drain. A finished reply is
-        reported, then the next one starts (or the connection closes)."""
+    def _flush(self) -> bool:
+        """Send what the reply has left; on EAGAIN wait for the socket to drain. -> True when the reply is
+        done (and reported) and the connection goes on: then the caller starts the next one. (A loop, not a
+        call back into _pump: a client that pipelines hundreds of requests must not recurse us to death.)"""
         reply = self.reply
         if reply is None:
-            return
+            return False
         sock = self.sock
         progressed = False
         try:
@@ -262,19 +265,19 @@ class _Connection:
             self._write(True)
             if progressed:
                 self._arm_timer()
-            return
+            return False
         except OSError as exc:  # the client went away (EPIPE, ECONNRESET) or the file failed
             self._reply_done(exc.strerror or str(exc))
             self.close(abort=True)
-            return
+            return False
         self._write(False)
         if reply.fd < 0:
             self.sent = len(reply.body)
         self._reply_done(None)
         if reply.close:
             self.close()
-            return
-        self._pump()
+            return False
+        return True
 
     def _reply_done(self, error: str | None) -> None:
         reply, self.reply = self.reply, None

@@ -150,6 +150,18 @@ def test_keep_alive_two_urls_on_one_connection(http, tree):
     assert http.call(lambda: http.server.stats["http_connections"]) == 1
 
 
+def test_hundreds_of_pipelined_requests(http):
+    count = 600
+    with socket.create_connection(("127.0.0.1", http.port), timeout=10) as s:
+        s.sendall(b"GET /sub/small.txt HTTP/1.1\r\nHost: x\r\n\r\n" * count
+                  + b"GET /sub/small.txt HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        data = b""
+        while chunk := s.recv(1 << 16):
+            data += chunk
+    assert data.count(b"HTTP/1.1 200 OK\r\n") == count + 1 and data.endswith(b"small\n")
+    assert http.call(lambda: http.server.stats["http_internal_errors"]) == 0
+
+
 def test_fifty_clients_at_once(http, tree, tmp_path):
     want = sha((tree / "big.bin").read_bytes())
     outs = [tmp_path / f"out{i}" for i in range(50)]
