@@ -135,6 +135,8 @@ class HttpServer:
                 continue
             try:
                 self.connections.add(_Connection(self, sock, peer))
+            except OSError:  # reset before we got to it (getsockname, setsockopt): nothing to answer
+                sock.close()
             except Exception:
                 self.stats["http_internal_errors"] += 1
                 log.exception("HTTP connection from %s:%d could not be set up", *peer[:2])
