@@ -332,15 +332,14 @@ class PduWriter:
         """[header(+digest), data..., padding, data digest]: the BHS fields in wire order."""
         if data is None:
             dlen = 0
-            parts = ()
-        elif isinstance(data, list):
-            parts = data
-            if dlen is None:
-                dlen = sum(len(p) for p in parts)
-        else:
-            parts = (data,)
-            dlen = len(data)
-        header = _BHS.pack(b0, flags, b2, b3, dlen, lun, itt, w0, w1, w2, w3, w4, w5, w6)
+        elif not isinstance(data, list):
+            data = [data]
+            dlen = len(data[0])
+        elif dlen is None:
+            dlen = sum(len(p) for p in data)
+        return self._frame(_BHS.pack(b0, flags, b2, b3, dlen, lun, itt, w0, w1, w2, w3, w4, w5, w6), data, dlen)
+
+    def _frame(self, header: bytes, parts, dlen: int) -> list:
         if self.header_digest:
             header += _LE32.pack(crc32c(header))
         out = [header]
@@ -358,22 +357,30 @@ class PduWriter:
                 out.append(_LE32.pack(crc))
         return out
 
-    def data_in(self, itt, data, dlen, exp_cmdsn, max_cmdsn, *, datasn=0, offset=0, final=True, status=None,
+    def data_in(self, itt, data: list, dlen, exp_cmdsn, max_cmdsn, *, datasn=0, offset=0, final=True, status=None,
                 statsn=0, residual_flag=0, residual=0) -> list:
-        """Data-In (§11.7). `status` given: the S bit, the status, StatSN and the residual ride along."""
+        """Data-In (§11.7): `data` a list of buffers of `dlen` bytes. `status` given: the S bit, the status,
+        StatSN and the residual ride along."""
         flags = F_FINAL if final else 0
         if status is None:
-            return self._pdu(OP_DATA_IN, flags, 0, 0, 0, itt, RSVD_TAG, 0, exp_cmdsn, max_cmdsn, datasn, offset, 0,
-                             data, dlen)
-        return self._pdu(OP_DATA_IN, flags | F_STATUS | residual_flag, 0, status, 0, itt, RSVD_TAG, statsn,
-                         exp_cmdsn, max_cmdsn, datasn, offset, residual, data, dlen)
+            header = _BHS.pack(OP_DATA_IN, flags, 0, 0, dlen, 0, itt, RSVD_TAG, 0, exp_cmdsn, max_cmdsn, datasn,
+                               offset, 0)
+        else:
+            header = _BHS.pack(OP_DATA_IN, flags | F_STATUS | residual_flag, 0, status, dlen, 0, itt, RSVD_TAG,
+                               statsn, exp_cmdsn, max_cmdsn, datasn, offset, residual)
+        if dlen & 3 or self.header_digest or self.data_digest:
+            return self._frame(header, data, dlen)
+        return [header, *data]  # the READ hot path: whole words, no digests
 
     def scsi_response(self, itt, status, statsn, exp_cmdsn, max_cmdsn, *, sense=None, residual_flag=0, residual=0,
                       exp_datasn=0) -> list:
         """SCSI Response (§11.4); sense data goes in the data segment behind its 2-byte SenseLength."""
-        data = _U16.pack(len(sense)) + bytes(sense) if sense else None
+        if not sense:
+            header = _BHS.pack(OP_SCSI_RSP, F_FINAL | residual_flag, 0, status, 0, 0, itt, 0, statsn, exp_cmdsn,
+                               max_cmdsn, exp_datasn, 0, residual)
+            return [header + _LE32.pack(crc32c(header))] if self.header_digest else [header]
         return self._pdu(OP_SCSI_RSP, F_FINAL | residual_flag, 0, status, 0, itt, 0, statsn, exp_cmdsn, max_cmdsn,
-                         exp_datasn, 0, residual, data)
+                         exp_datasn, 0, residual, _U16.pack(len(sense)) + bytes(sense))
 
     def r2t(self, itt, ttt, lun, statsn, exp_cmdsn, max_cmdsn, *, r2tsn, offset, length) -> list:
         """R2T (§11.8): ask for `length` bytes at buffer `offset`. StatSN is not advanced by it."""

@@ -8,6 +8,8 @@ from __future__ import annotations
 import struct
 from dataclasses import dataclass, field
 
+from services.iscsi_target.scsi import sense
+
 
 @dataclass(frozen=True)
 class Nexus:
@@ -23,8 +25,9 @@ class ScsiResponse:
     data: list = field(default_factory=list)
 
 
-def _sense(key, asc, ascq):
-    return bytes([0x70, 0, key, 0, 0, 0, 0, 10, 0, 0, 0, 0, asc, ascq, 0, 0, 0, 0])
+def _check(code) -> "ScsiResponse":
+    """CHECK CONDITION, ILLEGAL REQUEST with this (ASC, ASCQ)."""
+    return ScsiResponse(sense.CHECK_CONDITION, sense.fixed_sense(sense.ILLEGAL_REQUEST, *code))
 
 
 class FakeLun:
@@ -57,7 +60,7 @@ class FakeTarget:
             return ScsiResponse(0)
         if op == 0x12 and cdb[1] & 1:
             if cdb[2] != 0:
-                return ScsiResponse(2, _sense(5, 0x24, 0))
+                return _check(sense.INVALID_FIELD_IN_CDB)
             return ScsiResponse(0, None, [bytes([0, 0, 0, 1, 0])])
         if op == 0x12:
             inq = bytes([0, 0, 5, 2, 31, 0, 0, 0]) + b"FAKE    " + b"FAKE DISK       " + b"0001"
@@ -80,14 +83,14 @@ class FakeTarget:
                 lba, n = struct.unpack_from(">Q", cdb, 2)[0], struct.unpack_from(">I", cdb, 10)[0]
             bs = u.block_size
             if (lba + n) * bs > len(u.data):
-                return ScsiResponse(2, _sense(5, 0x21, 0))
+                return _check(sense.LBA_OUT_OF_RANGE)
             return ScsiResponse(0, None, [memoryview(u.data)[lba * bs : (lba + n) * bs]])
         if op in (0x2A, 0x8A):
             lba = struct.unpack_from(">I", cdb, 2)[0] if op == 0x2A else struct.unpack_from(">Q", cdb, 2)[0]
             bs = u.block_size
             u.data[lba * bs : lba * bs + len(data_out)] = data_out
             return ScsiResponse(0)
-        return ScsiResponse(2, _sense(5, 0x20, 0))
+        return _check(sense.INVALID_OPCODE)
 
     def task_management(self, nexus, function, lun, referenced_task=None):
         self.tmf_calls.append((function, lun))

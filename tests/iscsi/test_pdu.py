@@ -55,12 +55,12 @@ def parsed(parts) -> P.Pdu:
 
 def test_builders_put_each_field_where_rfc_7143_says():
     w = P.PduWriter()
-    din = parsed(w.data_in(9, b"abcd", 4, 5, 36, datasn=2, offset=8192, status=0, statsn=4,
+    din = parsed(w.data_in(9, [b"abcd"], 4, 5, 36, datasn=2, offset=8192, status=0, statsn=4,
                            residual_flag=P.F_UNDERFLOW, residual=100))
     assert din.opcode == P.OP_DATA_IN and din.flags == P.F_FINAL | P.F_STATUS | P.F_UNDERFLOW
     assert (din.itt, din.ttt, din.statsn, din.exp_cmdsn, din.max_cmdsn) == (9, P.RSVD_TAG, 4, 5, 36)
     assert (din.datasn, din.buffer_offset, din.residual, din.status) == (2, 8192, 100, 0)
-    mid = parsed(w.data_in(9, b"abcd", 4, 5, 36, final=False))
+    mid = parsed(w.data_in(9, [b"abcd"], 4, 5, 36, final=False))
     assert mid.flags == 0 and mid.statsn == 0
     rsp = parsed(w.scsi_response(9, 2, 4, 5, 36, sense=bytes(18), residual_flag=P.F_OVERFLOW, residual=7,
                                  exp_datasn=3))
