@@ -267,10 +267,14 @@ class ImageStore:
         (a persistent PC keeps its version until reset), else the current version (a new overlay)."""
         m = self._manifest(name)
         n = self.overlay_base(name, pc)
-        if n is None or not any(v["n"] == n for v in m["versions"]):
-            if n is not None or F.bitmap_path(self.overlay_path(name, pc)).exists():
-                self.overlay_reset(name, pc)  # its version is gone or the bitmap unreadable
+        if n is None:
+            if F.bitmap_path(self.overlay_path(name, pc)).exists():
+                raise ImageStoreError(f"image {name!r}: {pc}'s overlay bitmap is unreadable or not on this "
+                                      f"image; `client reset` discards it")
             n = m["current"]
+        elif not any(v["n"] == n for v in m["versions"]):
+            raise ImageStoreError(f"image {name!r}: {pc}'s overlay sits on version {n}, which is gone; "
+                                  f"`client reset` discards the overlay")
         return DiskPlan(name, n, self.version_path(name, n), self.overlay_path(name, pc), self.base_id(name, n))
 
     # ------------------------------------------------------------------ changing the store

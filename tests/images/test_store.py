@@ -260,3 +260,11 @@ def test_overlay_reset_size_and_debris(store):
         store.overlay_path("r", "../etc")
     with pytest.raises(ImageStoreError, match="has no overlay"):
         store.publish("r", "pc1")
+    write_pc(store, "r", "pc2", [(0, b"y" * 512)])
+    bm = store.root / "r" / "overlays" / "pc2.bitmap"
+    raw = bytearray(bm.read_bytes())
+    raw[:8] = b"NOTOURS!"
+    bm.write_bytes(raw)
+    with pytest.raises(ImageStoreError, match="pc2's overlay bitmap is unreadable"):
+        store.disk_for("r", "pc2")
+    assert bm.exists()  # never thrown away behind the PC's back

@@ -496,7 +496,7 @@ pl_op = st.one_of(
 
 
 @pytest.mark.parametrize("granule", [4096, 65536])
-@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(ops=st.lists(pl_op, min_size=1, max_size=24), seed=st.integers(0, 1000))
 def test_power_loss_keeps_every_synced_write(tmp_path_factory, monkeypatch, granule, ops, seed):
     """A simulated power loss after every single write or flush of the run in turn (inside sync() too):
