@@ -9,8 +9,9 @@ sent with sendfile(2).
   cache, at most `SENDFILE_CHUNK` bytes per turn of the loop, so 50 downloads share it round-robin; the head
   goes with MSG_MORE, so it shares a segment with the file's first bytes. While a reply is being sent the connection does not read: a pipelined request waits
   in the kernel, not in our memory.
-- A connection that sends nothing for `keepalive_timeout` seconds while idle, or takes nothing for as long
-  while a reply is sent to it, is closed. Beyond `max_connections` a new connection gets 503 and is closed.
+- A connection that has not sent a whole request `keepalive_timeout` seconds after it opened or after its
+  last reply (bytes dribbling in do not extend this: no slowloris), or takes nothing for as long while a reply
+  is sent to it, is closed. Beyond `max_connections` a new connection gets 503 and is closed.
 - `listen()` again (a new address or port on apply) opens the new listener before closing the old; the
   connections already accepted go on, and each request takes the site (`self.site`) current when it arrives.
 - Every callback runs inside try/except: an exception closes that one connection (logged with its
@@ -222,13 +223,15 @@ class _Connection:
             reply = self.conn.next_reply(_monotonic())
             if reply is None:
                 self._read(True)
-                self._arm_timer()
+                if self.timer is None:  # the wait for a request starts; bytes dribbling in do not extend it
+                    self._arm_timer()
                 return
             if reply is CLOSE:
                 self.close()
                 return
             self.server.stats["http_requests"] += 1
             self.reply = reply
+            self._arm_timer()  # now: the time the client may take no bytes
             self.sent = 0
             self.out = memoryview(reply.head + reply.body if reply.body else reply.head)
             self.file_offset, self.file_left = reply.offset, (reply.count if reply.fd >= 0 else 0)
@@ -285,6 +288,9 @@ class _Connection:
         reply, self.reply = self.reply, None
         if reply is None:
             return
+        if self.timer is not None:  # the next wait for a request arms its own
+            self.timer.cancel()
+            self.timer = None
         if reply.fd >= 0:
             os.close(reply.fd)
             reply.fd = -1

@@ -278,6 +278,34 @@ def test_an_idle_connection_is_closed(tree):
         running.close()
 
 
+def test_a_request_dribbled_byte_by_byte_does_not_hold_the_connection(tree):
+    import time
+
+    running = Running(make_site(tree), keepalive_timeout=0.5)
+    try:
+        with socket.create_connection(("127.0.0.1", running.port), timeout=5) as s:
+            started = time.monotonic()
+            closed = False
+            for byte in b"GET /sub/small.txt HTTP/1.1\r\nHost: x\r\nX-Slow: " + b"a" * 100:
+                try:
+                    s.send(bytes([byte]))
+                except OSError:
+                    closed = True
+                    break
+                time.sleep(0.05)  # the client's pace, not a wait for the server
+                if time.monotonic() - started > 3:
+                    break
+            if not closed:
+                s.settimeout(2)
+                try:
+                    closed = s.recv(100) == b""
+                except OSError:
+                    closed = True
+            assert closed and time.monotonic() - started < 3
+    finally:
+        running.close()
+
+
 def test_a_new_listener_keeps_connections_in_flight(http, tree):
     old_port = http.port
     with socket.create_connection(("127.0.0.1", old_port), timeout=5) as s:
