@@ -24,8 +24,8 @@ class HttpConfig(StrictModel):
     port: int = Field(DEFAULT_PORT, ge=0, le=65535, description="TCP port (0: any free port, for tests)")
     keepalive_timeout: float = Field(
         60.0, gt=0, le=3600,
-        description="seconds an idle keep-alive connection stays open, and seconds a client may take no bytes "
-        "of a reply before its connection is closed",
+        description="seconds a connection has to send a whole request after it opens or after its last reply "
+        "(idle keep-alive connections close then), and seconds a client may take no bytes of a reply",
     )
     max_connections: int = Field(
         1000, ge=1, le=100_000, description="open connections per TFTP process; more get 503 and are closed"
