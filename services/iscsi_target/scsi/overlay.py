@@ -44,7 +44,10 @@ target loses nothing, the reconnecting PC finds its writes) but never fsyncs: a 
 overlay, which the next power-on discards anyway.
 
 Granule: 4 KiB (GRANULE). NTFS and ext4 write 4 KiB clusters, so an OS's write is a whole granule (no
-read of the base, no write amplification); measured against 64 KiB in docs/images.md ("Granule").
+read of the base, no write amplification, the quota counts what was written); the bitmap is 32 KiB per GiB.
+Measured (bench/overlay.py, docs/images.md "The granule"): 2048 scattered 4 KiB writes into a fresh overlay
+allocated 8 MiB at 4 KiB and 128 MiB at 64 KiB (16x), and ran 3.6x slower at 64 KiB (each one reads and
+writes 64 KiB); 64 KiB only catches up once the overlay holds nearly the whole disk.
 
 Quota and space: `quota` bytes of allocated granules; crossing `soft_threshold` sets `threshold_crossed`
 and calls `on_threshold(overlay)` once (re-armed when UNMAP brings the use back below); a write that would
@@ -53,6 +56,8 @@ before writing anything. ENOSPC from the file system despite the reserve also ra
 possibly after part of the range was written (the command fails; its blocks are undefined, as SBC allows).
 A WRITE and an UNMAP of the same granule in flight at once may leave the count one granule off until the
 overlay is reopened (the data is right; initiators do not issue those together).
+
+The soft threshold's unit attention is THIN PROVISIONING SOFT THRESHOLD REACHED, SOFT_THRESHOLD_ASC_ASCQ.
 """
 
 from __future__ import annotations
@@ -72,6 +77,7 @@ MAX_GRANULE = 64 * 1024
 STRIPES = 64          # locks for writes into unowned granules
 STRIPE_SHIFT = 4      # 16 consecutive granules share a stripe, so a 1 MiB write takes 16 locks, not 256
 _PAGE_SHIFT = 15      # granules per bitmap page: 4096 bytes x 8 bits
+SOFT_THRESHOLD_ASC_ASCQ = (0x38, 0x07)  # UNIT ATTENTION: THIN PROVISIONING SOFT THRESHOLD REACHED
 
 
 class OverlayError(BackstoreError):
@@ -83,8 +89,11 @@ class OverlayFull(OverlayError):
 
     reason: "quota" (the overlay's own quota), "reserve" (the image store's free-space reserve), or
     "enospc" (the file system itself). The iSCSI layer answers DATA PROTECT, SPACE ALLOCATION FAILED
-    WRITE PROTECT (27h/07h).
+    WRITE PROTECT (27h/07h): `sense_key` and `asc_ascq` below.
     """
+
+    sense_key = 0x07          # DATA PROTECT
+    asc_ascq = (0x27, 0x07)   # SPACE ALLOCATION FAILED WRITE PROTECT
 
     def __init__(self, path: str, reason: str, needed: int, used: int, limit: int | None):
         self.path, self.reason, self.needed, self.used, self.limit = path, reason, needed, used, limit
