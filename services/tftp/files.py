@@ -1,4 +1,4 @@
-"""The TFTP root jail: which names may be read or written, and netascii conversion.
+"""The TFTP root jail: which names may be read or written; a read's source, an upload's end; netascii conversion.
 
 A requested name is refused before any file is touched when it is empty, absolute, holds a `..` component,
 a NUL or a backslash-dot-dot. It is then resolved (symlinks followed) and must stay under the root's real
@@ -130,6 +130,43 @@ class Jail:
         except OSError as exc:
             raise Refused(pk.ERR_ACCESS, f"{name!r}: cannot create: {exc.strerror}") from None
         return fd, temp, real
+
+
+def open_source(jail: Jail, cache: FileCache, name: str, netascii: bool,
+                netascii_max_size: int) -> tuple[int | memoryview, int]:
+    """-> (source, size) of a file to read: the cached bytes, a netascii copy in memory, or else the open
+    descriptor (the caller closes it). Refused for a name the jail refuses or a file that cannot be read."""
+    opened = jail.open_read(name)
+    try:
+        cached = cache.get(opened.fd) if not netascii else None
+    except OSError as exc:
+        os.close(opened.fd)
+        raise Refused(pk.ERR_UNDEFINED, f"{name!r} cannot be read: {exc.strerror}") from None
+    if cached is not None:
+        os.close(opened.fd)
+        return cached, len(cached)
+    if not netascii:
+        return opened.fd, opened.size
+    try:
+        if opened.size > netascii_max_size:
+            raise Refused(pk.ERR_UNDEFINED, f"{name!r} is too large for netascii mode ({opened.size} bytes)")
+        body = to_netascii(os.pread(opened.fd, opened.size, 0))
+    finally:
+        os.close(opened.fd)
+    return memoryview(body), len(body)
+
+
+def finish_upload(fd: int, temp_path: str, final_path: str, netascii: bool) -> None:
+    """The last block is in: convert a netascii upload back, close the temporary file, rename it into place."""
+    try:
+        if netascii:
+            size = os.fstat(fd).st_size
+            body = from_netascii(os.pread(fd, size, 0))
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, body, 0)
+    finally:
+        os.close(fd)
+    os.rename(temp_path, final_path)
 
 
 class FileCache:

@@ -1,4 +1,4 @@
-"""The TFTP I/O layer: one request socket, one socket per transfer, one epoll loop in one thread.
+"""The TFTP I/O loop: one request socket, one socket per transfer, one epoll loop in one thread.
 
 - The request socket (SO_REUSEPORT, so several processes can share port 69) reads requests with IP_PKTINFO:
   the address each request came to. A transfer's socket is bound to that address (port 0: a new TID), so
@@ -16,8 +16,8 @@
   moved its deadline since) is pushed again, so a packet never touches the heap.
 - Every handler runs inside try/except: an exception fails that one transfer (logged with its traceback),
   never the loop.
-The protocol decisions live in transfer.py (state machines), options.py and files.py; this module only moves
-bytes and keeps the books.
+The decisions live in core.py (which request is served, how; the events), transfer.py (the state machines);
+this module only moves bytes, runs the timers and keeps the I/O counters.
 """
 
 from __future__ import annotations
@@ -37,20 +37,11 @@ from dataclasses import dataclass
 from typing import Callable
 
 from services.tftp import packets as pk
-from services.tftp.dynamic import DynamicFiles
-from services.tftp.files import FileCache, Jail, Refused, from_netascii, to_netascii
-from services.tftp.options import OptionError, OptionPolicy, negotiate
-from services.tftp.transfer import (
-    ACTIVE,
-    DALLY,
-    DONE,
-    FAILED,
-    ReadTransfer,
-    WriteTransfer,
-)
-from shared import events as ev
-from shared.config.model import BootfleetConfig
-from shared.paths import state_path
+from services.tftp.core import Admitted, Answer, Policy, TftpCore
+from services.tftp.files import FileCache, finish_upload
+from services.tftp.transfer import ACTIVE, DALLY, DONE, FAILED, ReadTransfer, WriteTransfer
+from shared.events import Event
+from shared.wakeup import Wakeup
 
 log = logging.getLogger("bootfleet.tftp")
 
@@ -67,23 +58,6 @@ _data_header = pk.HEADER.pack
 _monotonic = time.monotonic
 # what a connected UDP socket reports after an ICMP host/network unreachable: not the end of a transfer
 TRANSIENT_ERRNOS = frozenset((errno.EHOSTUNREACH, errno.ENETUNREACH, errno.EHOSTDOWN, errno.ENETDOWN))
-
-
-class Policy:
-    """What the configuration decides, built once per revision and swapped whole."""
-
-    def __init__(self, config: BootfleetConfig, mac_for_ip: Callable[[str], str | None], state_dir=None):
-        t = config.tftp
-        self.config = config
-        self.tftp = t
-        # a relative root lives in the state dir, like the lease store and the disk images
-        root = str(state_path(state_dir, t.root)) if state_dir is not None else t.root
-        self.jail = Jail(root, t.upload_dir)
-        self.dynamic = DynamicFiles(config, mac_for_ip)
-        self.options = OptionPolicy(
-            max_blksize=t.max_blksize, max_windowsize=t.max_windowsize, default_timeout=t.default_timeout,
-            min_timeout=t.min_timeout, max_timeout=t.max_timeout,
-        )
 
 
 @dataclass(eq=False)
@@ -108,28 +82,6 @@ class Slot:
     gso: bool = True  # off for a transfer whose blocks the kernel will not segment (larger than the MTU)
 
 
-class LogLimiter:
-    """At most `rate` log lines a second for one kind of noise (malformed packets, refusals)."""
-
-    def __init__(self, rate: int = 20):
-        self.rate = rate
-        self.second = 0
-        self.count = 0
-        self.dropped = 0
-
-    def allow(self) -> bool:
-        second = int(_monotonic())
-        if second != self.second:
-            if self.dropped:
-                log.warning("%d more log lines about refused or malformed requests were dropped", self.dropped)
-            self.second, self.count, self.dropped = second, 0, 0
-        self.count += 1
-        if self.count > self.rate:
-            self.dropped += 1
-            return False
-        return True
-
-
 def _pktinfo_address(ancdata, fallback: str) -> str:
     for level, kind, data in ancdata:
         if level == socket.IPPROTO_IP and kind == IP_PKTINFO and len(data) >= IN_PKTINFO.size:
@@ -142,23 +94,22 @@ def _pktinfo_address(ancdata, fallback: str) -> str:
     return fallback
 
 
-class TftpServer:
-    def __init__(self, policy: Policy, emit: Callable[..., None], instance: int = 0, cache: FileCache | None = None,
+class TftpLoop:
+    """One serving loop. `on_events` is called from the loop's thread when `take_events()` has something."""
+
+    def __init__(self, policy: Policy, on_events: Callable[[], None] | None = None, cache: FileCache | None = None,
                  name: str = "tftp-serve"):
-        self.policy = policy
-        self.emit = emit
-        self.instance = instance
+        self.cache = cache or FileCache(policy.tftp.cache_mib << 20, policy.tftp.cache_max_file_mib << 20)
+        self.core = TftpCore(policy, self.cache, SEND_BUFFER)
+        self.on_events = on_events or (lambda: None)
         self.ep = select.epoll()
-        self.wake_r, self.wake_w = os.pipe()
-        os.set_blocking(self.wake_r, False)
-        os.set_blocking(self.wake_w, False)
-        self.ep.register(self.wake_r, select.EPOLLIN)
+        self.wakeup = Wakeup()
+        self.ep.register(self.wakeup.fd, select.EPOLLIN)
         self.listener: socket.socket | None = None
         self.listener_fd = -1
         self.pending_listener: socket.socket | None = None
         self.slots: dict[int, Slot] = {}  # connected socket fd -> slot
         self.catchers: dict[int, Slot] = {}  # catcher socket fd -> slot
-        self.by_peer: dict[tuple[str, int], Slot] = {}
         self.heap: list = []
         self.seq = itertools.count()
         self.out = bytearray(SEND_BUFFER)
@@ -166,19 +117,32 @@ class TftpServer:
         self.inbuf = bytearray(65536 + 64)
         self.in_view = memoryview(self.inbuf)
         self.in_view4 = self.in_view[:4]  # an ACK: no new view per packet
-        self.limiter = LogLimiter()
-        self.cache = cache or FileCache(policy.tftp.cache_mib << 20, policy.tftp.cache_max_file_mib << 20)
+        self.limiter = self.core.limiter  # one budget of log lines for the loop and the core
         self.name = name
         self.running = False
         self.thread: threading.Thread | None = None
-        self.stats = dict(
-            requests=0, malformed=0, refused=0, started=0, finished=0, failed=0, bytes_sent=0, bytes_received=0,
-            wrong_tid=0, retransmits=0, internal_errors=0, sleeps=0, send_errors=0,
+        self.stats = dict(  # the core counts requests and transfers; these are the loop's
+            bytes_sent=0, bytes_received=0, wrong_tid=0, retransmits=0, internal_errors=0, sleeps=0, send_errors=0,
         )
         self.address = "0.0.0.0"
         self.port = 0
         self.busy_poll = policy.tftp.busy_poll_us / 1e6
         self.gso = policy.tftp.gso  # UDP generic segmentation offload for windows; off after a refusal
+
+    @property
+    def policy(self) -> Policy:
+        return self.core.policy
+
+    @policy.setter
+    def policy(self, policy: Policy) -> None:
+        self.core.policy = policy  # new requests only: a transfer in flight keeps its file and options
+
+    def take_events(self) -> list[Event]:
+        return self.core.take_events()
+
+    def _events_out(self) -> None:
+        if self.core.events:
+            self.on_events()
 
     # -- life ------------------------------------------------------------------------------------------------
 
@@ -194,7 +158,7 @@ class TftpServer:
             self._install_listener(sock)
         else:
             self.pending_listener = sock
-            self._wake()
+            self.wakeup.wake()
 
     def _install_listener(self, sock: socket.socket) -> None:
         if self.listener is not None:
@@ -211,27 +175,22 @@ class TftpServer:
 
     def stop(self, timeout: float = 5.0) -> None:
         self.running = False
-        self._wake()
+        self.wakeup.wake()
         if self.thread is not None:
             self.thread.join(timeout)
         for slot in list(self.slots.values()):
             self._end(slot, "server stopping", pk.build_error(pk.ERR_UNDEFINED, "server shutting down"))
+        self._events_out()
         if self.listener is not None:
             self.listener.close()
         self.ep.close()
-        os.close(self.wake_r)
-        os.close(self.wake_w)
-
-    def _wake(self) -> None:
-        try:
-            os.write(self.wake_w, b"x")
-        except BlockingIOError:
-            pass
+        self.wakeup.close()
 
     def counters(self) -> dict[str, float]:
         in_flight = sum(slot.bytes_sent for slot in list(self.slots.values()))
-        return {**self.stats, "bytes_sent": self.stats["bytes_sent"] + in_flight, "active": len(self.slots), "cache_bytes": self.cache.bytes,
-                "cache_hits": self.cache.hits, "cache_misses": self.cache.misses}
+        return {**self.core.stats, **self.stats, "bytes_sent": self.stats["bytes_sent"] + in_flight,
+                "active": len(self.slots), "cache_bytes": self.cache.bytes, "cache_hits": self.cache.hits,
+                "cache_misses": self.cache.misses}
 
     # -- the loop ----------------------------------------------------------------------------------------------
 
@@ -285,7 +244,7 @@ class TftpServer:
                         self._on_exception(slot, exc)
                 elif fd == listener_fd:
                     self._on_requests(now)
-                elif fd == self.wake_r:
+                elif fd == self.wakeup.fd:
                     self._on_wake()
                 else:
                     catcher = self.catchers.get(fd)
@@ -296,11 +255,7 @@ class TftpServer:
             last_work = _monotonic()  # the spin counts idle time from the end of the work
 
     def _on_wake(self) -> None:
-        try:
-            while os.read(self.wake_r, 256):
-                pass
-        except BlockingIOError:
-            pass
+        self.wakeup.drain()
         if self.pending_listener is not None:
             sock, self.pending_listener = self.pending_listener, None
             self._install_listener(sock)
@@ -334,28 +289,33 @@ class TftpServer:
             try:
                 data, ancdata, _flags, peer = sock.recvmsg(1024, cmsg_size)
             except (BlockingIOError, InterruptedError):
-                return
+                break
             except OSError as exc:
                 log.warning("request socket: %s", exc)
-                return
+                break
             local = _pktinfo_address(ancdata, self.address)
             try:
                 self._on_request(data, peer, local, now)
             except Exception:
                 self.stats["internal_errors"] += 1
                 log.exception("request from %s:%d failed on an internal error", *peer)
+        self._events_out()
 
-    def _refuse(self, peer, local: str, code: int, reason: str, file: str = "", mac: str | None = None,
-                malformed: bool = False, limit: int | None = None) -> None:
-        self.stats["malformed" if malformed else "refused"] += 1
-        if self.limiter.allow():
-            log.warning("%s:%d %s%s: %s (error %d)", peer[0], peer[1], "refused " if not malformed else "",
-                        repr(file) if file else "request", reason, code)
-        # an answer to garbage is no larger than the garbage: no amplification for a spoofed source
-        message = reason[: max(0, limit - 5)] if limit is not None else reason
-        self._send_once(local, peer, pk.build_error(code, message))
-        if not malformed:
-            self.emit(ev.TFTP_FAILED, ip=peer[0], port=peer[1], file=file, mac=mac, reason=reason, code=code)
+    def _on_request(self, data: bytes, peer, local: str, now: float) -> None:
+        decision = self.core.admit(data, peer, local, now)
+        if decision is None:
+            return
+        if type(decision) is Answer:
+            return self._send_once(local, peer, decision.packet)
+        try:
+            sock, catcher = self._open_transfer_sockets(local, peer)
+            if decision.transfer.windowsize > 1 and not decision.writing:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SNDBUF)
+        except OSError as exc:
+            decision.release()
+            return self._send_once(local, peer, self.core.refuse(peer, pk.ERR_UNDEFINED, str(exc), decision.file,
+                                                                 decision.mac).packet)
+        self._start(decision, sock, catcher, peer, now)
 
     def _send_once(self, local: str, peer, packet: bytes) -> None:
         # a reply outside a transfer leaves from a new TID on the address the request came to
@@ -365,33 +325,6 @@ class TftpServer:
                 s.sendto(packet, peer)
         except OSError as exc:
             log.debug("could not answer %s:%d: %s", *peer, exc)
-
-    def _on_request(self, data: bytes, peer, local: str, now: float) -> None:
-        self.stats["requests"] += 1
-        if peer in self.by_peer:
-            return  # the client repeated its request: the transfer's own timer answers
-        try:
-            request = pk.parse_request(data)
-        except pk.MalformedPacket as exc:
-            if len(data) >= 5 and pk.OPCODE.unpack_from(data)[0] in (pk.RRQ, pk.WRQ):
-                self._refuse(peer, local, pk.ERR_ILLEGAL, str(exc), malformed=True, limit=len(data))
-            else:
-                self.stats["malformed"] += 1  # stray DATA/ACK/garbage on the request port: no answer
-                if self.limiter.allow():
-                    log.info("%s:%d ignored on the request port: %s", *peer, exc)
-            return
-        policy = self.policy
-        name = request.filename
-        if len(self.slots) >= policy.tftp.max_transfers:
-            return self._refuse(peer, local, pk.ERR_UNDEFINED, "server busy: too many transfers", name)
-        if request.mode == "mail":
-            return self._refuse(peer, local, pk.ERR_ILLEGAL, "mail mode is not supported", name)
-        netascii = request.mode == "netascii"
-        if netascii and not policy.tftp.netascii:
-            return self._refuse(peer, local, pk.ERR_ILLEGAL, "netascii mode is disabled", name)
-        if request.opcode == pk.WRQ:
-            return self._start_write(request, peer, local, now, netascii)
-        self._start_read(request, peer, local, now, netascii)
 
     def _open_transfer_sockets(self, local: str, peer) -> tuple[socket.socket, socket.socket]:
         """-> (connected, catcher): a new port (the TID) on the request's address, two sockets on it."""
@@ -415,111 +348,40 @@ class TftpServer:
             raise
         return sock, catcher
 
-    def _start_read(self, request: pk.Request, peer, local: str, now: float, netascii: bool) -> None:
-        policy = self.policy
-        name = request.filename
-        mac = None
-        source: int | memoryview
+    def _start(self, admitted: Admitted, sock: socket.socket, catcher: socket.socket, peer, now: float) -> None:
+        t = admitted.transfer
+        writing = admitted.writing
+        slot = Slot(sock, catcher, peer, t, writing, admitted.file, admitted.mac, source=admitted.source,
+                    out_fd=admitted.out_fd, temp_path=admitted.temp_path, final_path=admitted.final_path,
+                    netascii=admitted.netascii)
+        self._register(slot, now)
+        self.core.started(peer, admitted)
+        self._events_out()  # before the first packet, as the client's timeline reads it
         try:
-            rendered, named_mac = policy.dynamic.match(name, policy.jail.exists)
-            if rendered:
-                body, mac = policy.dynamic.render(name, peer[0], local, named_mac)
-                if netascii:
-                    body = to_netascii(body)
-                source, size = memoryview(body), len(body)
+            if writing:
+                sock.send(t.start(now))
             else:
-                mac = policy.dynamic.mac_for_ip(peer[0])  # for the client's boot timeline
-                opened = policy.jail.open_read(name)
-                source, size = opened.fd, opened.size
-                try:
-                    cached = self.cache.get(opened.fd) if not netascii else None
-                except OSError as exc:
-                    os.close(opened.fd)
-                    raise Refused(pk.ERR_UNDEFINED, f"{name!r} cannot be read: {exc.strerror}") from None
-                if cached is not None:
-                    os.close(opened.fd)
-                    source, size = cached, len(cached)
-                elif netascii:
-                    try:
-                        if size > policy.tftp.netascii_max_size:
-                            raise Refused(pk.ERR_UNDEFINED, f"{name!r} is too large for netascii mode ({size} bytes)")
-                        body = to_netascii(os.pread(opened.fd, size, 0))
-                    finally:
-                        os.close(opened.fd)
-                    source, size = memoryview(body), len(body)
-        except Refused as exc:
-            return self._refuse(peer, local, exc.code, str(exc), name, mac)
-        try:
-            negotiated = negotiate(request.options, policy.options, size)
-            if negotiated.blksize > len(self.out):
-                raise OptionError(f"blksize {negotiated.blksize} is larger than the send buffer")
-            sock, catcher = self._open_transfer_sockets(local, peer)
-            if negotiated.windowsize > 1:
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SNDBUF)
-        except (OptionError, OSError) as exc:
-            if isinstance(source, int):
-                os.close(source)
-            code = pk.ERR_OPTIONS if isinstance(exc, OptionError) else pk.ERR_UNDEFINED
-            return self._refuse(peer, local, code, str(exc), name, mac)
-        oack = pk.build_oack(negotiated.oack) if negotiated.oack else None
-        transfer = ReadTransfer(size, negotiated, policy.tftp.retries, now, oack)
-        slot = Slot(sock, catcher, peer, transfer, False, name, mac, source=source, netascii=netascii)
-        self._register(slot, now)
-        self.emit(ev.TFTP_STARTED, ip=peer[0], port=peer[1], file=name, mac=mac, blksize=negotiated.blksize,
-                  windowsize=negotiated.windowsize, tsize=size, mode=request.mode)
-        try:
-            self._send_blocks(slot, *transfer.start(now))
-        except Exception as exc:
-            self._on_exception(slot, exc)
-
-    def _start_write(self, request: pk.Request, peer, local: str, now: float, netascii: bool) -> None:
-        policy = self.policy
-        name = request.filename
-        try:
-            negotiated = negotiate(request.options, policy.options, None, writing=True)
-            if negotiated.tsize is not None and negotiated.tsize > policy.tftp.upload_max_size:
-                return self._refuse(peer, local, pk.ERR_DISK_FULL,
-                                    f"upload of {negotiated.tsize} bytes is larger than {policy.tftp.upload_max_size}", name)
-            fd, temp, final = policy.jail.open_write(name, policy.tftp.upload_overwrite)
-        except OptionError as exc:
-            return self._refuse(peer, local, pk.ERR_OPTIONS, str(exc), name)
-        except Refused as exc:
-            return self._refuse(peer, local, exc.code, str(exc), name)
-        try:
-            sock, catcher = self._open_transfer_sockets(local, peer)
-        except OSError as exc:
-            os.close(fd)
-            os.unlink(temp)
-            return self._refuse(peer, local, pk.ERR_UNDEFINED, str(exc), name)
-        oack = pk.build_oack(negotiated.oack) if negotiated.oack else None
-        transfer = WriteTransfer(negotiated, policy.tftp.retries, now, policy.tftp.upload_max_size, oack)
-        slot = Slot(sock, catcher, peer, transfer, True, name, None, out_fd=fd, temp_path=temp, final_path=final,
-                    netascii=netascii)
-        self._register(slot, now)
-        self.emit(ev.TFTP_STARTED, ip=peer[0], port=peer[1], file=name, mac=None, blksize=negotiated.blksize,
-                  windowsize=negotiated.windowsize, tsize=negotiated.tsize, mode=request.mode, upload=True)
-        try:
-            sock.send(transfer.start(now))
+                self._send_blocks(slot, t.start(now))
         except Exception as exc:
             self._on_exception(slot, exc)
 
     def _register(self, slot: Slot, now: float) -> None:
         fd = slot.sock.fileno()
         self.slots[fd] = slot
-        self.by_peer[slot.peer] = slot
         self.ep.register(fd, select.EPOLLIN)
         catcher = slot.catcher.fileno()
         self.catchers[catcher] = slot
         self.ep.register(catcher, select.EPOLLIN)
         heapq.heappush(self.heap, (slot.transfer.deadline, next(self.seq), slot))
-        self.stats["started"] += 1
 
     # -- transfers ---------------------------------------------------------------------------------------------
 
-    def _send_blocks(self, slot: Slot, first: int, count: int) -> None:
+    def _send_blocks(self, slot: Slot, count: int) -> None:
+        """Send `count` blocks from the transfer's `first` on (block 0: the OACK)."""
         if count == 0:
             return
         t = slot.transfer
+        first = t.first
         if first == 0:
             slot.sock.send(t.oack)
             return
@@ -597,30 +459,30 @@ class TftpServer:
             return
         t = slot.transfer
         if slot.writing:
-            write, reply = t.on_packet(self.in_view[:n], now)
-            if write is not None:
-                offset, payload = write
-                os.pwrite(slot.out_fd, payload, offset)
+            reply = t.on_packet(self.in_view[:n], now)
+            payload = t.payload
+            if payload is not None:
+                os.pwrite(slot.out_fd, payload, t.offset)
                 self.stats["bytes_received"] += len(payload)
             if t.state is DALLY and not slot.completed:
                 self._complete_upload(slot)
             if reply is not None:
                 sock.send(reply)
         else:
-            first, count = t.on_packet(self.in_view4 if n == 4 else self.in_view[:n], now)
-            source = slot.source
-            if count == 1 and first and type(source) is memoryview:
-                # the lock-step case from memory, inline: one slice, one sendmsg
+            count = t.on_packet(self.in_view4 if n == 4 else self.in_view[:n], now)
+            if count == 1 and type(slot.source) is memoryview:
+                # the lock-step case from memory, inline: one slice, one sendmsg (an ACK never asks the OACK)
+                first = t.first
                 blksize = t.blksize
                 offset = (first - 1) * blksize
                 try:
-                    sock.sendmsg([_data_header(3, first & 0xFFFF), source[offset:offset + blksize]])
+                    sock.sendmsg([_data_header(3, first & 0xFFFF), slot.source[offset:offset + blksize]])
                     length = t.size - offset
                     slot.bytes_sent += length if length < blksize else blksize
                 except BlockingIOError:
                     pass  # the timer resends
             elif count:
-                self._send_blocks(slot, first, count)
+                self._send_blocks(slot, count)
         if t.state is DONE or t.state is FAILED:
             self._finish(slot, now)
 
@@ -640,19 +502,9 @@ class TftpServer:
     def _complete_upload(self, slot: Slot) -> None:
         slot.completed = True
         fd, slot.out_fd = slot.out_fd, -1
-        try:
-            if slot.netascii:
-                size = os.fstat(fd).st_size
-                body = from_netascii(os.pread(fd, size, 0))
-                os.ftruncate(fd, 0)
-                os.pwrite(fd, body, 0)
-        finally:
-            os.close(fd)
-        os.rename(slot.temp_path, slot.final_path)
-        t = slot.transfer
-        self.emit(ev.TFTP_FINISHED, ip=slot.peer[0], file=slot.file, mac=slot.mac, bytes=t.size,
-                  duration=round(t.finished - t.started, 6), blksize=t.blksize, windowsize=t.windowsize, upload=True)
-        self.stats["finished"] += 1
+        finish_upload(fd, slot.temp_path, slot.final_path, slot.netascii)
+        self.core.upload_finished(slot.peer, slot.file, slot.mac, slot.transfer)
+        self._events_out()
 
     def _on_timers(self, now: float) -> None:
         heap = self.heap
@@ -670,7 +522,7 @@ class TftpServer:
                     if reply is not None:
                         slot.sock.send(reply)
                 else:
-                    self._send_blocks(slot, *t.on_timer(now))
+                    self._send_blocks(slot, t.on_timer(now))
                 if t.state is ACTIVE:
                     self.stats["retransmits"] += 1
                 if t.state is DONE or t.state is FAILED:
@@ -686,10 +538,8 @@ class TftpServer:
         t = slot.transfer
         if t.state is DONE:
             if not slot.writing:
-                self.stats["finished"] += 1
-                self.emit(ev.TFTP_FINISHED, ip=slot.peer[0], file=slot.file, mac=slot.mac, bytes=t.size,
-                          duration=round(t.finished - t.started, 6), blksize=t.blksize, windowsize=t.windowsize,
-                          retransmits=t.retransmits)
+                self.core.finished(slot.peer, slot.file, slot.mac, t)
+                self._events_out()
             self._close(slot)
             return
         self._end(slot, t.reason, t.reply)
@@ -706,19 +556,14 @@ class TftpServer:
         if slot.writing and slot.completed:
             self._close(slot)  # the upload is in; only the dally was cut short
             return
-        self.stats["failed"] += 1
-        if self.limiter.allow():
-            log.warning("transfer of %r %s %s:%d failed: %s", slot.file, "from" if slot.writing else "to",
-                        *slot.peer, reason)
-        self.emit(ev.TFTP_FAILED, ip=slot.peer[0], port=slot.peer[1], file=slot.file, mac=slot.mac, reason=reason,
-                  bytes=slot.bytes_sent)
+        self.core.failed(slot.peer, slot.file, slot.mac, reason, slot.bytes_sent, slot.writing)
+        self._events_out()
         self._close(slot)
 
     def _close(self, slot: Slot) -> None:
         slot.closed = True
         self.stats["bytes_sent"] += slot.bytes_sent
-        if self.by_peer.get(slot.peer) is slot:
-            del self.by_peer[slot.peer]
+        self.core.closed(slot.peer)
         for sock, table in ((slot.sock, self.slots), (slot.catcher, self.catchers)):
             fd = sock.fileno()
             table.pop(fd, None)

@@ -1,4 +1,6 @@
-"""The TFTP service process: the configuration in, the serving thread (server.py), events out.
+"""The TFTP service process: the configuration in, the serving loops (io_loop.py), events out.
+
+Each loop calls back from its own thread when its core has events; they go to `ctx.emit`, which is thread-safe.
 
 `apply` swaps the policy (root, limits, dynamic names) for new requests; transfers in flight keep the file and
 the options they negotiated. A new address or port opens a new request socket; transfers on the old address go on.
@@ -11,7 +13,8 @@ import resource
 
 from shared.service import BaseService
 from services.tftp.files import FileCache
-from services.tftp.server import Policy, TftpServer
+from services.tftp.core import Policy
+from services.tftp.io_loop import TftpLoop
 
 
 class TftpService(BaseService):
@@ -19,7 +22,7 @@ class TftpService(BaseService):
 
     def __init__(self, ctx):
         super().__init__(ctx)
-        self.servers: list[TftpServer] = []
+        self.servers: list[TftpLoop] = []
         self.cache: FileCache | None = None
 
     async def start(self, config) -> None:
@@ -29,7 +32,8 @@ class TftpService(BaseService):
         self.cache = FileCache(t.cache_mib << 20, t.cache_max_file_mib << 20)
         port = t.port
         for i in range(t.threads):
-            server = TftpServer(policy, self.ctx.emit, self.ctx.instance, self.cache, name=f"tftp-serve-{i}")
+            server = TftpLoop(policy, cache=self.cache, name=f"tftp-serve-{i}")
+            server.on_events = self._emitter(server)
             server.bind(t.address, port)  # each thread its own SO_REUSEPORT socket: the kernel spreads clients
             port = server.port
             self.servers.append(server)
@@ -58,6 +62,12 @@ class TftpService(BaseService):
                 port = server.port
             self.log.info("now listening on %s:%d", t.address, port)
         self._check_root(policy)
+
+    def _emitter(self, server: TftpLoop):
+        def emit() -> None:
+            for event in server.take_events():
+                self.ctx.emit(event)
+        return emit
 
     def _check_root(self, policy) -> None:
         if not os.path.isdir(policy.jail.root):

@@ -1,4 +1,4 @@
-"""server.py's answer to errors its connected transfer socket reports: an ICMP port-unreachable ends the
+"""io_loop.py's answer to errors its connected transfer socket reports: an ICMP port-unreachable ends the
 transfer, a host/network unreachable is a lost packet (the timer resends), anything else fails the transfer as
 an internal error. The socket is a stand-in that raises on demand: a real EHOSTUNREACH needs a dead ARP entry."""
 
@@ -6,7 +6,8 @@ import errno
 import os
 
 from services.tftp.options import negotiate
-from services.tftp.server import Policy, Slot, TftpServer
+from services.tftp.core import Policy
+from services.tftp.io_loop import Slot, TftpLoop
 from services.tftp.transfer import ReadTransfer
 from shared.config.model import BootfleetConfig
 
@@ -38,13 +39,14 @@ class FlakySocket:
 def server_with_transfer(tmp_path):
     config = BootfleetConfig.model_validate({"tftp": {"root": str(tmp_path), "retries": 3}})
     events = []
-    server = TftpServer(Policy(config, lambda ip: None), lambda type, **fields: events.append((type, fields)))
+    server = TftpLoop(Policy(config, lambda ip: None))
+    server.on_events = lambda: events.extend((e.type, e.fields()) for e in server.take_events())
     now = 1000.0
     transfer = ReadTransfer(5000, negotiate({}, server.policy.options, 5000), 3, now)
     slot = Slot(FlakySocket(), FlakySocket(), ("192.0.2.7", 2000), transfer, False, "f.bin", None,
                 source=memoryview(bytes(5000)))
     server._register(slot, now)
-    server._send_blocks(slot, *transfer.start(now))
+    server._send_blocks(slot, transfer.start(now))
     return server, slot, events, now
 
 
@@ -65,7 +67,7 @@ def test_port_unreachable_ends_the_transfer(tmp_path):
     server, slot, events, now = server_with_transfer(tmp_path)
     slot.sock.error = ConnectionRefusedError(errno.ECONNREFUSED, "Connection refused")
     server._on_timers(slot.transfer.deadline + 0.01)
-    assert slot.closed and not server.slots and not server.catchers and server.stats["failed"] == 1
+    assert slot.closed and not server.slots and not server.catchers and server.counters()["failed"] == 1
     assert [f["reason"] for t, f in events if t == "tftp.transfer.failed"] == ["the client's port is unreachable (ICMP)"]
     server.stop()
 
