@@ -2,8 +2,8 @@
 
 A lease is durable before its ACK leaves: the service calls `commit()` after handling the datagrams one receive
 turn returned and before it sends their replies (group commit). `ip` is the primary key, so after `kill -9` and a
-restart no address can be bound to two clients. States: `bound` (held until `expires`), `declined` (quarantined
-until `expires`), `released` and `expired` (free; kept so a returning client gets its old address back).
+restart no address can be bound to two clients. It is the `LeaseTable` (lease_table.py) the decision core is
+given in the service; the lease record and its states are defined there.
 
 Readers (the controller's `bootfleet leases`) open the file with `LeaseStore.open_readonly(path)` and call
 `list()`; WAL lets them read while the service writes. Several DHCP processes may share one file: each
@@ -18,8 +18,7 @@ import sqlite3
 import time
 from pathlib import Path
 
-BOUND, DECLINED, RELEASED, EXPIRED = "bound", "declined", "released", "expired"
-HELD = (BOUND, DECLINED)
+from services.dhcp.lease_table import BOUND, HELD, RELEASED, Lease  # noqa: F401 (BOUND, Lease: importers of the store)
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS leases (
@@ -40,36 +39,6 @@ _UPSERT = (
     "state=excluded.state, expires=excluded.expires, hostname=excluded.hostname, updated=excluded.updated"
 )
 _DELETE = "DELETE FROM leases WHERE ip = ?"
-
-
-class Lease:
-    __slots__ = ("ip", "mac", "client_id", "scope", "state", "expires", "hostname")
-
-    def __init__(self, ip: int, mac: str, client_id: bytes | None, scope: str, state: str, expires: float, hostname: str | None):
-        self.ip = ip
-        self.mac = mac
-        self.client_id = client_id
-        self.scope = scope
-        self.state = state
-        self.expires = expires
-        self.hostname = hostname
-
-    def held(self, now: float) -> bool:
-        return self.state in HELD and self.expires > now
-
-    def as_dict(self) -> dict:
-        return {
-            "ip": str(ipaddress.IPv4Address(self.ip)),
-            "mac": self.mac,
-            "scope": self.scope,
-            "state": self.state,
-            "expires": self.expires,
-            "hostname": self.hostname,
-            "client_id": self.client_id.hex(":") if self.client_id else None,
-        }
-
-    def __repr__(self) -> str:
-        return f"<Lease {ipaddress.IPv4Address(self.ip)} {self.mac} {self.state} until {self.expires:.0f}>"
 
 
 def _set_wal(db: sqlite3.Connection, timeout: float = 10.0) -> None:
@@ -190,7 +159,9 @@ class LeaseStore:
 
     def for_mac(self, mac: str, scope: str | None = None) -> list[Lease]:
         leases = self.by_mac.get(mac, ())
-        return [l for l in leases if scope is None or l.scope == scope]
+        if scope is None:
+            return list(leases)  # a copy: the caller may change the leases' states while it walks them
+        return [l for l in leases if l.scope == scope]
 
     def list(self, now: float | None = None, include_free: bool = False) -> list[dict]:
         """All leases as dicts (ip, mac, scope, state, expires, hostname, client_id), sorted by address.
@@ -213,9 +184,7 @@ class LeaseStore:
         """Insert or replace the lease for `lease.ip`; durable at the next `commit()`."""
         self._check_writable()
         self._index(lease)
-        self._pending[lease.ip] = (
-            lease.ip, lease.mac, lease.client_id, lease.scope, lease.state, lease.expires, lease.hostname, now,
-        )
+        self._pending[lease.ip] = (*lease.row(), now)
 
     def set_state(self, lease: Lease, state: str, expires: float, now: float) -> None:
         lease.state = state

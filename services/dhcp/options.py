@@ -274,6 +274,11 @@ def parse_suboptions(data: bytes) -> dict[int, bytes]:
     return out
 
 
+def join_suboptions(subs: dict[int, bytes]) -> bytes:
+    """Sub-option TLVs from a code -> bytes map (the inverse of `parse_suboptions`)."""
+    return b"".join(bytes((k, len(v))) + v for k, v in subs.items())
+
+
 def user_classes(data: bytes) -> list[bytes]:
     """Option 77 in both encodings: RFC 3004 (length-prefixed entries) or a plain string.
 

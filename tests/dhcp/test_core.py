@@ -1,17 +1,21 @@
-"""The sans-IO server core: requests in, replies, lease writes and events out (RFC 2131 states, boot answers)."""
+"""The sans-IO decision core: requests in, replies, lease writes and events out (RFC 2131 states, boot answers).
+
+The core is given an in-memory lease table: no database file."""
 
 from __future__ import annotations
 
 import socket
 import struct
+import weakref
 
 import pytest
 
 from services.dhcp import options as opt
 from services.dhcp import packet as pk
-from services.dhcp.lease_store import LeaseStore
 from services.dhcp.allocator import serves
-from services.dhcp.server import BROADCAST, DhcpServer, Interface, ip_int
+from services.dhcp.core import BROADCAST, DhcpCore, Interface
+from services.dhcp.lease_table import MemoryLeaseTable
+from services.dhcp.packet import ip_int
 from shared.config.loader import config_from_dict
 
 T0 = 1_800_000_000.0
@@ -51,11 +55,8 @@ def base_config(**dhcp):
 
 
 @pytest.fixture
-def srv(tmp_path):
-    store = LeaseStore(tmp_path / "leases.sqlite")
-    server = DhcpServer(base_config(), store)
-    yield server
-    store.close()
+def srv():
+    return DhcpCore(base_config(), MemoryLeaseTable())
 
 
 def mac_of(n: int) -> bytes:
@@ -64,7 +65,7 @@ def mac_of(n: int) -> bytes:
 
 def send(server, mtype, mac, now=T0, iface=IFACE, **kw):
     reply = server.handle(pk.parse(pk.build_request(mtype, mac, **kw)), iface, now)
-    server.store.commit()
+    server.leases.commit()
     return reply, (pk.parse(reply.data) if reply else None)
 
 
@@ -82,8 +83,14 @@ def dora(server, mac, now=T0, options=None, **kw):
     return offer, ack, r
 
 
+_TAKEN = weakref.WeakKeyDictionary()  # core -> every event it has handed out so far
+
+
 def events(server, kind):
-    return [f for t, f in server.events if t == kind]
+    """The wire fields of the events of type `kind` the core has handed out (take_events) so far."""
+    taken = _TAKEN.setdefault(server, [])
+    taken.extend(server.take_events())
+    return [e.fields() for e in taken if e.type == kind]
 
 
 # -- the four-way exchange and its destinations ---------------------------------------------------------------
@@ -98,7 +105,7 @@ def test_discover_offer_request_ack(srv):
     assert ack.options[opt.SUBNET_MASK] == u32("255.255.255.0")
     assert ack.options[28] == u32("10.0.0.255")
     assert reply.dest == BROADCAST and reply.port == 68 and not reply.arp
-    lease = srv.store.get(ip_int("10.0.0.100"))
+    lease = srv.leases.get(ip_int("10.0.0.100"))
     assert lease.mac == "02:00:00:00:00:01" and lease.expires == T0 + 600
     assert events(srv, "dhcp.lease.offered")[0]["ip"] == "10.0.0.100"
     granted = events(srv, "dhcp.lease.granted")[0]
@@ -149,8 +156,8 @@ def test_init_reboot(srv):
     assert ok.msg_type == pk.ACK and ok.yiaddr == ip_int("10.0.0.103")
 
 
-def test_init_reboot_non_authoritative_stays_silent(tmp_path):
-    server = DhcpServer(base_config(authoritative=False), LeaseStore(tmp_path / "l.sqlite"))
+def test_init_reboot_non_authoritative_stays_silent():
+    server = DhcpCore(base_config(authoritative=False), MemoryLeaseTable())
     reply, _ = send(server, pk.REQUEST, mac_of(3), options={opt.REQUESTED_ADDRESS: u32("192.168.5.5")})
     assert reply is None
 
@@ -160,7 +167,7 @@ def test_renewing_and_rebinding(srv):
     reply, renew = send(srv, pk.REQUEST, mac_of(1), now=T0 + 300, ciaddr=ack.yiaddr)
     assert renew.msg_type == pk.ACK and renew.ciaddr == ack.yiaddr
     assert reply.dest == ack.yiaddr and reply.port == 68 and not reply.arp  # unicast to ciaddr
-    assert srv.store.get(ack.yiaddr).expires == T0 + 300 + 600
+    assert srv.leases.get(ack.yiaddr).expires == T0 + 300 + 600
     assert events(srv, "dhcp.lease.renewed")[-1]["ip"] == "10.0.0.100"
     reply, rebind = send(srv, pk.REQUEST, mac_of(1), now=T0 + 560, ciaddr=ack.yiaddr, flags=pk.BROADCAST_FLAG)
     assert rebind.msg_type == pk.ACK
@@ -172,7 +179,7 @@ def test_release_then_returning_client_gets_its_address_back(srv):
     _, ack, _ = dora(srv, mac_of(1))
     reply, _ = send(srv, pk.RELEASE, mac_of(1), ciaddr=ack.yiaddr, options={opt.SERVER_ID: u32("10.0.0.1")})
     assert reply is None
-    assert srv.store.get(ack.yiaddr).state == "released"
+    assert srv.leases.get(ack.yiaddr).state == "released"
     assert events(srv, "dhcp.lease.released") == [{"mac": "02:00:00:00:00:01", "ip": "10.0.0.100"}]
     _, offer = send(srv, pk.DISCOVER, mac_of(1), now=T0 + 5)
     assert offer.yiaddr == ack.yiaddr
@@ -181,19 +188,19 @@ def test_release_then_returning_client_gets_its_address_back(srv):
 def test_release_by_another_client_is_ignored(srv):
     _, ack, _ = dora(srv, mac_of(1))
     send(srv, pk.RELEASE, mac_of(2), ciaddr=ack.yiaddr)
-    assert srv.store.get(ack.yiaddr).state == "bound"
+    assert srv.leases.get(ack.yiaddr).state == "bound"
 
 
 def test_decline_quarantines_the_address(srv):
     _, ack, _ = dora(srv, mac_of(1))
     send(srv, pk.DECLINE, mac_of(1), options={opt.REQUESTED_ADDRESS: struct.pack("!I", ack.yiaddr), opt.SERVER_ID: u32("10.0.0.1")})
-    assert srv.store.get(ack.yiaddr).state == "declined"
+    assert srv.leases.get(ack.yiaddr).state == "declined"
     assert events(srv, "dhcp.lease.declined")[0]["ip"] == "10.0.0.100"
     _, offer = send(srv, pk.DISCOVER, mac_of(1), now=T0 + 1)
     assert offer.yiaddr != ack.yiaddr
     srv.expire(T0 + 86400 + 1)
-    srv.store.commit()
-    assert srv.store.get(ack.yiaddr) is None  # quarantine over
+    srv.leases.commit()
+    assert srv.leases.get(ack.yiaddr) is None  # quarantine over
 
 
 def test_inform_gets_options_but_no_lease(srv):
@@ -201,14 +208,14 @@ def test_inform_gets_options_but_no_lease(srv):
     assert ack.msg_type == pk.ACK and ack.yiaddr == 0
     assert opt.LEASE_TIME not in ack.options and ack.options[opt.ROUTERS] == u32("10.0.0.1")
     assert reply.dest == ip_int("10.0.0.77") and reply.port == 68
-    assert srv.store.by_ip == {}
+    assert srv.leases.by_ip == {}
 
 
 def test_expiry_emits_events(srv):
     _, ack, _ = dora(srv, mac_of(1))
     assert srv.expire(T0 + 599) == 0
     assert srv.expire(T0 + 601) == 1
-    assert srv.store.get(ack.yiaddr).state == "expired"
+    assert srv.leases.get(ack.yiaddr).state == "expired"
     assert events(srv, "dhcp.lease.expired") == [{"mac": "02:00:00:00:00:01", "ip": "10.0.0.100"}]
 
 
@@ -342,14 +349,14 @@ def test_option_precedence_global_scope_class_host(srv):
     assert host.options[15] == b"host.lan"  # host beats class
 
 
-def test_chap_credentials_and_initiator_iqn_options(tmp_path):
+def test_chap_credentials_and_initiator_iqn_options():
     cfg = base_config(options={
         "ipxe-encap": {"username": "user1", "password": "secret1"},
         "iscsi-initiator-iqn": "iqn.2026-11.org.x:init",
         150: {"type": "ips", "value": ["10.0.0.1"]},
         224: "hex:01:02",
     })
-    server = DhcpServer(cfg, LeaseStore(tmp_path / "l.sqlite"))
+    server = DhcpCore(cfg, MemoryLeaseTable())
     _, msg = send(server, pk.DISCOVER, mac_of(1), options=IPXE)
     subs = opt.parse_suboptions(msg.options[opt.IPXE_ENCAP])
     assert subs[190] == b"user1" and subs[191] == b"secret1" and subs[opt.IPXE_NO_PXEDHCP] == b"\x01"
@@ -358,16 +365,16 @@ def test_chap_credentials_and_initiator_iqn_options(tmp_path):
     assert msg.options[150] == u32("10.0.0.1") and msg.options[224] == b"\x01\x02"
 
 
-def test_no_pxedhcp_can_be_turned_off(tmp_path):
-    server = DhcpServer(base_config(no_pxedhcp=False), LeaseStore(tmp_path / "l.sqlite"))
+def test_no_pxedhcp_can_be_turned_off():
+    server = DhcpCore(base_config(no_pxedhcp=False), MemoryLeaseTable())
     _, msg = send(server, pk.DISCOVER, mac_of(1))
     assert opt.IPXE_ENCAP not in msg.options
 
 
-def test_known_clients_only(tmp_path):
+def test_known_clients_only():
     cfg = base_config()
     cfg.dhcp.scopes[0].known_clients_only = True
-    server = DhcpServer(cfg, LeaseStore(tmp_path / "l.sqlite"))
+    server = DhcpCore(cfg, MemoryLeaseTable())
     assert send(server, pk.DISCOVER, mac_of(1))[0] is None
     assert events(server, "dhcp.unknown_client") == [{"mac": "02:00:00:00:00:01", "scope": "lan"}]
     assert send(server, pk.DISCOVER, bytes.fromhex("0200000000aa"))[1] is not None  # reservation
@@ -383,30 +390,38 @@ def test_grant_event_has_boot_fields(srv):
 
 # -- several processes, restart -------------------------------------------------------------------------------
 
-def test_two_instances_split_clients_and_pools(tmp_path):
-    a = DhcpServer(base_config(), LeaseStore(tmp_path / "shared.sqlite"), instance=0, instances=2)
-    b = DhcpServer(base_config(), LeaseStore(tmp_path / "shared.sqlite"), instance=1, instances=2)
-    answered = {0: 0, 1: 0}
-    offered = set()
+POOL = range(ip_int("10.0.0.100"), ip_int("10.0.0.103") + 1)
+
+
+def test_two_instances_split_clients_and_pools():
+    committed = {}  # the lease file both processes share
+    cores = [DhcpCore(base_config(), MemoryLeaseTable(committed), instance=i, instances=2) for i in (0, 1)]
+    slices = [{ip for ip in POOL if c.scopes[0].pool.mine(ip)} for c in cores]
+    assert slices[0] and slices[1] and not slices[0] & slices[1] and slices[0] | slices[1] == set(POOL)
+    offered: list[set[int]] = [set(), set()]
+    turned_away = [0, 0]
     for n in range(1, 40):
-        ra, oa = send(a, pk.DISCOVER, mac_of(n))
-        rb, ob = send(b, pk.DISCOVER, mac_of(n))
-        assert (ra is None) != (rb is None) or (a.counters["exhausted"] + b.counters["exhausted"])
-        for i, o in ((0, oa), (1, ob)):
-            if o is not None:
-                answered[i] += 1
-                offered.add(o.yiaddr)
-    assert answered[0] and answered[1]
-    assert len(offered) == answered[0] + answered[1]  # never the same address from both
+        mac = mac_of(n)
+        owner = 0 if serves(mac, 0, 2) else 1
+        replies = [send(c, pk.DISCOVER, mac)[1] for c in cores]
+        assert replies[1 - owner] is None  # a broadcast is answered by its hash owner only
+        if len(offered[owner]) < len(slices[owner]):
+            assert replies[owner].yiaddr in slices[owner] - offered[owner]  # a fresh address of its own slice
+            offered[owner].add(replies[owner].yiaddr)
+        else:
+            assert replies[owner] is None  # its slice is full (offers are held 30 s)
+            turned_away[owner] += 1
+    assert offered == slices  # each filled its slice: never the same address from both
+    assert [c.counters["exhausted"] for c in cores] == turned_away and all(turned_away)
 
 
-def test_restart_keeps_leases(tmp_path):
-    path = tmp_path / "l.sqlite"
-    store = LeaseStore(path)
-    server = DhcpServer(base_config(), store)
+def test_restart_keeps_committed_leases_only():
+    committed = {}
+    server = DhcpCore(base_config(), MemoryLeaseTable(committed))
     _, ack, _ = dora(server, mac_of(1))
-    store.db.close()  # as after kill -9: nothing flushed at exit
-    server2 = DhcpServer(base_config(), LeaseStore(path))
+    server.handle(pk.parse(pk.build_request(pk.DISCOVER, mac_of(3))), IFACE, T0)  # an offer: memory only
+    server2 = DhcpCore(base_config(), MemoryLeaseTable(committed))  # as after kill -9
+    assert {ack.yiaddr} == set(committed) == set(server2.leases.by_ip)
     _, offer = send(server2, pk.DISCOVER, mac_of(2))
     assert offer.yiaddr != ack.yiaddr
     _, again = send(server2, pk.DISCOVER, mac_of(1))
@@ -416,7 +431,7 @@ def test_restart_keeps_leases(tmp_path):
 def test_operator_release(srv):
     _, ack, _ = dora(srv, mac_of(1))
     assert srv.release("02:00:00:00:00:01", T0 + 1) == ["10.0.0.100"]
-    assert srv.store.get(ack.yiaddr).state == "released"
+    assert srv.leases.get(ack.yiaddr).state == "released"
 
 
 def test_apply_keeps_leases_and_changes_options(srv):
@@ -435,9 +450,9 @@ def test_ignores_replies_and_unknown_types(srv):
     assert srv.handle(pk.parse(pk.build_request(13, mac_of(1))), IFACE, T0) is None
 
 
-def test_oversized_reply_keeps_requested_and_boot_options(tmp_path):
+def test_oversized_reply_keeps_requested_and_boot_options():
     cfg = base_config(options={f"{200 + i}": {"type": "string", "value": "x" * 60} for i in range(8)})
-    server = DhcpServer(cfg, LeaseStore(tmp_path / "l.sqlite"))
+    server = DhcpCore(cfg, MemoryLeaseTable())
     _, small = send(server, pk.DISCOVER, mac_of(1), options={**IPXE, opt.PARAMETER_REQUEST_LIST: bytes([1, 3, 201])})
     assert len(small.options) and 201 in small.options and 202 not in small.options
     assert small.options[opt.ROOT_PATH] and opt.IPXE_ENCAP in small.options and opt.LEASE_TIME in small.options
@@ -456,31 +471,34 @@ def test_init_reboot_to_a_released_address_now_offered_to_another_is_naked(srv):
     assert nak.msg_type == pk.NAK
 
 
-def test_two_instances_unicast_reaches_either_process(tmp_path):
+def test_two_instances_unicast_reaches_either_process():
     """Relayed and renewing datagrams are unicast: the kernel hands them to one process, which must serve them
-    using the shared store; the owner of the address re-reads it before reusing it."""
-    path = tmp_path / "shared.sqlite"
-    a = DhcpServer(base_config(), LeaseStore(path), instance=0, instances=2)
-    b = DhcpServer(base_config(), LeaseStore(path), instance=1, instances=2)
+    using the shared table; the owner of the address re-reads it before reusing it."""
+    committed = {}
+    a = DhcpCore(base_config(), MemoryLeaseTable(committed), instance=0, instances=2)
+    b = DhcpCore(base_config(), MemoryLeaseTable(committed), instance=1, instances=2)
     mac = next(m for m in map(mac_of, range(1, 60)) if serves(m, 0, 2))
     offer, ack, _ = dora(a, mac, now=T0)  # broadcast: only its hash owner (a) answers
     assert send(b, pk.DISCOVER, mac)[0] is None
     # the renewal reaches b: b reads the lease a wrote, extends it
     _, renew = send(b, pk.REQUEST, mac, now=T0 + 500, ciaddr=ack.yiaddr)
     assert renew.msg_type == pk.ACK
-    # a's copy says the lease ended at T0 + 600; the store says T0 + 1100: a must not hand the address out
-    for n in range(60, 200):
-        other = mac_of(n)
-        if serves(other, 0, 2):
-            r, o = send(a, pk.DISCOVER, other, now=T0 + 700)
-            assert o is None or o.yiaddr != ack.yiaddr
+    # a's copy says the lease ended at T0 + 600; the table says T0 + 1100: a must not hand the address out,
+    # only the rest of its slice, then nothing
+    slice_a = {ip for ip in POOL if a.scopes[0].pool.mine(ip)}
+    assert ack.yiaddr in slice_a
+    others = [m for m in map(mac_of, range(60, 200)) if serves(m, 0, 2)]
+    replies = [send(a, pk.DISCOVER, m, now=T0 + 700)[1] for m in others]
+    free = len(slice_a) - 1
+    assert {o.yiaddr for o in replies[:free]} == slice_a - {ack.yiaddr}
+    assert replies[free:] == [None] * (len(others) - free) and a.counters["exhausted"] == len(others) - free
     # relayed DISCOVER of a client hashed to a, arriving at b: b answers from its own slice
     r, rel = send(b, pk.DISCOVER, mac_of(77), giaddr=RELAY)
     assert rel is not None and rel.msg_type == pk.OFFER
 
 
-def test_global_option_67_yields_to_the_builtin_loader_but_not_to_a_class(tmp_path):
-    server = DhcpServer(base_config(options={"boot-file-name": "pxelinux.0"}), LeaseStore(tmp_path / "l.sqlite"))
+def test_global_option_67_yields_to_the_builtin_loader_but_not_to_a_class():
+    server = DhcpCore(base_config(options={"boot-file-name": "pxelinux.0"}), MemoryLeaseTable())
     _, plain = send(server, pk.DISCOVER, mac_of(1))
     _, bios = send(server, pk.DISCOVER, mac_of(2), options=PXE_BIOS)
     _, gpxe = send(server, pk.DISCOVER, mac_of(3), options={opt.USER_CLASS: b"gPXE"})

@@ -16,6 +16,7 @@ import pytest
 from scapy.all import BOOTP, DHCP, IP, UDP, Ether
 
 from dhcp_lab import CLIENT_IP, RELAY_IP, SERVER_IP, raw_socket
+from support import wait_for
 from services.dhcp import options as opt
 from services.dhcp import packet as pk
 from services.dhcp.ra import parse_ra
@@ -229,10 +230,10 @@ def test_malformed_corpus_never_stops_the_server(lab):
     for data in MALFORMED * 3:
         sock.sendto(data, ("255.255.255.255", 67))
     sock.close()
-    time.sleep(0.3)
-    assert lab.server.poll() is None
+    # the server reads its socket in order: an offer to a DISCOVER sent after the corpus means it got through it
     offer, _ = client_exchange(lab, "52:54:00:00:04:09", [("message-type", "discover")], xid=0x5000)
     assert offer is not None and offer.msg_type == pk.OFFER
+    assert lab.server.poll() is None
 
 
 def test_router_solicitation_gets_an_ra_that_only_ends_the_wait(lab):
@@ -312,25 +313,20 @@ exit 0
     released_before = len(lab.events("dhcp.lease.released"))
     proc = lab.spawn(lab.cli, "udhcpc", "-f", "-R", "-i", lab.cli_if, "-s", str(script), "-t", "5", "-T", "1", log=lab.tmp / "udhcpc.log")
     try:
-        deadline = time.monotonic() + 15
-        while time.monotonic() < deadline and not (record.exists() and "bound " in record.read_text()):
-            time.sleep(0.1)
-        assert record.exists() and "bound " in record.read_text(), (lab.tmp / "udhcpc.log").read_text()
+        try:
+            wait_for(lambda: record.exists() and "bound " in record.read_text(), timeout=15, what="udhcpc bound")
+        except AssertionError as exc:
+            raise AssertionError(f"{exc}; udhcpc log:\n{(lab.tmp / 'udhcpc.log').read_text()}") from None
         leased = re.search(r"bound (\S+)", record.read_text()).group(1)
         proc.send_signal(signal.SIGUSR1)  # renew now
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline and len(lab.events("dhcp.lease.renewed")) <= before:
-            time.sleep(0.1)
-        renewed = [e for e in lab.events("dhcp.lease.renewed")[before:] if e["mac"] == mac]
-        assert renewed and renewed[0]["ip"] == leased
+        renewed = wait_for(lambda: [e for e in lab.events("dhcp.lease.renewed")[before:] if e["mac"] == mac],
+                           timeout=10, what="dhcp.lease.renewed of udhcpc")
+        assert renewed[0]["ip"] == leased
     finally:
         proc.terminate()  # -R: release on exit
         proc.wait(10)
-    deadline = time.monotonic() + 5
-    while time.monotonic() < deadline and len(lab.events("dhcp.lease.released")) <= released_before:
-        time.sleep(0.1)
-    released = lab.events("dhcp.lease.released")[released_before:]
-    assert any(e["mac"] == mac and e["ip"] == leased for e in released)
+    wait_for(lambda: any(e["mac"] == mac and e["ip"] == leased for e in lab.events("dhcp.lease.released")[released_before:]),
+             timeout=5, what=f"dhcp.lease.released of {leased}")
 
 
 KILL_CONFIG = """
@@ -351,7 +347,15 @@ def test_kill_9_during_perfdhcp_then_restart_leases_no_address_twice(fresh_lab):
     first = lab.start_server(config)
     perf = lab.spawn(lab.cli, "perfdhcp", "-4", "-g", "single", "-l", CLIENT_IP, "-r", "300", "-R", "10000000", "-p", "4",
                      "-u", "-d", "0.5", SERVER_IP, log=lab.tmp / "perfdhcp.log")
-    time.sleep(1.5)
+
+    def bound_leases() -> int:
+        try:
+            with sqlite3.connect(f"file:{lab.tmp / 'leases.sqlite'}?mode=ro", uri=True, timeout=1.0) as db:
+                return db.execute("SELECT count(*) FROM leases WHERE state='bound'").fetchone()[0]
+        except sqlite3.OperationalError:  # not created yet, or busy
+            return 0
+
+    wait_for(lambda: bound_leases() >= 100, timeout=20, what="100 leases committed under perfdhcp")  # mid-run
     first.send_signal(signal.SIGKILL)
     first.wait()
     db = sqlite3.connect(lab.tmp / "leases.sqlite")
@@ -401,10 +405,8 @@ def test_two_processes_share_the_clients_and_the_store(fresh_lab):
     for i in range(2):
         lab.spawn(lab.srv, sys.executable, "-m", "services.dhcp", "--config", str(config), "--state-dir", str(lab.tmp),
                   "--instance", str(i), log=logs[i])
-    deadline = time.monotonic() + 15
-    while not all(p.exists() and "serving " in p.read_text() for p in logs):
-        assert time.monotonic() < deadline, [p.read_text() for p in logs if p.exists()]
-        time.sleep(0.05)
+    wait_for(lambda: all(p.exists() and "serving " in p.read_text() for p in logs), timeout=15,
+             what="both processes serving")
     with lab.inside(lab.cli):
         sock = raw_socket(lab.cli_if)
     replies: dict[int, list] = {}
@@ -450,13 +452,7 @@ def test_interface_that_appears_later_is_served(fresh_lab):
     lab = fresh_lab
     config = lab.write_config(KILL_CONFIG.replace("interfaces: [{name: @SRV_IF@}]", "interfaces: [{name: @SRV_IF@}, {name: bflate0}]"))
     lab.start_server(config)
-    deadline = time.monotonic() + 5
-    while "bflate0: cannot serve DHCP (retrying)" not in lab.log.read_text():
-        assert time.monotonic() < deadline, lab.log.read_text()
-        time.sleep(0.05)
+    wait_for(lambda: "bflate0: cannot serve DHCP (retrying)" in lab.log.read_text(), timeout=5, what="the retry warning")
     lab.run(lab.srv, "ip", "link", "add", "bflate0", "type", "veth", "peer", "name", "bflate1")
-    deadline = time.monotonic() + 5
-    while "bflate0: serving DHCP now" not in lab.log.read_text():
-        assert time.monotonic() < deadline, lab.log.read_text()
-        time.sleep(0.05)
+    wait_for(lambda: "bflate0: serving DHCP now" in lab.log.read_text(), timeout=5, what="bflate0 served")
     assert lab.server.poll() is None

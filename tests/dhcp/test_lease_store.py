@@ -77,3 +77,30 @@ def test_two_processes_create_one_store_together(tmp_path):
         for p in procs:
             p.join(30)
         assert [results.get(timeout=5) for _ in procs] == ["ok", "ok"], f"round {i}"
+
+
+def test_core_over_the_store_keeps_leases_after_kill_9(tmp_path):
+    """The store as the core's lease table: what a turn committed is there after the process dies unflushed."""
+    from services.dhcp import packet as pk
+    from services.dhcp.core import DhcpCore, Interface
+    from shared.config.loader import config_from_dict
+
+    cfg = config_from_dict({"dhcp": {"scopes": [
+        {"name": "r", "subnet": "10.9.0.0/24", "ranges": [{"start": "10.9.0.10", "end": "10.9.0.11"}]}]}})
+    iface, relay, now = Interface("x", pk.ip_int("10.0.0.1")), pk.ip_int("10.9.0.1"), 1_800_000_000.0
+    path = tmp_path / "l.sqlite"
+    store = LeaseStore(path)
+    core = DhcpCore(cfg, store)
+    mac = bytes.fromhex("020000000001")
+
+    def ask(core, mtype, mac, options=None):
+        reply = core.handle(pk.parse(pk.build_request(mtype, mac, giaddr=relay, options=options)), iface, now)
+        return pk.parse(reply.data) if reply else None
+
+    offer = ask(core, pk.DISCOVER, mac)
+    assert ask(core, pk.REQUEST, mac, {54: iface.packed, 50: offer.yiaddr.to_bytes(4, "big")}).msg_type == pk.ACK
+    store.commit()
+    store.db.close()  # as after kill -9: nothing flushed at exit
+    again = DhcpCore(cfg, LeaseStore(path))
+    assert ask(again, pk.DISCOVER, bytes.fromhex("020000000002")).yiaddr != offer.yiaddr
+    assert ask(again, pk.DISCOVER, mac).yiaddr == offer.yiaddr

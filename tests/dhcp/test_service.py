@@ -4,7 +4,8 @@ import asyncio
 import time
 
 from services.dhcp import packet as pk
-from services.dhcp.server import Interface, ip_int
+from services.dhcp.core import Interface
+from services.dhcp.packet import ip_int
 from services.dhcp.service import DhcpService
 from shared.config.loader import config_from_dict
 from shared.service import ServiceContext
@@ -21,7 +22,7 @@ def test_lease_release_command(tmp_path):
         await svc.start(config_from_dict(CONFIG))
         iface = Interface("x", ip_int("10.0.0.1"))
         mac = bytes.fromhex("020000000001")
-        with svc.lock:
+        with svc.loop.lock:
             offer = pk.parse(svc.core.handle(pk.parse(pk.build_request(pk.DISCOVER, mac, giaddr=ip_int("10.9.0.1"))), iface, time.time()).data)
             svc.core.handle(pk.parse(pk.build_request(pk.REQUEST, mac, giaddr=ip_int("10.9.0.1"), options={
                 54: iface.packed, 50: offer.yiaddr.to_bytes(4, "big")})), iface, time.time())
@@ -37,4 +38,4 @@ def test_lease_release_command(tmp_path):
     released = [f for t, f in emitted if t == "dhcp.lease.released"]
     assert released == [{"mac": "02:00:00:00:00:01", "ip": "10.9.0.10", "by": "operator"}]
     assert counters["acks"] == 1 and counters["leases"] == 1
-    assert svc.thread is not None and not svc.thread.is_alive()
+    assert svc.loop.thread is not None and not svc.loop.thread.is_alive()
