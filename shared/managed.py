@@ -1,9 +1,11 @@
 """A service under the controller: configuration from the bus, events to it, a cached revision when it is away.
 
-Start-up: if `<state_dir>/cache/<service>.msgpack` holds a revision this service applied before, start on it
-at once (the controller may be down); then follow the controller's store. Each new `config` revision is
-validated and applied in the asyncio loop, cached atomically, and reported (`service.applied` event and the
-revision in every heartbeat). A revision that fails to apply is reported and the previous one stays.
+Start-up: if `<state_dir>/cache/<service>-<instance>.msgpack` holds a revision this process applied before,
+start on it at once (the controller may be down); then follow the controller's store. Each new `config`
+revision is turned into the typed model and applied in the asyncio loop, cached atomically, and reported
+(`service.applied` event and the revision in every heartbeat). A revision that changes none of the service's
+`sections` is not passed to its `apply` but is reported applied all the same. A revision that fails to apply
+is reported and the previous one stays.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import msgpack
 
 from shared import events
 from shared.atomic_file import write_atomic
+from shared.bus import message as m
 from shared.bus.clone_client import CloneClient
 from shared.bus.endpoints import endpoints
 from shared.bus.event_sender import EventSender
@@ -40,6 +43,13 @@ def bus_from_env() -> BusConfig:
     return BusConfig(transport="tcp", host=parsed.hostname, port_base=parsed.port, curve="curve=0" not in parsed.query)
 
 
+def touches(sections: tuple[str, ...] | None, old: dict[str, Any], new: dict[str, Any]) -> bool:
+    """Whether going from configuration `old` to `new` changes one of `sections` (None: always)."""
+    if sections is None:
+        return True
+    return any(old.get(section) != new.get(section) for section in sections)
+
+
 class ManagedRuntime:
     def __init__(self, service_cls: type[BaseService], instance: int, state_dir: Path):
         self.service_cls = service_cls
@@ -54,8 +64,9 @@ class ManagedRuntime:
         self.ctx = ServiceContext(self.name, instance, state_dir, self.sender.emit)
         self.service: BaseService | None = None
         self.revision = -1
+        self.data: dict[str, Any] = {}  # the configuration of `revision`, as published
         self.cache_path = state_dir / "cache" / f"{self.name}-{instance}.msgpack"
-        self.command_prefix = f"command/{self.name}/"
+        self.command_prefix = m.command_prefix(self.name)
         self.commands_done: set[str] = set()
         self.loop: asyncio.AbstractEventLoop | None = None
         self._apply_lock = asyncio.Lock()
@@ -74,19 +85,19 @@ class ManagedRuntime:
 
     # Callbacks from the bus thread: hand over to the asyncio loop.
     def _on_snapshot(self, store: dict[str, Any]) -> None:
-        leases = {k[len("lease/") :]: v["mac"] for k, v in store.items() if k.startswith("lease/") and v}
+        leases = {k[len(m.LEASE_PREFIX) :]: v["mac"] for k, v in store.items() if k.startswith(m.LEASE_PREFIX) and v}
         self.loop.call_soon_threadsafe(self._replace_leases, leases)
-        if "config" in store:
-            self._schedule(store["config"])
+        if m.CONFIG_KEY in store:
+            self._schedule(store[m.CONFIG_KEY])
         for key, val in store.items():
             if key.startswith(self.command_prefix) and val:
                 self._command(key, val)
 
     def _on_update(self, key: str, val: Any) -> None:
-        if key == "config" and val:
+        if key == m.CONFIG_KEY and val:
             self._schedule(val)
-        elif key.startswith("lease/"):
-            ip = key[len("lease/") :]
+        elif key.startswith(m.LEASE_PREFIX):
+            ip = key[len(m.LEASE_PREFIX) :]
             self.loop.call_soon_threadsafe(self._set_lease, ip, val["mac"] if val else None)
         elif key.startswith(self.command_prefix) and val:
             self._command(key, val)
@@ -133,13 +144,15 @@ class ManagedRuntime:
                     service = self.service_cls(self.ctx)
                     await service.start(config)
                     self.service = service
-                else:
+                elif touches(self.service.sections, self.data, data):
                     await self.service.apply(config)
+                else:
+                    log.debug("revision %d changes none of %s: not applied to the service", revision, self.service.sections)
             except Exception as exc:
                 log.exception("revision %d failed to apply", revision)
                 self.ctx.emit(events.ServiceApplyFailed(revision=revision, reason=f"{type(exc).__name__}: {exc}"))
                 return False
-            self.revision = revision
+            self.revision, self.data = revision, data
             if not from_cache:
                 write_atomic(self.cache_path, msgpack.packb({"revision": revision, "config": data}))
             log.info("applied revision %d%s", revision, " (cached)" if from_cache else "")

@@ -9,8 +9,8 @@ runs it in one of two modes:
   (shared/bus/), applies each configuration revision it receives, reports the revision it applied,
   pushes its events, and keeps serving on its cached revision while the controller is away.
 
-Life of a service object: `start(config)` once (bind sockets), `apply(config)` for each later revision
-(existing work goes on), `stop()` on SIGTERM, bounded by `STOP_TIMEOUT` seconds.
+Life of a service object: `start(config)` once (bind sockets), `apply(config)` for each later revision that
+changes one of its `sections` (existing work goes on), `stop()` on SIGTERM, bounded by `STOP_TIMEOUT` seconds.
 """
 
 from __future__ import annotations
@@ -64,6 +64,9 @@ class ServiceContext:
 
 class BaseService:
     name = "service"
+    # The top-level configuration sections this service reads (the Clone pattern's subtree): a new revision
+    # that changes none of them is not passed to `apply` (it is still reported applied). None: every section.
+    sections: tuple[str, ...] | None = None
 
     def __init__(self, ctx: ServiceContext):
         self.ctx = ctx

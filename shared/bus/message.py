@@ -3,8 +3,9 @@
 Every message is `{"t": type, "v": version, ...}`. Types:
 
 - `kv`      controller -> service (PUB, and in a snapshot): one key of the replicated store.
-            `{epoch, seq, key, val}`; `val` None deletes the key. Keys: `config` -> {revision, config},
-            `lease/<ip>` -> {mac, expires}.
+            `{epoch, seq, key, val}`; `val` None deletes the key. Keys (named below, the one place):
+            `config` -> {revision, config}, `lease/<ip>` -> {mac, expires},
+            `command/<service>/<id>` -> {name, args, ts}.
 - `hugz`    controller -> service (PUB): heartbeat `{epoch, seq}`; a service that sees a seq it has
             not received, or a new epoch (controller restarted), takes a new snapshot.
 - `icanhaz` service -> controller (snapshot socket): `{}`, ask for the whole store.
@@ -29,6 +30,21 @@ ICANHAZ = "icanhaz"
 KTHXBAI = "kthxbai"
 EVENT = "event"
 BEAT = "beat"
+
+# Keys of the replicated store
+CONFIG_KEY = "config"
+LEASE_PREFIX = "lease/"
+COMMAND_PREFIX = "command/"
+
+
+def lease_key(ip: str) -> str:
+    return f"{LEASE_PREFIX}{ip}"
+
+
+def command_prefix(service: str) -> str:
+    """Keys of the operations asked of every process of `service`: `command/<service>/<id>`."""
+    return f"{COMMAND_PREFIX}{service}/"
+
 
 # Fields each type must carry, with their Python types, checked on receipt.
 _SCHEMA: dict[str, dict[str, type | tuple[type, ...]]] = {

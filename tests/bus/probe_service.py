@@ -8,12 +8,38 @@ PROBE_FLOOD=N: emit N events as fast as possible after the first apply, then wri
 """
 
 import asyncio
+import dataclasses
 import json
 import os
 import time
+from typing import Any, ClassVar
 
 from shared.config.model import BootfleetConfig
+from shared.events import Event, event
 from shared.service import BaseService, main
+
+
+@event
+class ProbeFlood(Event):
+    type: ClassVar[str] = "probe.flood"
+    n: int
+
+
+_scripted: dict[tuple[str, tuple[str, ...]], type] = {}
+
+
+def scripted(type_: str, fields: dict[str, Any]) -> Event:
+    """An event of any type and fields read from PROBE_EVENTS: an Event dataclass made for that shape, so
+    the wire carries what a service's own event class would send."""
+    key = (type_, tuple(fields))
+    cls = _scripted.get(key)
+    if cls is None:
+        cls = dataclasses.make_dataclass(
+            "Scripted", [(name, Any) for name in fields], bases=(Event,), namespace={"type": type_},
+            frozen=True, slots=True, kw_only=True,
+        )
+        _scripted[key] = cls
+    return cls(**fields)
 
 
 class ProbeService(BaseService):
@@ -29,14 +55,14 @@ class ProbeService(BaseService):
         if flood:
             t0 = time.perf_counter()
             for i in range(flood):
-                self.ctx.emit("probe.flood", n=i)
+                self.ctx.emit(ProbeFlood(n=i))
             took = time.perf_counter() - t0
             (self.ctx.state_dir / f"probe-{self.ctx.instance}.flood").write_text(f"{took:.6f}\n")
 
     async def _replay(self, items) -> None:
         for type, fields, delay in items:
             await asyncio.sleep(delay)
-            self.ctx.emit(type, **fields)
+            self.ctx.emit(scripted(type, fields))
 
     async def apply(self, config: BootfleetConfig) -> None:
         self.applied += 1
