@@ -1,3 +1,3 @@
-from services.controller.server import main
+from services.controller.io_loop import main
 
 main()

@@ -20,7 +20,9 @@ import msgpack
 import yaml
 import zmq
 
+from services.controller.commands import COMMANDS, summary
 from shared.bus.endpoints import control_endpoint
+from shared.config.model import SERVICES
 
 STATE_DIR = os.environ.get("BOOTFLEET_STATE_DIR", "var")
 
@@ -273,6 +275,25 @@ def cmd_lease(ctl: Control, args) -> int:
     return _answer(ctl.call("lease-release", mac=args.mac), args)
 
 
+def cmd_commands(ctl: Control, args) -> int:
+    """The running controller's list-commands; the same table read here when it is not running."""
+    try:
+        answer = ctl.call("list-commands")
+        table, source = answer["arguments"]["commands"], "the controller"
+    except CliError:
+        table, source = {n: c.help for n, c in sorted(COMMANDS.items())}, "the local table; the controller is not running"
+    if args.json:
+        print(json.dumps(table, indent=2))
+        return 0
+    print(f"control commands ({source}):")
+    for name, text in table.items():
+        first, _, rest = text.partition("\n\n")
+        print(f"  {name:<16} {' '.join(first.split())}")
+        for line in rest.splitlines():
+            print(f"  {'':<16} {line.strip()}")
+    return 0
+
+
 def cmd_keys(ctl: Control, args) -> int:
     from shared.bus.keys import generate
 
@@ -292,23 +313,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--timeout", type=float, default=10.0, help="seconds to wait for the controller")
     sub = p.add_subparsers(dest="cmd", required=True, metavar="COMMAND")
 
-    sub.add_parser("status", help="each service process: state, pid, revision, uptime, heartbeat, counters").set_defaults(fn=cmd_status)
+    sub.add_parser("status", help=summary("status-get")).set_defaults(fn=cmd_status)
 
     c = sub.add_parser("config", help="test, apply, set, get the configuration; print its JSON Schema")
     csub = c.add_subparsers(dest="action", required=True)
-    t = csub.add_parser("test", help="validate FILE (no controller needed)")
+    t = csub.add_parser("test", help=summary("config-test") + " (here: no controller needed)")
     t.add_argument("file")
-    a = csub.add_parser("apply", help="validate FILE and publish it as the next revision")
+    a = csub.add_parser("apply", help=summary("config-apply"))
     a.add_argument("file")
-    s = csub.add_parser("set", help="set PATH (e.g. dhcp.scopes[0].lease_time) to VALUE (YAML)")
+    s = csub.add_parser("set", help=summary("config-set"))
     s.add_argument("path")
-    s.add_argument("value")
-    g = csub.add_parser("get", help="print the running configuration, or the value at PATH")
+    s.add_argument("value", help="a YAML value")
+    g = csub.add_parser("get", help=summary("config-get"))
     g.add_argument("path", nargs="?")
     csub.add_parser("schema", help="the configuration's JSON Schema, for editors")
     c.set_defaults(fn=cmd_config)
 
-    e = sub.add_parser("events", help="stored events, oldest first")
+    e = sub.add_parser("events", help=summary("events-list"))
     e.add_argument("--follow", "-f", action="store_true", help="keep printing new events")
     e.add_argument("--type", help="an event type or a prefix (dhcp, tftp.transfer, iscsi.login)")
     e.add_argument("--since", help="10m, 2h, 1d, or an ISO date/time")
@@ -318,26 +339,28 @@ def build_parser() -> argparse.ArgumentParser:
 
     sv = sub.add_parser("service", help="restart or scale a service (through supervisord)")
     svsub = sv.add_subparsers(dest="action", required=True)
-    r = svsub.add_parser("restart", help="restart each process of NAME, one by one")
-    r.add_argument("name", choices=["dhcp", "tftp", "iscsi_target"])
-    sc = svsub.add_parser("scale", help="run N processes of NAME")
-    sc.add_argument("name", choices=["dhcp", "tftp", "iscsi_target"])
+    r = svsub.add_parser("restart", help=summary("service-restart"))
+    r.add_argument("name", choices=SERVICES)
+    sc = svsub.add_parser("scale", help=summary("service-scale"))
+    sc.add_argument("name", choices=SERVICES)
     sc.add_argument("count", type=int)
     sv.set_defaults(fn=cmd_service)
 
-    sub.add_parser("clients", help="every known PC: MAC, IP, target, state, last boot").set_defaults(fn=cmd_clients)
-    cl = sub.add_parser("client", help="one PC and the timeline of its last boot")
+    sub.add_parser("clients", help=summary("client-list")).set_defaults(fn=cmd_clients)
+    cl = sub.add_parser("client", help=summary("client-get"))
     cl.add_argument("mac")
     cl.set_defaults(fn=cmd_client)
 
-    le = sub.add_parser("leases", help="DHCP leases (from the lease store)")
+    le = sub.add_parser("leases", help=summary("lease-list"))
     le.add_argument("--all", action="store_true", help="include released and expired leases")
     le.set_defaults(fn=cmd_leases)
     ls = sub.add_parser("lease", help="act on a lease")
     lsub = ls.add_subparsers(dest="action", required=True)
-    rel = lsub.add_parser("release", help="free the lease of MAC")
+    rel = lsub.add_parser("release", help=summary("lease-release"))
     rel.add_argument("mac")
     ls.set_defaults(fn=cmd_lease)
+
+    sub.add_parser("commands", help="the controller's commands and their help (from list-commands)").set_defaults(fn=cmd_commands)
 
     k = sub.add_parser("keys", help="CURVE keys for a bus over tcp")
     ksub = k.add_subparsers(dest="action", required=True)

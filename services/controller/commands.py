@@ -1,39 +1,60 @@
 """The control channel's commands: `{command, arguments}` in, `{result, text, arguments}` out (Kea's shape).
 
-Result codes: 0 success, 1 error, 2 unsupported command, 3 empty (nothing matched). Each handler's docstring
-is its help text, listed by `list-commands`. A handler returns the answer, or None when it has handed the
-work to a background call that answers later.
+Result codes: 0 success, 1 error, 2 unsupported command, 3 empty (nothing matched). `COMMANDS` is the one
+table of commands: each handler's docstring is its help (first line: a summary), answered by `list-commands`
+and rendered by the `bootfleet` CLI as its own help. A handler gets the controller's `Facade` and returns the
+answer, or None when it has handed the work to a background call (or a waiter) that answers later.
 """
 
 from __future__ import annotations
 
+import inspect
 import os
 import time
-from typing import TYPE_CHECKING, Any, Callable
+from dataclasses import dataclass
+from typing import Any, Callable
 
 from services.controller.config_store import get_path, set_path
+from services.controller.facade import Facade
 from services.controller.fleet import timeline
 from services.controller.supervisor_rpc import RUNNING_STATES
+from services.controller.waiters import Waiter
+from shared import events as ev
 from shared.boot import target_for
 from shared.config.loader import ConfigError
 from shared.config.model import SERVICES
-from shared.paths import state_path
-
-if TYPE_CHECKING:
-    from services.controller.server import Controller
 
 SUCCESS, ERROR, UNSUPPORTED, EMPTY = 0, 1, 2, 3
 SHOWN_STATES = RUNNING_STATES | {"FATAL", "EXITED"}
 Answer = dict[str, Any] | None
-HANDLERS: dict[str, Callable[["Controller", list[bytes], dict[str, Any]], Answer]] = {}
+Handler = Callable[[Facade, list[bytes], dict[str, Any]], Answer]
+
+
+@dataclass(frozen=True)
+class Command:
+    name: str
+    help: str  # the handler's docstring
+    handler: Handler
+
+    @property
+    def summary(self) -> str:
+        """The first paragraph, on one line (what the CLI shows)."""
+        return " ".join(self.help.split("\n\n", 1)[0].split())
+
+
+COMMANDS: dict[str, Command] = {}
 
 
 def command(name: str):
-    def register(fn):
-        HANDLERS[name] = fn
+    def register(fn: Handler) -> Handler:
+        COMMANDS[name] = Command(name, inspect.cleandoc(fn.__doc__ or ""), fn)
         return fn
 
     return register
+
+
+def summary(name: str) -> str:
+    return COMMANDS[name].summary
 
 
 def ok(text: str, **arguments: Any) -> dict[str, Any]:
@@ -44,12 +65,12 @@ def error(text: str, **arguments: Any) -> dict[str, Any]:
     return {"result": ERROR, "text": text, "arguments": arguments}
 
 
-def dispatch(ctl: "Controller", envelope: list[bytes], name: str, args: dict[str, Any]) -> Answer:
-    handler = HANDLERS.get(name)
-    if handler is None:
+def dispatch(ctl: Facade, envelope: list[bytes], name: str, args: dict[str, Any]) -> Answer:
+    cmd = COMMANDS.get(name)
+    if cmd is None:
         return {"result": UNSUPPORTED, "text": f"'{name}' command not supported", "arguments": {}}
     try:
-        return handler(ctl, envelope, args)
+        return cmd.handler(ctl, envelope, args)
     except BadArgument as exc:
         return error(str(exc))
 
@@ -57,65 +78,73 @@ def dispatch(ctl: "Controller", envelope: list[bytes], name: str, args: dict[str
 @command("list-commands")
 def list_commands(ctl, envelope, args):
     """The commands this controller answers, with their help."""
-    return ok(f"{len(HANDLERS)} commands", commands={n: (h.__doc__ or "").strip() for n, h in sorted(HANDLERS.items())})
+    return ok(f"{len(COMMANDS)} commands", commands={n: c.help for n, c in sorted(COMMANDS.items())})
 
 
 @command("config-get")
 def config_get(ctl, envelope, args):
-    """The running configuration (or the value at `path`) and its revision."""
+    """The running configuration, or the value at a path, and its revision.
+
+    Arguments: `path` (optional, e.g. boot.default_lun)."""
     path = args.get("path") or ""
     try:
-        value = get_path(ctl.store.data, path)
+        value = get_path(ctl.config.data, path)
     except ConfigError as exc:
         return error(str(exc))
-    return ok(f"revision {ctl.store.revision}", revision=ctl.store.revision, path=path, value=value)
+    return ok(f"revision {ctl.config.revision}", revision=ctl.config.revision, path=path, value=value)
 
 
 @command("config-test")
 def config_test(ctl, envelope, args):
-    """Validate `config` (a whole configuration) without applying it."""
+    """Validate a whole configuration without applying it.
+
+    Arguments: `config` (the configuration)."""
     try:
-        ctl.store.stage(args.get("config"))
+        ctl.config.stage(args.get("config"))
     except ConfigError as exc:
         return error(f"configuration rejected: {exc}", errors=exc.errors)
     return ok("configuration is valid")
 
 
-def _commit(ctl: "Controller", data: Any) -> dict[str, Any]:
+def _commit(ctl: Facade, data: Any) -> dict[str, Any]:
     try:
         revision = ctl.commit(data)
     except ConfigError as exc:
         return error(
-            f"configuration rejected, revision {ctl.store.revision} stays: {exc}",
+            f"configuration rejected, revision {ctl.config.revision} stays: {exc}",
             errors=exc.errors,
-            revision=ctl.store.revision,
+            revision=ctl.config.revision,
         )
     return ok(f"revision {revision} published", revision=revision)
 
 
 @command("config-apply")
 def config_apply(ctl, envelope, args):
-    """Validate `config` and publish it as the next revision."""
+    """Validate a whole configuration and publish it as the next revision.
+
+    Arguments: `config` (the configuration). One equal to the running configuration is no new revision."""
     return _commit(ctl, args.get("config"))
 
 
 @command("config-set")
 def config_set(ctl, envelope, args):
-    """Set the value at `path` (e.g. dhcp.scopes[0].lease_time) and publish the next revision."""
+    """Set the value at a path (e.g. dhcp.scopes[0].lease_time) and publish the next revision.
+
+    Arguments: `path`, `value`."""
     path = args.get("path")
     if not isinstance(path, str) or not path:
         return error("config-set needs a path")
     try:
-        data = set_path(ctl.store.data, path, args.get("value"))
+        data = set_path(ctl.config.data, path, args.get("value"))
     except ConfigError as exc:
         return error(str(exc))
     return _commit(ctl, data)
 
 
-def _process_rows(ctl: "Controller") -> tuple[list[dict[str, Any]], str | None]:
+def _process_rows(ctl: Facade) -> tuple[list[dict[str, Any]], str | None]:
     """Every service process: supervisord's view joined with its heartbeats."""
     now = time.time()
-    timeout = ctl.config.bus.heartbeat_timeout
+    timeout = ctl.running.bus.heartbeat_timeout
     rows: dict[tuple[str, int], dict[str, Any]] = {}
     warning = None
     if ctl.supervisor.available():
@@ -135,18 +164,18 @@ def _process_rows(ctl: "Controller") -> tuple[list[dict[str, Any]], str | None]:
                 }
         except Exception as exc:
             warning = str(exc)
-    for (service, instance), beat in ctl.services.rows.items():
+    for (service, instance), beat in ctl.fleet.services.rows.items():
         row = rows.setdefault(
             (service, instance),
             {"service": service, "instance": instance, "state": None, "pid": beat.pid, "uptime": now - beat.started},
         )
         if row["pid"] not in (None, beat.pid):
             continue  # the heartbeat is from a process that has since been replaced
-        healthy = now - beat.last_beat <= timeout
+        healthy = beat.healthy(now, timeout)
         row.update(
             revision=beat.revision,
             last_beat=round(now - beat.last_beat, 1),
-            health="ok" if healthy and beat.revision == ctl.store.revision else ("stale" if healthy else "silent"),
+            health="ok" if healthy and beat.revision == ctl.config.revision else ("stale" if healthy else "silent"),
             events_emitted=beat.emitted,
             events_dropped=beat.dropped,
             events_received=beat.received,
@@ -159,19 +188,19 @@ def _process_rows(ctl: "Controller") -> tuple[list[dict[str, Any]], str | None]:
 
 @command("status-get")
 def status_get(ctl, envelope, args):
-    """The controller and every service process: state, pid, applied revision, uptime, heartbeat, counters."""
+    """The controller and each service process: state, pid, applied revision, uptime, heartbeat, counters."""
     processes, warning = _process_rows(ctl)
     controller = {
-        "pid": ctl.pid,
-        "uptime": round(time.time() - ctl.started, 1),
-        "revision": ctl.store.revision,
-        "epoch": ctl.clone.epoch,
-        "events_received": ctl.events_received,
+        "pid": ctl.stats.pid,
+        "uptime": round(time.time() - ctl.stats.started, 1),
+        "revision": ctl.config.revision,
+        "epoch": ctl.stats.epoch,
+        "events_received": ctl.stats.events_received,
         "events_stored": ctl.events.count(),
-        "bad_messages": ctl.bad_messages,
+        "bad_messages": ctl.stats.bad_messages,
         "supervisord": ctl.supervisor.available(),
     }
-    text = f"revision {ctl.store.revision}, {len(processes)} service processes"
+    text = f"revision {ctl.config.revision}, {len(processes)} service processes"
     if warning:
         text += f" (supervisord: {warning})"
     return ok(text, controller=controller, processes=processes)
@@ -179,7 +208,9 @@ def status_get(ctl, envelope, args):
 
 @command("events-list")
 def events_list(ctl, envelope, args):
-    """Stored events, oldest first: `after_id`, `since` (unix time), `type` (or a prefix), `mac`, `limit`."""
+    """Stored events, oldest first.
+
+    Arguments (all optional): `after_id`, `since` (unix time), `type` (a type or a prefix), `mac`, `limit`."""
     try:
         rows = ctl.events.query(
             after_id=int(args.get("after_id") or 0),
@@ -197,7 +228,7 @@ class BadArgument(Exception):
     pass
 
 
-def _supervised_service(command: str, ctl: "Controller", args: dict[str, Any]) -> str:
+def _supervised_service(command: str, ctl: Facade, args: dict[str, Any]) -> str:
     """The `service` argument, checked, with supervisord there to act on it."""
     service = args.get("service")
     if service not in SERVICES:
@@ -218,7 +249,9 @@ def _mac_arg(args: dict[str, Any]) -> str:
 
 @command("service-restart")
 def service_restart(ctl, envelope, args):
-    """Restart each process of `service`, one after the other (through supervisord)."""
+    """Restart each process of a service, one after the other (through supervisord).
+
+    Arguments: `service`."""
     service = _supervised_service("service-restart", ctl, args)
     ctl.submit(envelope, lambda: ctl.supervisor.restart(service), lambda names: ok(f"restarted {len(names)} processes", restarted=names))
     return None
@@ -226,13 +259,15 @@ def service_restart(ctl, envelope, args):
 
 @command("service-scale")
 def service_scale(ctl, envelope, args):
-    """Run `count` processes of `service` (recorded as scale.<service> in the configuration)."""
+    """Run N processes of a service (recorded as scale.<service> in the configuration).
+
+    Arguments: `service`, `count`."""
     service = _supervised_service("service-scale", ctl, args)
     try:
         count = int(args.get("count"))
     except (TypeError, ValueError):
         return error("service-scale: count must be a whole number")
-    answer = _commit(ctl, set_path(ctl.store.data, f"scale.{service}", count))
+    answer = _commit(ctl, set_path(ctl.config.data, f"scale.{service}", count))
     if answer["result"] != SUCCESS:
         return answer
     revision = answer["arguments"]["revision"]
@@ -244,11 +279,11 @@ def service_scale(ctl, envelope, args):
     return None
 
 
-def _client_rows(ctl: "Controller") -> list[dict[str, Any]]:
-    names = {c.mac: c.name for c in ctl.config.clients}
+def _client_rows(ctl: Facade) -> list[dict[str, Any]]:
+    names = {c.mac: c.name for c in ctl.running.clients}
     rows = []
-    for mac, row in sorted(ctl.clients.by_mac.items()):
-        target = target_for(ctl.config, mac, row.ip)
+    for mac, row in sorted(ctl.fleet.clients.by_mac.items()):
+        target = target_for(ctl.running, mac, row.ip)
         rows.append(
             {
                 **row.as_dict(),
@@ -268,13 +303,15 @@ def client_list(ctl, envelope, args):
 
 @command("client-get")
 def client_get(ctl, envelope, args):
-    """One PC (`mac`): its row and the timeline of its last boot, assembled from events."""
+    """One PC and the timeline of its last boot, assembled from events.
+
+    Arguments: `mac`."""
     mac = _mac_arg(args)
-    row = ctl.clients.by_mac.get(mac)
+    row = ctl.fleet.clients.by_mac.get(mac)
     if row is None:
         return {"result": EMPTY, "text": f"no client {mac}", "arguments": {}}
     since = (row.last_boot or row.last_event) - 1
-    ips = {ip for ip, m in ctl.clients.mac_by_ip.items() if m == mac} | ({row.ip} if row.ip else set())
+    ips = {ip for ip, m in ctl.fleet.clients.mac_by_ip.items() if m == mac} | ({row.ip} if row.ip else set())
     events = ctl.events.query(since=since, mac=mac, ips=sorted(ips), limit=5000)
     client = next((c for c in _client_rows(ctl) if c["mac"] == mac), row.as_dict())
     return ok(f"client {mac}", client=client, timeline=timeline(events))
@@ -282,44 +319,31 @@ def client_get(ctl, envelope, args):
 
 @command("lease-list")
 def lease_list(ctl, envelope, args):
-    """Leases from the DHCP lease store (read-only, while the service writes): IP, MAC, scope, state, expiry.
-    `all`: include released and expired ones. Without a store yet: what lease events have told the controller."""
-    from services.dhcp.lease_store import LeaseStore
+    """DHCP leases from the lease store: IP, MAC, scope, state, expiry.
 
-    path = state_path(ctl.state_dir, ctl.config.dhcp.lease_file)
-    if path.exists():
-        store = LeaseStore.open_readonly(path)
-        try:
-            leases = store.list(include_free=bool(args.get("all")))
-        finally:
-            store.close()
-        source = str(path)
-    else:
-        leases = [
-            {"ip": key[len("lease/") :], "state": "bound", **val}
-            for key, (seq, val) in sorted(ctl.clone.store.items())
-            if key.startswith("lease/")
-        ]
-        source = "events"
+    Arguments: `all` (include released and expired ones). The store is read read-only while the DHCP service
+    writes it; without a store yet, the answer is what lease events have told the controller."""
+    leases, source = ctl.leases.list(include_free=bool(args.get("all")))
     return {"result": SUCCESS if leases else EMPTY, "text": f"{len(leases)} leases", "arguments": {"leases": leases, "source": source}}
 
 
 @command("lease-release")
 def lease_release(ctl, envelope, args):
-    """Free the lease of `mac`: the DHCP service releases it and answers with a dhcp.lease.released event."""
-    from services.controller.server import Waiter
-    from shared import events as ev
+    """Free the lease of a MAC: the DHCP service releases it and answers with a dhcp.lease.released event.
 
+    Arguments: `mac`, `timeout` (seconds, default 5)."""
     mac = _mac_arg(args)
-    ctl.send_command("dhcp", "lease-release", {"mac": mac})
-    ctl.waiters.append(
+    ctl.ask(
+        "dhcp",
+        "lease-release",
+        {"mac": mac},
         Waiter(
             envelope,
             lambda msg: msg["type"] == ev.LEASE_RELEASED and msg["fields"].get("mac") == mac,
             time.time() + float(args.get("timeout", 5.0)),
             lambda msg: ok(f"released {msg['fields'].get('ip')} held by {mac}", ip=msg["fields"].get("ip"), mac=mac),
             lambda: error(f"no DHCP process released a lease of {mac} within 5 s (no such lease, or dhcp is not running)"),
-        )
+        ),
     )
     return None
 

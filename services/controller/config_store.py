@@ -1,7 +1,8 @@
 """The running configuration and its revision, persisted atomically in the state directory.
 
-Kea's rule: a configuration is staged, tested, then committed. `stage()` validates a candidate and says
-why it is rejected without touching the running one; `commit()` makes it the next revision: written to a
+Kea's rule: a configuration is staged, tested, then committed. `stage()` validates a candidate (the only
+validation on the controller's side) and says why it is rejected without touching the running one;
+`commit()` makes the staged candidate the next revision: written to a
 temporary file, fsync'd, renamed over `running.json` (the old one stays whole until the rename), and only
 then published. Every committed revision is also kept as `revisions/<N>.yaml` (the last KEEP of them).
 """
@@ -11,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +27,15 @@ KEEP = 20
 
 def digest(data: Any) -> str:
     return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """A validated configuration: the model, and its normalised data (defaults filled in), which is what
+    gets persisted and published."""
+
+    config: BootfleetConfig
+    data: dict[str, Any]
 
 
 class ConfigStore:
@@ -48,14 +59,17 @@ class ConfigStore:
         return True
 
     @staticmethod
-    def stage(data: Any) -> tuple[BootfleetConfig, dict[str, Any]]:
-        """Validate a candidate; raises ConfigError naming each bad field. Returns the model and its
-        normalised data (defaults filled in), which is what gets published."""
+    def stage(data: Any) -> Candidate:
+        """Validate a candidate; raises ConfigError naming each bad field."""
         config = config_from_dict(data)
-        return config, config.model_dump(mode="json")
+        return Candidate(config, config.model_dump(mode="json"))
 
-    def commit(self, data: Any, *, seed_digest: str | None = None) -> int:
-        config, normalised = self.stage(data)
+    def unchanged(self, candidate: Candidate) -> bool:
+        return candidate.data == self.data
+
+    def commit(self, candidate: Candidate, *, seed_digest: str | None = None) -> int:
+        """Make a staged candidate the next revision (not validated again)."""
+        config, normalised = candidate.config, candidate.data
         revision = self.revision + 1
         doc = {"revision": revision, "config": normalised, "seed_digest": seed_digest or self.seed_digest}
         write_atomic(self.path, json.dumps(doc, indent=1))

@@ -4,6 +4,7 @@
   counters, and events emitted/dropped (from its heartbeats) against events received here.
 - `ClientTable`: one row per PC seen on the bus or named in `clients[]`: IP, state, last boot. A PC's IP
   links its iSCSI and TFTP events (which know only the address) to its MAC.
+- `Fleet`: both tables, what the controller and its command handlers see.
 - `timeline()`: one PC's last boot, step by step, with the time since power-on (its first DHCP discover
   after a quiet spell).
 """
@@ -31,6 +32,10 @@ class ServiceRow:
     received: int = 0
     controller: bool = True
     counters: dict[str, Any] = field(default_factory=dict)
+
+    def healthy(self, now: float, timeout: float) -> bool:
+        """A heartbeat within `timeout` seconds."""
+        return now - self.last_beat <= timeout
 
 
 class ServiceTable:
@@ -62,9 +67,6 @@ class ServiceTable:
         """Drop rows of instances scaled away (instance >= keep)."""
         for key in [k for k in self.rows if k[0] == service and k[1] >= keep]:
             del self.rows[key]
-
-    def healthy(self, row: ServiceRow, now: float, timeout: float) -> bool:
-        return now - row.last_beat <= timeout
 
 
 # What each event says about the state of a PC.
@@ -203,3 +205,11 @@ def timeline(events: list[dict[str, Any]]) -> list[dict[str, Any]]:
             detail = f"{f.get('target', '')} lun {f.get('lun', 0)}"
         steps.append({"t": round(e["ts"] - t0, 3), "ts": e["ts"], "step": step, "detail": detail, "type": e["type"]})
     return steps
+
+
+@dataclass
+class Fleet:
+    """The live picture: service processes (from heartbeats) and PCs (from events)."""
+
+    services: ServiceTable = field(default_factory=ServiceTable)
+    clients: ClientTable = field(default_factory=ClientTable)

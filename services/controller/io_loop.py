@@ -1,4 +1,4 @@
-"""The controller process: owns the configuration, publishes it, collects events, answers the CLI.
+"""The controller's I/O loop: owns the configuration, publishes it, collects events, answers the CLI.
 
 One thread runs a ZeroMQ poll loop over three bound sockets (snapshot, events, control) and publishes on a
 fourth; supervisord calls (which can take seconds) run in a worker thread so heartbeats never stall.
@@ -12,8 +12,6 @@ import os
 import signal
 import sys
 import time
-import uuid
-from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Callable
@@ -22,59 +20,50 @@ import msgpack
 import yaml
 import zmq
 
-from shared import events as ev
 from shared.bus import message as m
 from shared.bus.clone_server import CloneServer
 from shared.bus.endpoints import endpoints
 from shared.bus.keys import server_secure
 from shared.config.loader import ConfigError
 from shared.config.model import SERVICES, BootfleetConfig
+from shared.paths import state_path
+from services.controller.commands import dispatch
 from services.controller.config_store import ConfigStore, digest
 from services.controller.event_store import EventStore
-from services.controller.fleet import ClientTable, ServiceTable
+from services.controller.facade import Facade, LoopStats
+from services.controller.fleet import Fleet
+from services.controller.leases import Leases
 from services.controller.supervisor_rpc import Supervisor, SupervisorError
+from services.controller.waiters import CommandKeys, Waiter, Waiters
 
 log = logging.getLogger("bootfleet.controller")
 
-LEASE_EVENTS = {ev.LEASE_GRANTED, ev.LEASE_RENEWED}
-LEASE_GONE = {ev.LEASE_RELEASED, ev.LEASE_EXPIRED, ev.LEASE_DECLINED}
 MAX_BATCH = 5000  # events taken from the socket per loop turn (one SQLite transaction)
-
-
-COMMAND_TTL = 60.0  # seconds a command key stays in the store (a service restarting meanwhile still sees it)
-
-
-class Waiter:
-    """A CLI request answered when a matching event arrives, or with an error at its deadline."""
-
-    def __init__(self, envelope: list[bytes], match: Callable[[dict], bool], deadline: float,
-                 on_event: Callable[[dict], dict], on_timeout: Callable[[], dict]):
-        self.envelope, self.match, self.deadline = envelope, match, deadline
-        self.on_event, self.on_timeout = on_event, on_timeout
 
 
 class Controller:
     def __init__(self, state_dir: Path, seed_file: Path | None):
         self.state_dir = Path(state_dir).resolve()
         self.seed_file = seed_file
-        self.started = time.time()
-        self.pid = os.getpid()
         self.store = ConfigStore(self.state_dir)
-        self.services = ServiceTable()
-        self.clients = ClientTable()
+        self.fleet = Fleet()
         self.supervisor = Supervisor(self.state_dir)
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="supervisor")
         self.pending: list[tuple[list[bytes], Future, Callable[[Any], dict]]] = []
-        self.waiters: list[Waiter] = []
-        self.commands: deque[tuple[float, str]] = deque()  # (expiry, key) of command keys, oldest first
-        self.events_received = 0
-        self.bad_messages = 0
+        self.waiters = Waiters()
         self.running = True
         self._load_config()
         cfg = self.config
         self.events = EventStore(self.state_dir / "controller" / "events.db", cfg.events.retention_days, cfg.events.max_rows)
         self._bind()
-        self.clone.set("config", self.store.document())
+        self.stats = LoopStats(pid=os.getpid(), started=time.time(), epoch=self.clone.epoch)
+        self.command_keys = CommandKeys(self.clone)
+        self.leases = Leases(self.clone, lambda: state_path(self.state_dir, self.config.dhcp.lease_file))
+        self.facade = Facade(
+            config=self.store, fleet=self.fleet, events=self.events, leases=self.leases, supervisor=self.supervisor,
+            stats=self.stats, commit=self.commit, submit=self.submit, ask=self.ask,
+        )
+        self.clone.set(m.CONFIG_KEY, self.store.document())
         self._replay_events()
 
     @property
@@ -87,13 +76,13 @@ class Controller:
         have_running = self.store.load()
         if self.seed_file is None:
             if not have_running:
-                self.store.commit({})
+                self.store.commit(self.store.stage({}))
             return
         try:
             seed = yaml.safe_load(self.seed_file.read_text())
             seed_digest = digest(seed)
             if not have_running or self.store.seed_digest != seed_digest:
-                revision = self.store.commit(seed, seed_digest=seed_digest)
+                revision = self.store.commit(self.store.stage(seed), seed_digest=seed_digest)
                 log.info("configuration from %s committed as revision %d", self.seed_file, revision)
         except (OSError, yaml.YAMLError, ConfigError) as exc:
             if not have_running:
@@ -122,12 +111,12 @@ class Controller:
 
     def _replay_events(self) -> None:
         """Rebuild the client table from the last day of stored events."""
+        clients = self.fleet.clients
         for e in self.events.query(since=time.time() - 86400, limit=200_000):
-            self.clients.observe(e["type"], e["fields"], e["ts"])
+            clients.observe(e["type"], e["fields"], e["ts"])
         for client in self.config.clients:
-            self.clients.ensure(client.mac)
-        for ip, mac in self.clients.mac_by_ip.items():
-            self.clone.set(f"lease/{ip}", {"mac": mac})
+            clients.ensure(client.mac)
+        self.leases.seed(clients.mac_by_ip)
 
     # -- the loop -----------------------------------------------------------------------------------
     def run(self) -> None:
@@ -177,14 +166,14 @@ class Controller:
             try:
                 msg = m.unpack(frame)
             except m.BadMessage as exc:
-                self.bad_messages += 1
+                self.stats.bad_messages += 1
                 log.warning("event socket: %s", exc)
                 continue
             if msg["t"] == m.BEAT:
-                self.services.beat(msg, now)
+                self.fleet.services.beat(msg, now)
             elif msg["t"] == m.EVENT:
-                self.events_received += 1
-                self.services.event(msg)
+                self.stats.events_received += 1
+                self.fleet.services.event(msg)
                 self._observe(msg)
                 batch.append(msg)
             else:
@@ -192,41 +181,23 @@ class Controller:
         self.events.add_many(batch)
 
     def _observe(self, msg: dict[str, Any]) -> None:
-        if self.waiters:
-            for waiter in [w for w in self.waiters if w.match(msg)]:
-                self.waiters.remove(waiter)
-                self.reply(waiter.envelope, waiter.on_event(msg))
-        fields, type = msg["fields"], msg["type"]
-        self.clients.observe(type, fields, msg["ts"])
-        ip, mac = fields.get("ip"), fields.get("mac")
-        # TFTP learns which PC is at which address from these keys (scripts rendered per MAC)
-        if type in LEASE_EVENTS and ip and mac:
-            key = f"lease/{ip}"
-            if (self.clone.get(key) or {}).get("mac") != mac:
-                self.clone.set(key, {"mac": mac, "expires": fields.get("expires")})
-        elif type in LEASE_GONE and ip:
-            if self.clone.get(f"lease/{ip}") is not None:
-                self.clone.set(f"lease/{ip}", None)
+        for envelope, answer in self.waiters.matched(msg):
+            self.reply(envelope, answer)
+        self.fleet.clients.observe(msg["type"], msg["fields"], msg["ts"])
+        self.leases.observe(msg["type"], msg["fields"])
 
     def _expire(self, now: float) -> None:
-        for waiter in [w for w in self.waiters if w.deadline <= now]:
-            self.waiters.remove(waiter)
-            self.reply(waiter.envelope, waiter.on_timeout())
-        while self.commands and self.commands[0][0] <= now:
-            self.clone.set(self.commands.popleft()[1], None)
+        for envelope, answer in self.waiters.expired(now):
+            self.reply(envelope, answer)
+        self.command_keys.expire(now)
 
-    def send_command(self, service: str, name: str, args: dict[str, Any]) -> str:
-        """Ask every process of `service` to perform `name` once (a key in the replicated store)."""
-        key = f"command/{service}/{uuid.uuid4().hex[:12]}"
-        now = time.time()
-        self.clone.set(key, {"name": name, "args": args, "ts": now})
-        self.commands.append((now + COMMAND_TTL, key))
-        return key
+    def ask(self, service: str, name: str, args: dict[str, Any], waiter: Waiter) -> None:
+        """Ask every process of `service` to perform `name` once; `waiter` answers the request."""
+        self.command_keys.send(service, name, args, time.time())
+        self.waiters.add(waiter)
 
     # -- control requests ---------------------------------------------------------------------------
     def _take_requests(self) -> None:
-        from services.controller.commands import dispatch
-
         while True:
             try:
                 frames = self.control.recv_multipart(zmq.NOBLOCK)
@@ -241,7 +212,7 @@ class Controller:
                 self.reply(envelope, {"result": 1, "text": f"bad request: {exc}"})
                 continue
             try:
-                answer = dispatch(self, envelope, req["command"], req.get("arguments") or {})
+                answer = dispatch(self.facade, envelope, req["command"], req.get("arguments") or {})
             except Exception as exc:  # a bug in one command must not take the controller down
                 log.exception("command %s failed", req["command"])
                 answer = {"result": 1, "text": f"{req['command']}: internal error: {exc}"}
@@ -276,13 +247,13 @@ class Controller:
     def commit(self, data: Any) -> int:
         """Validate, persist and publish a new revision; raises ConfigError and changes nothing if invalid."""
         before = self.config.scale.model_dump()
-        _, normalised = self.store.stage(data)
-        if normalised == self.store.data:
+        candidate = self.store.stage(data)
+        if self.store.unchanged(candidate):
             return self.store.revision  # unchanged: no new revision (`make up` twice is harmless)
-        revision = self.store.commit(data)
-        self.clone.set("config", self.store.document())
+        revision = self.store.commit(candidate)
+        self.clone.set(m.CONFIG_KEY, self.store.document())
         for client in self.config.clients:
-            self.clients.ensure(client.mac)
+            self.fleet.clients.ensure(client.mac)
         self.events.retention_days = self.config.events.retention_days
         self.events.max_rows = self.config.events.max_rows
         if self.config.scale.model_dump() != before:
@@ -301,7 +272,7 @@ class Controller:
                 done[service] = self.supervisor.scale(service, want)
             except SupervisorError as exc:
                 log.warning("%s", exc)
-            self.services.forget(service, want)
+            self.fleet.services.forget(service, want)
         return done
 
 

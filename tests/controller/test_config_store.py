@@ -11,8 +11,8 @@ from services.controller.config_store import ConfigStore, get_path, parse_path, 
 def test_commit_is_atomic_and_numbered(tmp_path):
     store = ConfigStore(tmp_path)
     assert store.load() is False
-    assert store.commit({}) == 1
-    assert store.commit({"boot": {"default_lun": 3}}) == 2
+    assert store.commit(store.stage({})) == 1
+    assert store.commit(store.stage({"boot": {"default_lun": 3}})) == 2
     doc = json.loads((tmp_path / "controller" / "running.json").read_text())
     assert doc["revision"] == 2 and doc["config"]["boot"]["default_lun"] == 3
     assert (tmp_path / "controller" / "revisions" / "1.yaml").exists()
@@ -23,10 +23,10 @@ def test_commit_is_atomic_and_numbered(tmp_path):
 
 def test_rejected_candidate_changes_nothing(tmp_path):
     store = ConfigStore(tmp_path)
-    store.commit({"boot": {"default_lun": 3}})
+    store.commit(store.stage({"boot": {"default_lun": 3}}))
     before = (tmp_path / "controller" / "running.json").read_bytes()
     with pytest.raises(ConfigError, match="boot.default_lun"):
-        store.commit({"boot": {"default_lun": -1}})
+        store.stage({"boot": {"default_lun": -1}})
     assert store.revision == 1 and store.config.boot.default_lun == 3
     assert (tmp_path / "controller" / "running.json").read_bytes() == before
 
