@@ -14,7 +14,7 @@ from typing import Any, Literal
 from pydantic import Field, field_validator, model_validator
 
 from shared.config.base import IPv4, IPv4Network, IscsiName, Mac, StrictModel
-from services.dhcp.options import OptionError, encode_option, option_code
+from services.dhcp.options import OptionError, encode_option
 
 OptionMap = dict[str | int, Any]
 
@@ -213,6 +213,3 @@ class DhcpConfig(StrictModel):
                 raise ValueError(f"classes: {name} is defined twice")
         return self
 
-
-def option_codes(options: OptionMap) -> set[int]:
-    return {option_code(k) for k in options}
