@@ -104,9 +104,6 @@ class ReferenceStack:
         if self.dnsmasq.poll() is not None:
             raise LabError(f"dnsmasq exited: {(self.workdir / 'dnsmasq.log').read_text()[-800:]}")
 
-    def read_lun(self, iqn: str, offset: int, length: int) -> bytes:
-        return read_through_target(self.lab, iqn, TGT_LUN, offset, length)
-
 
 def read_through_target(lab: Lab, iqn: str, lun: int, offset: int, length: int, portal: str = SERVER_IP) -> bytes:
     """Read bytes of a LUN as an initiator would: QEMU's libiscsi client (qemu-img dd) inside the lab."""

@@ -6,7 +6,8 @@ hands it out through its `take_events()`; the service passes it to `ServiceConte
 `event.type` and `event.fields()` to the controller. Fields named `mac` and `ip` let the controller put an event
 on a client's timeline.
 
-The type strings below are the wire contract the controller matches on (services/controller/fleet.py);
+The type strings below are the wire contract the controller matches on (services/controller/fleet.py,
+leases.py, and lease-release in commands.py);
 each service's own `events.py` holds the dataclasses of the events it emits, named after these strings.
 """
 
@@ -43,7 +44,7 @@ ISCSI_LOGIN_FAILED = "iscsi.login.failed"
 ISCSI_FIRST_READ = "iscsi.first_read"
 ISCSI_IO_STATS = "iscsi.io_stats"
 
-# Service lifecycle (sent by shared/managed.py)
+# Service lifecycle: sent by shared/managed.py (a managed process; standalone, nothing is sent)
 SERVICE_STARTED = "service.started"
 SERVICE_APPLIED = "service.applied"
 SERVICE_APPLY_FAILED = "service.apply_failed"
