@@ -25,6 +25,7 @@ from shared.service import BaseService
 
 class DhcpService(BaseService):
     name = "dhcp"
+    sections = ("dhcp", "boot", "clients", "iscsi", "scale")  # scale: instances split the clients
 
     def __init__(self, ctx):
         super().__init__(ctx)

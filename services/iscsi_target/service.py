@@ -86,6 +86,7 @@ def build_lun(spec, lun_id: int, state_dir: Path):
 
 class IscsiTargetService(BaseService):
     name = "iscsi_target"
+    sections = ("iscsi",)
 
     def __init__(self, ctx):
         super().__init__(ctx)

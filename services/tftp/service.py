@@ -19,6 +19,7 @@ from services.tftp.io_loop import TftpLoop
 
 class TftpService(BaseService):
     name = "tftp"
+    sections = ("tftp", "http", "boot", "clients", "iscsi")  # boot/clients/iscsi: per-PC iPXE scripts
 
     def __init__(self, ctx):
         super().__init__(ctx)
