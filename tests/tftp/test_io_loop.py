@@ -1,5 +1,6 @@
-"""The TFTP service as a process (`python -m services.tftp --config FILE`), driven by real clients
-(tftp-hpa, atftp, curl) and by a raw client for exact packets."""
+"""io_loop.py on the wire: the TFTP service as a process (`python -m services.tftp --config FILE`), driven by
+real clients (tftp-hpa, atftp, curl) and by a raw client for exact packets. The admission rules alone, without
+sockets, are in test_core.py."""
 
 from __future__ import annotations
 
@@ -150,8 +151,8 @@ def test_option_negotiation_over_the_wire(start, root, gso):
         ("missing.bin", 1),
     ],
 )
-def test_refused_reads(start, name, code, request_server={}):
-    server = request_server.get("s") or request_server.setdefault("s", None) or start()
+def test_refused_reads(start, name, code):
+    server = start()
     with pytest.raises(TftpError) as exc:
         fetch(server.port, name)
     assert exc.value.code == code
@@ -256,10 +257,8 @@ def test_malformed_corpus_then_a_normal_download(start, root):
             s.sendto(packet, ("127.0.0.1", server.port))
             reply, _ = s.recvfrom(600)
             assert pk.parse_error(reply)[0] == 4 and len(reply) <= len(packet), (packet, reply)
-    time.sleep(0.3)
-    assert server.proc.poll() is None
-    content, _ = fetch(server.port, "big.bin", {"blksize": 1468})
-    assert content == (root / "big.bin").read_bytes()
+    content, _ = fetch(server.port, "big.bin", {"blksize": 1468})  # served after all of it: still up
+    assert content == (root / "big.bin").read_bytes() and server.proc.poll() is None
     assert "Traceback" not in server.log.read_text()
 
 

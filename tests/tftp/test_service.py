@@ -52,10 +52,9 @@ def test_apply_keeps_transfers_in_flight(tmp_path, threads):
             raise AssertionError("a.bin is not under the new root")
         except TftpError as exc:
             assert exc.code == 1
-        for _ in range(100):  # the server handles the last ACK after the client has moved on
-            if service.counters()["finished"] == 2:
-                break
-            await asyncio.sleep(0.02)
+        # the server handles the last ACK after the client has moved on
+        await asyncio.to_thread(support.wait_for, lambda: service.counters()["finished"] == 2, 10,
+                                what="both transfers to finish")
         counters = service.counters()
         await service.stop()
         return counters
