@@ -1,9 +1,9 @@
 """The lease store: SQLite in WAL mode, an in-memory index, writes grouped into one commit per loop turn.
 
-A lease is durable before its ACK leaves: the service calls `commit()` after handling the datagrams one receive
-turn returned and before it sends their replies (group commit). `ip` is the primary key, so after `kill -9` and a
-restart no address can be bound to two clients. It is the `LeaseTable` (lease_table.py) the decision core is
-given in the service; the lease record and its states are defined there.
+A lease is durable before its ACK leaves: the I/O loop (io_loop.py) calls `commit()` after handling the
+datagrams one receive turn returned and before it sends their replies (group commit). `ip` is the primary key,
+so after `kill -9` and a restart no address can be bound to two clients. It is the `LeaseTable`
+(lease_table.py) the decision core is given in the service; the lease record and its states are defined there.
 
 Readers (the controller's `bootfleet leases`) open the file with `LeaseStore.open_readonly(path)` and call
 `list()`; WAL lets them read while the service writes. Several DHCP processes may share one file: each
@@ -56,7 +56,7 @@ def _set_wal(db: sqlite3.Connection, timeout: float = 10.0) -> None:
 
 
 class LeaseStore:
-    """Leases by address and by MAC, mirrored to SQLite. Not thread-safe: one owner (the service loop)."""
+    """Leases by address and by MAC, mirrored to SQLite. Not thread-safe: one owner (the I/O loop, under its lock)."""
 
     def __init__(self, path: str | Path, durability: str = "process", readonly: bool = False):
         self.path = str(path)
@@ -65,7 +65,7 @@ class LeaseStore:
             self.db = sqlite3.connect(f"file:{self.path}?mode=ro", uri=True, timeout=5.0, check_same_thread=False)
         else:
             Path(self.path).parent.mkdir(parents=True, exist_ok=True)
-            # one owner at a time (the service holds a lock); it may be a thread other than the opener
+            # one owner at a time (the I/O loop's lock); it may be a thread other than the opener
             self.db = sqlite3.connect(self.path, timeout=10.0, isolation_level=None, check_same_thread=False)
             _set_wal(self.db)
             # NORMAL in WAL mode: a committed transaction survives the process dying (kill -9), not a power cut.

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import ipaddress
 import struct
-from socket import inet_ntoa
 
 from services.dhcp import options as opt
 
@@ -25,16 +24,14 @@ DISCOVER, OFFER, REQUEST, DECLINE, ACK, NAK, RELEASE, INFORM = range(1, 9)
 MESSAGE_NAMES = {1: "DISCOVER", 2: "OFFER", 3: "REQUEST", 4: "DECLINE", 5: "ACK", 6: "NAK", 7: "RELEASE", 8: "INFORM"}
 
 
-_U32 = struct.Struct("!I")
-
-
 def ip_int(text: str) -> int:
     """Dotted quad -> the 32-bit integer the codec, allocator and lease table use."""
     return int(ipaddress.IPv4Address(text))
 
 
 def ip_str(value: int) -> str:
-    return inet_ntoa(_U32.pack(value))
+    # formatted here rather than with socket.inet_ntoa: the codec and the core import no socket module
+    return f"{value >> 24}.{(value >> 16) & 255}.{(value >> 8) & 255}.{value & 255}"
 
 
 class PacketError(ValueError):

@@ -1,4 +1,4 @@
-"""Sockets of the DHCP service: one UDP socket per configured interface, ARP entries, Router Advertisements.
+"""The Linux socket calls of the DHCP I/O loop: a UDP socket per interface, ARP entries, Router Advertisements.
 
 Each socket is bound to 0.0.0.0:67 and to its interface (SO_BINDTODEVICE), so the service hears only the
 interfaces the configuration names and every reply leaves by the interface its request came in on.
