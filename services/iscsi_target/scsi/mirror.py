@@ -82,6 +82,7 @@ class MirrorBackstore(Backstore):
         self._writes: dict[int, tuple[int, int]] = {}  # in-flight writes: token -> [start, end)
         self._tokens = itertools.count()
         self._copy: tuple[int, int] | None = None     # the range the resync is copying right now
+        self._waiting = 0                             # threads waiting on _cond (writes and the resync)
         self.watermark = 0                            # resync: bytes below this are on both legs
         self._rr = itertools.count()
 
@@ -151,50 +152,72 @@ class MirrorBackstore(Backstore):
 
     # ---------------------------------------------------------------- I/O
     def _begin(self, start: int, end: int):
+        """Register a write over [start, end) once nothing overlapping runs; the legs it goes to."""
         with self._cond:
-            while True:
-                copy = self._copy
-                if copy is not None and start < copy[1] and copy[0] < end:
-                    self._cond.wait()
-                    continue
-                if any(start < e and s < end for s, e in self._writes.values()):
-                    self._cond.wait()
-                    continue
-                break
+            if self._copy is not None or self._writes:  # the fast path: nothing else in flight
+                self._wait_clear(start, end)
             token = next(self._tokens)
             self._writes[token] = (start, end)
             state = self.state
-            targets = [(i, self.legs[i]) for i in (0, 1)
-                       if state[i] == IN_SYNC or (state[i] == RESYNCING and start < self.watermark)]
+            if state[0] == IN_SYNC and state[1] == IN_SYNC:
+                return token, ((0, self.legs[0]), (1, self.legs[1]))
+            targets = tuple((i, self.legs[i]) for i in (0, 1)
+                            if state[i] == IN_SYNC or (state[i] == RESYNCING and start < self.watermark))
         return token, targets
+
+    def _wait_clear(self, start: int, end: int) -> None:
+        while True:
+            copy = self._copy
+            if (copy is not None and start < copy[1] and copy[0] < end) or \
+                    any(start < e and s < end for s, e in self._writes.values()):
+                self._waiting += 1
+                try:
+                    self._cond.wait()
+                finally:
+                    self._waiting -= 1
+                continue
+            return
 
     def _end(self, token: int) -> None:
         with self._cond:
             del self._writes[token]
-            self._cond.notify_all()
+            if self._waiting:
+                self._cond.notify_all()
 
-    def _each_leg(self, start: int, end: int, op) -> None:
-        token, targets = self._begin(start, end)
+    def _failed(self, i: int, leg, exc: BaseException) -> None:
+        failure = _WriteFailure(_reason(exc))
+        failure.__cause__ = exc
+        self._drop(i, leg, failure)  # raises MEDIUM ERROR if it was the last leg in sync
+
+    def write(self, offset: int, data) -> None:
+        token, targets = self._begin(offset, offset + len(data))
         try:
             done = 0
             for i, leg in targets:
                 try:
-                    op(leg)
+                    leg.write(offset, data)
                     done += 1
                 except LEG_ERRORS as exc:
-                    failure = _WriteFailure(_reason(exc))
-                    failure.__cause__ = exc
-                    self._drop(i, leg, failure)  # raises MEDIUM ERROR if it was the last leg in sync
+                    self._failed(i, leg, exc)
             if not done:
                 raise S.ScsiError(S.MEDIUM_ERROR, S.WRITE_ERROR)
         finally:
             self._end(token)
 
-    def write(self, offset: int, data) -> None:
-        self._each_leg(offset, offset + len(data), lambda leg: leg.write(offset, data))
-
     def unmap(self, offset: int, length: int) -> None:
-        self._each_leg(offset, offset + length, lambda leg: leg.unmap(offset, length))
+        token, targets = self._begin(offset, offset + length)
+        try:
+            done = 0
+            for i, leg in targets:
+                try:
+                    leg.unmap(offset, length)
+                    done += 1
+                except LEG_ERRORS as exc:
+                    self._failed(i, leg, exc)
+            if not done:
+                raise S.ScsiError(S.MEDIUM_ERROR, S.WRITE_ERROR)
+        finally:
+            self._end(token)
 
     def read(self, offset: int, length: int):
         while True:
@@ -281,7 +304,11 @@ class MirrorBackstore(Backstore):
                         raise ResyncError(f"{self.names[src]}: failed during the resync")
                     self._copy = (pos, pos + n)
                     while any(pos + n > s and e > pos for s, e in self._writes.values()):
-                        self._cond.wait()
+                        self._waiting += 1
+                        try:
+                            self._cond.wait()
+                        finally:
+                            self._waiting -= 1
                 try:
                     source = self.legs[src]
                     try:

@@ -384,3 +384,55 @@ def test_wce_off_by_mode_select_makes_both_file_legs_write_through(tmp_path):
     params = bytes([0, 0, 0, 0]) + page
     assert t.execute(NX, 0, memoryview(bytes([0x15, 0x10, 0, 0, len(params), 0]).ljust(16, b"\0")), params).status == 0
     assert m.write_through and all(leg.write_through for leg in legs)
+
+
+class GatedLeg(FaultyLeg):
+    """A leg whose next write stops at a gate until the test opens it."""
+
+    def __init__(self, inner):
+        super().__init__(inner)
+        self.inside, self.gate, self.armed = threading.Event(), threading.Event(), False
+
+    def write(self, offset, data):
+        if self.armed:
+            self.armed = False
+            self.inside.set()
+            assert self.gate.wait(10)
+        super().write(offset, data)
+
+
+def test_a_write_into_the_chunk_being_copied_waits_for_the_copy():
+    good, stale = FaultyLeg(RamBackstore(MiB)), GatedLeg(RamBackstore(MiB))
+    good.read = lambda offset, length: bytes(good.inner.read(offset, length))  # a copy, as pread gives
+    m = MirrorBackstore([good, stale])
+    stale.fail_writes = True
+    m.write(0, b"o" * 512)
+    stale.fail_writes = False
+    stale.armed = True  # the resync's first chunk write stops after it read the good leg
+    resync = threading.Thread(target=m.resync, args=(1,), kwargs={"chunk": 64 << 10})
+    resync.start()
+    assert stale.inside.wait(10)
+    writer = threading.Thread(target=m.write, args=(512, b"W" * 512))
+    writer.start()
+    wait_for(lambda: m._waiting or not writer.is_alive(), what="the write to wait or finish")
+    stale.gate.set()
+    writer.join(10)
+    resync.join(10)
+    assert m.state == [IN_SYNC, IN_SYNC]
+    assert bytes(stale.read(512, 512)) == b"W" * 512  # lost if the write had gone to the good leg alone
+
+
+def test_overlapping_writes_do_not_interleave_their_legs():
+    a, b = RamBackstore(MiB), GatedLeg(RamBackstore(MiB))
+    m = MirrorBackstore([a, b])
+    b.armed = True  # the first write stops between its two legs
+    first = threading.Thread(target=m.write, args=(0, b"1" * 1024))
+    first.start()
+    assert b.inside.wait(10)
+    second = threading.Thread(target=m.write, args=(512, b"2" * 1024))
+    second.start()
+    wait_for(lambda: m._waiting or not second.is_alive(), what="the second write to wait or finish")
+    b.gate.set()
+    first.join(10)
+    second.join(10)
+    assert bytes(a.read(0, 2048)) == bytes(b.read(0, 2048)) == b"1" * 512 + b"2" * 1024 + bytes(512)
