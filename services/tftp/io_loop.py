@@ -1,13 +1,8 @@
 """The TFTP I/O loop: one request socket, one socket per transfer, one epoll loop in one thread.
 
-- The request socket (SO_REUSEPORT, so several processes can share port 69) reads requests with IP_PKTINFO:
-  the address each request came to. A transfer's socket is bound to that address (port 0: a new TID), so
-  replies leave from the address the client spoke to, whatever the routing table says.
-- A transfer has two sockets on its port: one connected to the client, which alone receives the client's
-  datagrams (the kernel prefers a connected socket), so the hot path is `recv_into`/`sendmsg` with no address
-  to format, parse or compare, and an ICMP port-unreachable ends the transfer at once instead of after its
-  retries; and one unconnected "catcher" that receives whatever else arrives at the port (a wrong TID), answered
-  with error 5 without touching the transfer.
+- The request socket and a transfer's two sockets (connected, catcher) are made in sockets.py, which says
+  why: replies leave from the address each request came to, the hot path has no address to compare, a
+  wrong TID reaches only the catcher (error 5).
 - Blocks are read with one `os.preadv` per window into a preallocated buffer and sent with
   `sendmsg([header, slice])`: no copy in Python, no per-packet allocation besides the 4-byte header.
   Rendered and netascii files are served from memory the same way. Files are not mmap'd: a file truncated
@@ -24,7 +19,6 @@ from __future__ import annotations
 
 import errno
 import heapq
-import ipaddress
 import itertools
 import logging
 import os
@@ -39,14 +33,13 @@ from typing import Callable
 from services.tftp import packets as pk
 from services.tftp.core import Admitted, Answer, Policy, TftpCore
 from services.tftp.files import FileCache, finish_upload
+from services.tftp.sockets import IN_PKTINFO, pktinfo_address, request_socket, send_once, transfer_sockets
 from services.tftp.transfer import ACTIVE, DALLY, DONE, FAILED, ReadTransfer, WriteTransfer
 from shared.events import Event
 from shared.wakeup import Wakeup
 
 log = logging.getLogger("bootfleet.tftp")
 
-IN_PKTINFO = struct.Struct("=i4s4s")  # ifindex, spec_dst, addr
-IP_PKTINFO = getattr(socket, "IP_PKTINFO", 8)  # Linux <netinet/in.h>; Python 3.11 does not export it
 REQUEST_BATCH = 64  # requests read per wake-up of the request socket
 GSO_MAX_SEGMENTS = 64  # UDP_MAX_SEGMENTS in the kernel
 GSO_MAX_BYTES = 65000  # a GSO send is one IP datagram before segmentation: under 64 KiB in all
@@ -80,18 +73,6 @@ class Slot:
     closed: bool = False
     bytes_sent: int = 0
     gso: bool = True  # off for a transfer whose blocks the kernel will not segment (larger than the MTU)
-
-
-def _pktinfo_address(ancdata, fallback: str) -> str:
-    for level, kind, data in ancdata:
-        if level == socket.IPPROTO_IP and kind == IP_PKTINFO and len(data) >= IN_PKTINFO.size:
-            _, spec_dst, addr = IN_PKTINFO.unpack_from(data)
-            dst = ipaddress.IPv4Address(addr)
-            # a broadcast or multicast request is answered from the interface's own address
-            if dst.is_multicast or addr == b"\xff\xff\xff\xff" or dst.packed[3] == 255:
-                return str(ipaddress.IPv4Address(spec_dst))
-            return str(dst)
-    return fallback
 
 
 class TftpLoop:
@@ -148,11 +129,7 @@ class TftpLoop:
 
     def bind(self, address: str, port: int) -> None:
         """Open the request socket; called before start() or, for a new address, from any thread."""
-        sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-        sock.setsockopt(socket.IPPROTO_IP, IP_PKTINFO, 1)
-        sock.bind((address, port))
-        sock.setblocking(False)
+        sock = request_socket(address, port)
         self.address, self.port = address, sock.getsockname()[1]
         if self.thread is None:
             self._install_listener(sock)
@@ -293,7 +270,7 @@ class TftpLoop:
             except OSError as exc:
                 log.warning("request socket: %s", exc)
                 break
-            local = _pktinfo_address(ancdata, self.address)
+            local = pktinfo_address(ancdata, self.address)
             try:
                 self._on_request(data, peer, local, now)
             except Exception:
@@ -306,47 +283,16 @@ class TftpLoop:
         if decision is None:
             return
         if type(decision) is Answer:
-            return self._send_once(local, peer, decision.packet)
+            return send_once(local, peer, decision.packet)
         try:
-            sock, catcher = self._open_transfer_sockets(local, peer)
+            sock, catcher = transfer_sockets(local, peer)
             if decision.transfer.windowsize > 1 and not decision.writing:
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SNDBUF)
         except OSError as exc:
             decision.release()
-            return self._send_once(local, peer, self.core.refuse(peer, pk.ERR_UNDEFINED, str(exc), decision.file,
-                                                                 decision.mac).packet)
+            return send_once(local, peer, self.core.refuse(peer, pk.ERR_UNDEFINED, str(exc), decision.file,
+                                                           decision.mac).packet)
         self._start(decision, sock, catcher, peer, now)
-
-    def _send_once(self, local: str, peer, packet: bytes) -> None:
-        # a reply outside a transfer leaves from a new TID on the address the request came to
-        try:
-            with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
-                s.bind((local, 0))
-                s.sendto(packet, peer)
-        except OSError as exc:
-            log.debug("could not answer %s:%d: %s", *peer, exc)
-
-    def _open_transfer_sockets(self, local: str, peer) -> tuple[socket.socket, socket.socket]:
-        """-> (connected, catcher): a new port (the TID) on the request's address, two sockets on it."""
-        sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-        catcher = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-        try:
-            # the port is chosen without SO_REUSEADDR, so it is one nobody holds; the flag is on only while the
-            # catcher joins it, so no later socket of anyone else can share the port either
-            sock.bind((local, 0))
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            catcher.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            catcher.bind(sock.getsockname())
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 0)
-            catcher.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 0)
-            sock.connect(peer)
-            sock.setblocking(False)
-            catcher.setblocking(False)
-        except OSError:
-            sock.close()
-            catcher.close()
-            raise
-        return sock, catcher
 
     def _start(self, admitted: Admitted, sock: socket.socket, catcher: socket.socket, peer, now: float) -> None:
         t = admitted.transfer
