@@ -119,6 +119,35 @@ class IscsiTargetService(BaseService):
                     runner.request_logout(LOGOUT_GRACE)
         self.log.info("applied: %d target(s), removed %s", len(self.registry.targets), ", ".join(removed) or "none")
 
+    async def command(self, name: str, args: dict) -> None:
+        """`lun-resync {target, lun}` (for `bootfleet lun resync TARGET LUN`): rebuild a mirror LUN's dropped
+        leg while it serves; progress goes to media.mirror_events (logged every 10% here)."""
+        if name != "lun-resync":
+            self.log.warning("command %s is not supported by iscsi_target", name)
+            return
+        entry = self.registry.target(str(args.get("target", "")).lower())
+        lu = entry.scsi.luns.get(int(args.get("lun", -1))) if entry else None
+        mirror = getattr(lu, "store", None)
+        if mirror is None or not hasattr(mirror, "resync"):
+            self.log.warning("lun-resync: %s LUN %s is not a mirror LUN here", args.get("target"), args.get("lun"))
+            return
+        stale = [i for i, state in enumerate(mirror.state) if state != "in_sync"]
+        if not stale:
+            self.log.info("lun-resync: %s LUN %s: both legs are in sync", args.get("target"), args.get("lun"))
+            return
+        shown = [0]
+
+        def progress(done: int, total: int) -> None:
+            if done * 10 // total > shown[0] or done == total:
+                shown[0] = done * 10 // total
+                self.log.info("lun-resync %s LUN %s: leg %d %d%%", entry.name, lu.lun_id, stale[0], done * 100 // total)
+
+        try:
+            await asyncio.get_running_loop().run_in_executor(
+                None, media.resync, mirror, stale[0], self.ctx.state_dir, progress)
+        except Exception as exc:  # noqa: BLE001 - a failed resync leaves the leg out; say why
+            self.log.error("lun-resync %s LUN %s: %s", entry.name, lu.lun_id, exc)
+
     async def stop(self) -> None:
         if self._stats_task:
             self._stats_task.cancel()

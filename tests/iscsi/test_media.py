@@ -56,3 +56,36 @@ def test_a_leg_removed_while_serving_is_recreated_by_the_resync(tmp_path):
 def test_change_medium_only_for_a_cdrom(tmp_path):
     assert media.change_medium(None, Backstore(type="cdrom", path="a.iso"), Backstore(type="cdrom", path="b.iso"),
                                tmp_path) is False
+
+
+def test_the_service_resyncs_a_mirror_lun_on_command(tmp_path):
+    import asyncio
+
+    from services.iscsi_target.service import IscsiTargetService
+    from shared.config.model import BootfleetConfig
+    from shared.service import ServiceContext
+
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    target = "iqn.2026-11.org.test:m"
+    config = BootfleetConfig(iscsi={"portals": [{"ip": "127.0.0.1", "port": port}], "io_stats_interval": 0,
+                                    "targets": [{"name": target, "luns": [{"id": 3, "backstore": mirror_spec().model_dump()}]}]})
+    svc = IscsiTargetService(ServiceContext("iscsi_target", 0, tmp_path, lambda t, f: None))
+
+    async def scenario():
+        await svc.start(config)
+        try:
+            m = svc.registry.targets[target].scsi.luns[3].store
+            m.write(0, b"s" * 4096)
+            (tmp_path / "legs" / "b.img").unlink()
+            m.sync()
+            assert m.state == [IN_SYNC, FAILED]
+            await svc.command("lun-resync", {"target": target, "lun": 3})
+            assert m.state == [IN_SYNC, IN_SYNC]
+            assert (tmp_path / "legs" / "b.img").read_bytes()[:4096] == b"s" * 4096
+        finally:
+            await svc.stop()
+
+    asyncio.run(scenario())
