@@ -284,10 +284,9 @@ class TftpLoop:
             return
         if type(decision) is Answer:
             return send_once(local, peer, decision.packet)
+        windowed = decision.transfer.windowsize > 1 and not decision.writing
         try:
-            sock, catcher = transfer_sockets(local, peer)
-            if decision.transfer.windowsize > 1 and not decision.writing:
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SNDBUF)
+            sock, catcher = transfer_sockets(local, peer, SNDBUF if windowed else 0)
         except OSError as exc:
             decision.release()
             return send_once(local, peer, self.core.refuse(peer, pk.ERR_UNDEFINED, str(exc), decision.file,

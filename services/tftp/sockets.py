@@ -44,8 +44,9 @@ def pktinfo_address(ancdata, fallback: str) -> str:
     return fallback
 
 
-def transfer_sockets(local: str, peer) -> tuple[socket.socket, socket.socket]:
-    """-> (connected, catcher): a new port (the TID) on the request's address, two sockets on it."""
+def transfer_sockets(local: str, peer, sndbuf: int = 0) -> tuple[socket.socket, socket.socket]:
+    """-> (connected, catcher): a new port (the TID) on the request's address, two sockets on it; `sndbuf`
+    bytes of send buffer for the connected one (0: the system's), room for a window."""
     sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     catcher = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     try:
@@ -58,6 +59,8 @@ def transfer_sockets(local: str, peer) -> tuple[socket.socket, socket.socket]:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 0)
         catcher.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 0)
         sock.connect(peer)
+        if sndbuf:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, sndbuf)
         sock.setblocking(False)
         catcher.setblocking(False)
     except OSError:
