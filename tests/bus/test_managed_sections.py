@@ -65,3 +65,13 @@ def test_touches():
     assert touches(("dhcp",), old, {**old, "dhcp": {"a": 2}})
     assert touches(("clients",), old, {**old, "clients": []})  # a section appearing counts
     assert touches(None, old, old)
+
+
+def test_the_services_subscribe_to_what_they_read():
+    from services.dhcp.service import DhcpService
+    from services.iscsi_target.service import IscsiTargetService
+    from services.tftp.service import TftpService
+
+    assert set(DhcpService.sections) == set(DHCP_SECTIONS)
+    assert "tftp" not in DhcpService.sections and "dhcp" not in TftpService.sections
+    assert IscsiTargetService.sections == ("iscsi",)
