@@ -118,7 +118,11 @@ def test_invalid_config_is_rejected_and_old_revision_stays(stack, tmp_path):
     out = stack.cli("config", "set", "scale.tftp", "99")
     assert out.returncode == 1 and "scale.tftp" in out.stderr
     assert stack.status()["controller"]["revision"] == 1
-    assert stack.revisions() == {0: 1} and stack.applied(0) == ["0"]
+    # the next good candidate is revision 2, and the service applies it right after revision 1: had a
+    # rejected candidate been published, it would show here (a revision 3, or a line in between)
+    assert stack.cli("config", "set", "boot.default_lun", "2").returncode == 0
+    wait_for(timeout=30, predicate=lambda: stack.revisions() == {0: 2}, what="revision 2")
+    assert stack.applied(0) == ["0", "2"]
     # usage errors exit 2
     assert stack.cli("config", "frobnicate").returncode == 2
 
