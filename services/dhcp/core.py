@@ -273,7 +273,7 @@ class DhcpCore:
         # PC that boots again with its old address: a boot timeline gets its "DHCP ack" each time
         renewed = (msg.ciaddr != 0 and opt.SERVER_ID not in msg.options and existing is not None
                    and existing.mac == mac and existing.state == BOUND and existing.expires > now)
-        for other in leases.for_mac(mac):
+        for other in list(leases.for_mac(mac)):
             if other.ip != ip and other.scope == scope.name and other.state == BOUND:
                 leases.set_state(other, RELEASED, now, now)  # one address per client and scope
         res = scope.reservations.get(mac)
@@ -477,7 +477,7 @@ class DhcpCore:
     def release(self, mac: str, now: float) -> list[str]:
         """Operator's `bootfleet lease release MAC`: free the client's bound leases (the caller commits)."""
         freed = []
-        for lease in self.leases.for_mac(mac):
+        for lease in list(self.leases.for_mac(mac)):
             if lease.state == BOUND:
                 self.leases.set_state(lease, RELEASED, now, now)
                 freed.append(ip_str(lease.ip))

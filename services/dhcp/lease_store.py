@@ -158,10 +158,10 @@ class LeaseStore:
         return self.by_ip.get(ip)
 
     def for_mac(self, mac: str, scope: str | None = None) -> list[Lease]:
-        leases = self.by_mac.get(mac, ())
+        leases = self.by_mac.get(mac)
         if scope is None:
-            return list(leases)  # a copy: the caller may change the leases' states while it walks them
-        return [l for l in leases if l.scope == scope]
+            return leases or []  # the index itself (no copy on the hot path): copy it before writing while walking it
+        return [l for l in leases or () if l.scope == scope]
 
     def list(self, now: float | None = None, include_free: bool = False) -> list[dict]:
         """All leases as dicts (ip, mac, scope, state, expires, hostname, client_id), sorted by address.

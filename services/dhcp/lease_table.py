@@ -61,7 +61,8 @@ class LeaseTable(Protocol):
         this process's uncommitted writes win."""
 
     def for_mac(self, mac: str) -> Iterable[Lease]:
-        """The leases of one client, all scopes and states."""
+        """The leases of one client, all scopes and states. May be the table's own index: a caller that writes
+        leases while walking it walks a copy."""
 
     def put(self, lease: Lease, now: float) -> None:
         """Insert or replace the lease of `lease.ip`."""
