@@ -2,7 +2,7 @@
 
 Theory of operation
 -------------------
-Sans-IO: no sockets and no clock. The I/O loop (io_loop.py) hands `admit()` each datagram that came to the
+Sans-IO: no sockets; time comes in as `now` (only the log limiter reads the clock). The I/O loop (io_loop.py) hands `admit()` each datagram that came to the
 request port, with the client's address, the address it came to and `now`; the answer is one of
 - None: nothing to send (a request repeated while its transfer runs, stray DATA/ACK/garbage: counted, logged);
 - `Answer(packet)`: an ERROR to send once from a new port; no transfer (the refusal is counted, logged at most
