@@ -19,8 +19,8 @@ fsync'd, read-only and renamed into place, so a crash leaves either the old mani
 `<n>.raw.tmp` or a version file the manifest does not name is debris a later change removes.
 
 The controller owns the store (its commands change it); the iSCSI target only opens versions read-only
-and overlays read-write (`disk_for`). Overlay resets and publishing need the PC's session closed: the
-caller's rule (the controller knows the sessions), not something the files can enforce.
+and overlays read-write (`disk_for`). An open overlay holds an flock on its bitmap; publish and reset take
+the same lock and refuse while a target holds it, so neither happens under a running PC.
 """
 
 from __future__ import annotations
@@ -351,8 +351,8 @@ class ImageStore:
 
     def publish(self, name: str, pc: str, progress=_progress_none) -> Version:
         """The super PC's overlay becomes the next version, which becomes current; the overlay is reset.
-        The PC must be shut down (its session closed): the caller's check. Running PCs are not touched:
-        their version file stays as it was."""
+        Refused while a target has the overlay open (the PC must be shut down). Running PCs are not
+        touched: their version file stays as it was."""
         with self._locked(name) as d:
             m = self._manifest(name)
             path = self.overlay_path(name, pc)
@@ -361,33 +361,40 @@ class ImageStore:
             if base_n is None:
                 raise ImageStoreError(f"publish {name!r}: PC {pc!r} has no overlay on this image")
             base = self._version(m, base_n)
-            with open(bm_path, "rb") as bmf:
-                header = F.read_header(bmf.fileno(), str(bm_path))
-                if header.base_id != self.base_id(name, base_n):
-                    raise ImageStoreError(f"publish {name!r}: {pc}'s overlay sits on {header.base_id!r}, "
-                                          f"which is not version {base_n} as the manifest has it")
-                bits = F.read_bits(bmf.fileno(), header)
-            n = m.get("next", max(v["n"] for v in m["versions"]) + 1)
-            self._sweep(d, m)
-            base_path = d / "versions" / f"{base_n}.raw"
-            self._need(os.stat(path).st_blocks * 512 if _can_reflink(base_path, d) else
-                       os.stat(base_path).st_blocks * 512 + os.stat(path).st_blocks * 512, f"publish {name!r}")
-            tmp = d / "versions" / f"{n}.raw.tmp"
+            with _overlay_closed(path, f"publish {pc}'s overlay on {name!r}"):  # held to the end
+                return self._publish(name, pc, m, d, path, base_n, base, progress)
+
+    def _publish(self, name, pc, m, d, path, base_n, base, progress) -> Version:
+        bm_path = F.bitmap_path(path)
+        with open(bm_path, "rb") as bmf:
+            header = F.read_header(bmf.fileno(), str(bm_path))
+            if header.base_id != self.base_id(name, base_n):
+                raise ImageStoreError(f"publish {name!r}: {pc}'s overlay sits on {header.base_id!r}, "
+                                      f"which is not version {base_n} as the manifest has it")
+            bits = F.read_bits(bmf.fileno(), header)
+        n = m.get("next", max(v["n"] for v in m["versions"]) + 1)
+        self._sweep(d, m)
+        base_path = d / "versions" / f"{base_n}.raw"
+        self._need(os.stat(path).st_blocks * 512 if _can_reflink(base_path, d) else
+                   os.stat(base_path).st_blocks * 512 + os.stat(path).st_blocks * 512, f"publish {name!r}")
+        tmp = d / "versions" / f"{n}.raw.tmp"
+        tmp.unlink(missing_ok=True)
+        try:
+            with open(base_path, "rb") as src, open(tmp, "wb") as dst, open(path, "rb") as ov:
+                if not _reflink(src.fileno(), dst.fileno()):
+                    _sparse_copy(src.fileno(), dst.fileno(), base["size"], progress, "copy")
+                _merge(ov.fileno(), dst.fileno(), bits, header, progress)
+            v = self._seal(name, tmp, n, base_n, f"publish {pc}", progress)
+        except BaseException:
             tmp.unlink(missing_ok=True)
-            try:
-                with open(base_path, "rb") as src, open(tmp, "wb") as dst, open(path, "rb") as ov:
-                    if not _reflink(src.fileno(), dst.fileno()):
-                        _sparse_copy(src.fileno(), dst.fileno(), base["size"], progress, "copy")
-                    _merge(ov.fileno(), dst.fileno(), bits, header, progress)
-                v = self._seal(name, tmp, n, base_n, f"publish {pc}", progress)
-            except BaseException:
-                tmp.unlink(missing_ok=True)
-                raise
-            m["versions"].append(asdict(v))
-            m["current"], m["next"] = n, n + 1
-            self._write_manifest(name, m)
-            self._remove_overlay(path)
-            return v
+            raise
+        m["versions"].append(asdict(v))
+        m["current"], m["next"] = n, n + 1
+        # a crash between these two leaves the overlay beside the version made from it: the super PC then
+        # boots the old version plus the same overlay (the same disk), and its next publish includes it again
+        self._write_manifest(name, m)
+        self._remove_overlay(path)
+        return v
 
     def rollback(self, name: str, n: int) -> None:
         """Version n becomes current: PCs get it at their next power-on."""
@@ -461,10 +468,20 @@ class ImageStore:
         return dest
 
     def overlay_reset(self, name: str, pc: str) -> bool:
-        """Delete a PC's overlay (its next disk starts clean on the then current version). Only while the PC
-        has no session. True when there was one."""
+        """Delete a PC's overlay (its next disk starts clean on the then current version). Refused while a
+        target has it open (a session may be logged in). True when there was one."""
         self._manifest(name)
-        return self._remove_overlay(self.overlay_path(name, pc))
+        path = self.overlay_path(name, pc)
+        with _overlay_closed(path, f"reset {pc}'s overlay on {name!r}"):
+            return self._remove_overlay(path)
+
+    def overlay_in_use(self, name: str, pc: str) -> bool:
+        """True while a target process has the PC's overlay open."""
+        try:
+            with _overlay_closed(self.overlay_path(name, pc), "probe"):
+                return False
+        except ImageStoreError:
+            return True
 
     # ------------------------------------------------------------------ helpers
     @staticmethod
@@ -516,6 +533,26 @@ class ImageStore:
 
 
 # ---------------------------------------------------------------------------------------------- file helpers
+@contextmanager
+def _overlay_closed(path: Path, what: str):
+    """Hold the overlay's bitmap flock (the one an open Overlay holds): ImageStoreError if a target has it."""
+    bm = F.bitmap_path(path)
+    try:
+        fd = os.open(bm, os.O_RDONLY | os.O_CLOEXEC)
+    except FileNotFoundError:
+        yield
+        return
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise ImageStoreError(f"{what}: the overlay is open in a target (the PC's disk is being served; "
+                                  f"shut the PC down first)") from None
+        yield
+    finally:
+        os.close(fd)
+
+
 def _fsync_dir(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:

@@ -10,14 +10,16 @@ import json
 import os
 import random
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
-from services.iscsi_target.scsi.overlay import Overlay, OverlayFull
+from services.iscsi_target.scsi.overlay import Overlay, OverlayError, OverlayFull
 from shared.images.store import ImageStore, ImageStoreError, SpaceError
 
 KiB, MiB = 1024, 1 << 20
+ROOT = Path(__file__).resolve().parents[2]
 SIZE = 8 * MiB
 
 
@@ -268,3 +270,28 @@ def test_overlay_reset_size_and_debris(store):
     with pytest.raises(ImageStoreError, match="pc2's overlay bitmap is unreadable"):
         store.disk_for("r", "pc2")
     assert bm.exists()  # never thrown away behind the PC's back
+
+
+def test_an_open_overlay_is_neither_published_nor_reset_nor_opened_twice(store, tmp_path):
+    store.create("busy", SIZE)
+    plan = store.disk_for("busy", "super")
+    ov = Overlay(plan.version_path, plan.overlay_path, base_id=plan.base_id)
+    try:
+        ov.write(0, b"x" * 4096)
+        assert store.overlay_in_use("busy", "super")
+        with pytest.raises(ImageStoreError, match="open in a target"):
+            store.publish("busy", "super")
+        with pytest.raises(ImageStoreError, match="open in a target"):
+            store.overlay_reset("busy", "super")
+        with pytest.raises(OverlayError, match="open elsewhere"):  # a second target process, or this one twice
+            Overlay(plan.version_path, plan.overlay_path, base_id=plan.base_id)
+        other = subprocess.run(
+            [sys.executable, "-c", "import sys; sys.path.insert(0, sys.argv[1]);"
+             "from services.iscsi_target.scsi.overlay import Overlay, OverlayError\n"
+             "try:\n Overlay(sys.argv[2], sys.argv[3])\nexcept OverlayError as e:\n print(e)",
+             str(ROOT), str(plan.version_path), str(plan.overlay_path)], capture_output=True, text=True)
+        assert "open elsewhere" in other.stdout, other.stderr
+    finally:
+        ov.close()
+    assert not store.overlay_in_use("busy", "super")
+    assert store.publish("busy", "super").n == 2

@@ -49,6 +49,9 @@ Measured (bench/overlay.py, docs/images.md "The granule"): 2048 scattered 4 KiB 
 allocated 8 MiB at 4 KiB and 128 MiB at 64 KiB (16x), and ran 1.4-3.6x slower at 64 KiB (each one reads and
 writes 64 KiB); 64 KiB only catches up once the overlay holds nearly the whole disk.
 
+One opener: the overlay flocks its bitmap while open, so a second Overlay on the same files (another
+target process, or this one twice) is refused, and the image store refuses to publish or reset an open one.
+
 Quota and space: `quota` bytes of allocated granules; crossing `soft_threshold` sets `threshold_crossed`
 and calls `on_threshold(overlay)` once (re-armed when UNMAP brings the use back below); a write that would
 pass the quota, or that `space_guard(nbytes)` refuses (the store's free-space reserve), raises OverlayFull
@@ -63,6 +66,7 @@ The soft threshold's unit attention is THIN PROVISIONING SOFT THRESHOLD REACHED,
 from __future__ import annotations
 
 import errno
+import fcntl
 import mmap
 import os
 import threading
@@ -253,6 +257,17 @@ class Overlay(Backstore):
         except OSError as exc:
             raise OverlayError(f"{self.bitmap_path}: cannot open overlay bitmap: {exc.strerror}") from exc
         try:
+            try:  # one opener at a time: one target process serves a PC's disk; the store resets only closed ones
+                fcntl.flock(self._bm_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                raise OverlayError(f"{self.bitmap_path}: overlay is open elsewhere (another target process, or "
+                                   f"an image command such as publish, holds it)") from None
+            try:  # locked, but is it still the file at that name (not reset or re-created meanwhile)?
+                same = os.stat(self.bitmap_path).st_ino == os.fstat(self._bm_fd).st_ino
+            except FileNotFoundError:
+                same = False
+            if not same:
+                raise OverlayError(f"{self.bitmap_path}: overlay was reset or re-created while being opened")
             header = F.read_header(self._bm_fd, self.bitmap_path)
             if header.size != self.size:
                 raise OverlayError(f"{self.bitmap_path}: overlay is for a {header.size}-byte disk, "
