@@ -147,7 +147,7 @@ def _swaps() -> set[int]:
 def in_use(path: str, devno: int) -> str | None:
     """Why the host uses this device (so it must not be exported), or None."""
     name = _sys_name(devno)
-    related = related_devices(name) if name else {devno: path}
+    related = (related_devices(name) if name else {}) or {devno: path}  # no sysfs entry: the device alone
     mounts = _mounted()
     try:
         root_dev = os.stat("/").st_dev
