@@ -67,10 +67,6 @@ class Header:
         return _HEADER.pack(MAGIC, FORMAT_VERSION, self.granule, self.size, base).ljust(HEADER_SIZE, b"\0")
 
 
-def data_path(path: str | os.PathLike) -> Path:
-    return Path(path)
-
-
 def bitmap_path(path: str | os.PathLike) -> Path:
     """The bitmap beside a data file: `x.overlay` -> `x.bitmap`."""
     return Path(path).with_suffix(".bitmap")
