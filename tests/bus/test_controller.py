@@ -123,6 +123,9 @@ def test_invalid_config_is_rejected_and_old_revision_stays(stack, tmp_path):
     assert stack.cli("config", "set", "boot.default_lun", "2").returncode == 0
     wait_for(timeout=30, predicate=lambda: stack.revisions() == {0: 2}, what="revision 2")
     assert stack.applied(0) == ["0", "2"]
+    # the CLI's list of commands is the running controller's list-commands
+    listed = stack.cli("commands")
+    assert listed.returncode == 0 and "(the controller)" in listed.stdout and "lease-release" in listed.stdout
     # usage errors exit 2
     assert stack.cli("config", "frobnicate").returncode == 2
 
