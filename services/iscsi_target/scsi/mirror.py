@@ -85,6 +85,7 @@ class MirrorBackstore(Backstore):
         self._waiting = 0                             # threads waiting on _cond (writes and the resync)
         self.watermark = 0                            # resync: bytes below this are on both legs
         self._rr = itertools.count()
+        self._read_ends = [-1, -1]                    # where each leg's last read ended
 
     # ---------------------------------------------------------------- state
     @property
@@ -223,7 +224,11 @@ class MirrorBackstore(Backstore):
         while True:
             state = self.state
             if state[0] == IN_SYNC and state[1] == IN_SYNC:
-                i = next(self._rr) & 1
+                # a read that continues a leg's last one stays on that leg (its readahead, its cache lines,
+                # a disk's head); any other alternates, so random reads and new streams spread over both
+                ends = self._read_ends
+                i = 0 if ends[0] == offset else 1 if ends[1] == offset else next(self._rr) & 1
+                ends[i] = offset + length
             else:
                 i = 0 if state[0] == IN_SYNC else 1
             leg = self.legs[i]

@@ -22,7 +22,7 @@ import mmap
 import os
 import threading
 
-from services.iscsi_target.scsi.backstore import BackstoreError, FileBackstore
+from services.iscsi_target.scsi.backstore import POPULATE_LIMIT, BackstoreError, FileBackstore
 
 PAGE = mmap.PAGESIZE
 try:
@@ -64,8 +64,13 @@ class PreadFileBackstore(FileBackstore):
         self.map = self.view = self._anchor = None
         if self.readonly or _mincore is None or not self.size:
             return
-        # no MAP_POPULATE: prefaulting a sparse file on tmpfs would allocate (and could fill) it
-        self.map = mmap.mmap(self.fd, self.size, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ | mmap.PROT_WRITE)
+        flags = mmap.MAP_SHARED
+        st = os.fstat(self.fd)
+        if self.size <= POPULATE_LIMIT and st.st_blocks * 512 >= st.st_size:
+            # prefaulted, as FileBackstore's (mincore then reads page tables, and a first send takes no
+            # fault); only a file without holes: prefaulting a sparse file on tmpfs would allocate it whole
+            flags |= getattr(mmap, "MAP_POPULATE", 0)
+        self.map = mmap.mmap(self.fd, self.size, flags=flags, prot=mmap.PROT_READ | mmap.PROT_WRITE)
         self.view = memoryview(self.map)
         self._anchor = ctypes.c_char.from_buffer(self.map)  # the mapping's address, for mincore
         self._base = ctypes.addressof(self._anchor)

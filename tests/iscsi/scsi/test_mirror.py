@@ -154,6 +154,21 @@ def test_writes_reach_both_legs_and_reads_alternate():
     assert sorted(seen) == ["a", "a", "b", "b"]
 
 
+def test_a_sequential_stream_stays_on_one_leg_random_reads_spread():
+    a, b = RamBackstore(MiB), RamBackstore(MiB)
+    m = MirrorBackstore([a, b])
+    seen = []
+    a.read = lambda o, n, r=a.read: (seen.append("a"), r(o, n))[1]
+    b.read = lambda o, n, r=b.read: (seen.append("b"), r(o, n))[1]
+    for k in range(8):
+        m.read(k * 4096, 4096)
+    assert len(set(seen)) == 1  # one stream, one leg
+    seen.clear()
+    for off in (900 * 512, 100 * 512, 1500 * 512, 40 * 512):
+        m.read(off, 512)
+    assert sorted(seen) == ["a", "a", "b", "b"]
+
+
 def test_legs_of_different_sizes_are_refused():
     with pytest.raises(BackstoreError, match="legs differ"):
         MirrorBackstore([RamBackstore(MiB), RamBackstore(2 * MiB)])
