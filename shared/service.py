@@ -46,17 +46,13 @@ class ServiceContext:
         self._event_log = logging.getLogger(f"bootfleet.{name}.event")
         self.leases: dict[str, str] = {}  # ip -> mac, from DHCP lease events relayed by the controller
 
-    def emit(self, event: Event | str, **legacy_fields: Any) -> None:
+    def emit(self, event: Event) -> None:
         """Queue an event for the controller and log it (one line, INFO). Thread-safe, never blocks;
         drops are counted. `logging.level: warning` keeps events out of the log on busy servers."""
-        # TRANSITIONAL (issue 11): the (type, **fields) form goes once every service emits Event objects
-        if isinstance(event, str):
-            type_, fields = event, legacy_fields
-        else:
-            type_, fields = event.type, event.fields()
+        fields = event.fields()
         if self._event_log.isEnabledFor(logging.INFO):
-            self._event_log.info("%s %s", type_, " ".join(f"{k}={v}" for k, v in fields.items()))
-        self._emitter(type_, fields)
+            self._event_log.info("%s %s", event.type, " ".join(f"{k}={v}" for k, v in fields.items()))
+        self._emitter(event.type, fields)
 
     def mac_for_ip(self, ip: str) -> str | None:
         return self.leases.get(ip)

@@ -36,7 +36,7 @@ def scripted(type_: str, fields: dict[str, Any]) -> Event:
     if cls is None:
         cls = dataclasses.make_dataclass(
             "Scripted", [(name, Any) for name in fields], bases=(Event,), namespace={"type": type_},
-            frozen=True, slots=True, kw_only=True,
+            slots=True, kw_only=True,
         )
         _scripted[key] = cls
     return cls(**fields)
