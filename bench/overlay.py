@@ -234,7 +234,7 @@ def main() -> None:
             t0 = time.perf_counter()
             ver = st.publish("bench", "super")
             print(f"  version {ver.n}: publish {time.perf_counter() - t0:.2f} s "
-                  f"(copy, merge, fsync, sha256 of {SIZE >> 20} MiB); "
+                  f"(copy, merge, fsync, digest of {SIZE >> 20} MiB of data); "
                   f"{st.info('bench').disk_usage[ver.n] / 2**20:.0f} MiB on disk")
         rates = {}
         for v in (1, 4):
