@@ -304,7 +304,9 @@ class ImageStore:
         def fill(tmp: Path, progress) -> None:
             if fmt == "raw":
                 with open(source, "rb") as src, open(tmp, "wb") as dst:
-                    _sparse_copy(src.fileno(), dst.fileno(), size, progress, "copy")
+                    if not _reflink(src.fileno(), dst.fileno()):
+                        _sparse_copy(src.fileno(), dst.fileno(), size, progress, "copy")
+                    progress(size, size, "copy")
             else:
                 self._convert(["-f", fmt, "-O", "raw", str(source), str(tmp)], size, progress)
             if os.path.getsize(tmp) != size:
