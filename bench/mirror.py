@@ -181,11 +181,13 @@ def main() -> None:
         print(f"mirror LUN (two file legs) vs file LUN, one target, qemu-img bench over loopback, {rounds} "
               f"interleaved rounds, median; busy_poll_us={args.busy_poll_us}; load average "
               f"{os.getloadavg()[0]:.1f} (a shared machine: compare within one run)")
-        print(f"{'workload':32} {'mirror':>10} {'file':>10} {'ratio':>7}   rounds (mirror/file)")
+        print(f"{'workload':32} {'mirror':>10} {'file':>10} {'ratio':>7} {'per-round median':>17}   "
+              "rounds (mirror/file, each round's pair run back to back)")
         for name, *_ in WORKLOADS:
             m, f = statistics.median(results[name][1]), statistics.median(results[name][0])
-            each = " ".join(f"{a / b:.2f}" for a, b in zip(results[name][1], results[name][0]))
-            print(f"{name:32} {m:10.0f} {f:10.0f} {m / f:6.2f}x   {each}")
+            ratios = [a / b for a, b in zip(results[name][1], results[name][0])]
+            each = " ".join(f"{r:.2f}" for r in ratios)
+            print(f"{name:32} {m:10.0f} {f:10.0f} {m / f:6.2f}x {statistics.median(ratios):16.2f}x   {each}")
     finally:
         if proc is not None and proc.poll() is None:
             proc.send_signal(signal.SIGTERM)
