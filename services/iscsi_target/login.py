@@ -53,6 +53,7 @@ SESSION_TYPE_UNSUPPORTED = 0x0209
 SESSION_DOES_NOT_EXIST = 0x020A
 INVALID_DURING_LOGIN = 0x020B
 TARGET_ERROR = 0x0300
+SERVICE_UNAVAILABLE = 0x0301
 OUT_OF_RESOURCES = 0x0302
 
 STAGE_SECURITY, STAGE_OPERATIONAL, STAGE_FULL = 0, 1, 3
@@ -211,6 +212,11 @@ class LoginMachine:
             if not name:
                 raise LoginFailed(MISSING_PARAMETER, "TargetName is missing for a normal session")
             self.target_name = name.lower()
+            if self.registry.target(self.target_name) is None:
+                raise LoginFailed(NOT_FOUND, f"target {name} does not exist")
+            # One process owns a target (owners.py); the hand-over normally made us its owner already.
+            if not self.registry.claim(self.target_name):
+                raise LoginFailed(SERVICE_UNAVAILABLE, f"target {name} is owned by another process")
             self.entry = self.registry.target(self.target_name)
             if self.entry is None:
                 raise LoginFailed(NOT_FOUND, f"target {name} does not exist")

@@ -7,6 +7,13 @@ period); LUNs are added to or removed from live targets; access settings apply t
 portals are opened and closed. A LUN whose backstore settings change is replaced (its sessions see a
 unit attention from the SCSI layer). Every `io_stats_interval` seconds each session reports, per LUN,
 the commands, bytes and mean latency of the interval.
+
+One owner per target (owners.py): each process holds the targets whose lock it took (owner_locks.py)
+and opens their LUNs only then; a target it does not own is a name, an access policy and LUN specs, so
+that a new owner (after the old one died) starts from the backstores on disk, never from a copy built
+before the old owner's last writes, reservations or leg drops. At start and at each revision a process
+claims the free targets it is the preferred owner of (hrw_order), so that ownership is settled before the
+first login; others are claimed when a connection is handed over.
 """
 
 from __future__ import annotations
@@ -19,7 +26,10 @@ from pathlib import Path
 from services.iscsi_target import events as ev
 from services.iscsi_target import media
 from services.iscsi_target.access import AccessPolicy
-from services.iscsi_target.io_loop import Server
+from services.iscsi_target import owners
+from services.iscsi_target.handoff import Handoff
+from services.iscsi_target.io_loop import Router, Server
+from services.iscsi_target.owner_locks import OwnerLocks
 from shared.paths import state_path
 from shared.service import BaseService
 
@@ -33,18 +43,46 @@ class TargetEntry:
     scsi: object  # scsi.ScsiTarget
     policy: AccessPolicy
     lun_specs: dict = field(default_factory=dict)  # lun id -> Backstore config (to detect changes)
+    owned: bool = True  # False: another process may own it; its LUNs are not open here
 
 
 class Registry:
-    """What connections look up: targets by name, the discovery policy, portal addresses."""
+    """What connections look up: targets by name, the discovery policy, portal addresses; and `claim`,
+    which makes this process a target's owner (with `owners` unset every target is ours, as in a test)."""
 
     def __init__(self):
         self.targets: dict[str, TargetEntry] = {}
         self.discovery = None
         self.portals: list[tuple[str, int]] = []
+        self.owners: OwnerLocks | None = None
+        self.open_luns = None  # (entry) -> None: builds an entry's LUNs once it is ours
+        self.lock = threading.RLock()  # claims and config changes, one at a time
 
     def target(self, name: str) -> TargetEntry | None:
         return self.targets.get(name)
+
+    def claim(self, name: str) -> bool:
+        """Own this target (take its lock, open its LUNs); False when another process owns it."""
+        entry = self.targets.get(name)
+        if entry is None:
+            return False
+        if entry.owned:
+            return True
+        with self.lock:
+            entry = self.targets.get(name)
+            if entry is None:
+                return False
+            if entry.owned:
+                return True
+            if not self.owners.acquire(name):
+                return False
+            try:
+                self.open_luns(entry)
+            except Exception:
+                self.owners.release(name)
+                raise
+            entry.owned = True
+            return True
 
     def discovery_policy(self) -> AccessPolicy:
         return self.discovery
@@ -95,13 +133,19 @@ class IscsiTargetService(BaseService):
         self.config = None
         self._stats_prev: dict[tuple, tuple] = {}
         self._stats_task: asyncio.Task | None = None
-        self._apply_lock = threading.Lock()
         self._stats_lock = threading.Lock()
+        self.handoff: Handoff | None = None
 
     # ------------------------------------------------------------------ life
     async def start(self, config) -> None:
+        ctx = self.ctx
+        base = Path(ctx.state_dir) / "iscsi"
+        self.registry.owners = OwnerLocks(base / "owners", ctx.instance)
+        self.registry.open_luns = self._open_luns
         self._build(config)
         self.server = Server(self.registry, self.on_event, self._settings(config.iscsi))
+        self.handoff = Handoff(base, ctx.instance, self.server.adopt)
+        self.server.router = Router(self.registry.owners, self.handoff, ctx.instance, lambda: max(1, ctx.instances))
         self.server.set_portals([(p.ip, p.port) for p in config.iscsi.portals])
         self.config = config
         self._stats_task = asyncio.get_running_loop().create_task(self._stats_loop())
@@ -153,6 +197,10 @@ class IscsiTargetService(BaseService):
             self._stats_task.cancel()
         if self.server:
             await asyncio.get_running_loop().run_in_executor(None, self.server.stop)
+        if self.handoff:
+            self.handoff.close()
+        if self.registry.owners:
+            self.registry.owners.release_all()
         self._emit_stats()
 
     def counters(self) -> dict[str, float]:
@@ -164,8 +212,11 @@ class IscsiTargetService(BaseService):
                 totals[1] += st.writes
                 totals[2] += st.read_bytes
                 totals[3] += st.write_bytes
+        owned = sum(1 for e in list(self.registry.targets.values()) if e.owned)
         return {"sessions": len(sessions), "connections": len(self.server.connections()) if self.server else 0,
-                "targets": len(self.registry.targets), "reads": totals[0], "writes": totals[1],
+                "targets": len(self.registry.targets), "targets_owned": owned,
+                "handed_over": self.handoff.sent if self.handoff else 0,
+                "handed_in": self.handoff.received if self.handoff else 0, "reads": totals[0], "writes": totals[1],
                 "read_bytes": totals[2], "write_bytes": totals[3]}
 
     # ------------------------------------------------------------------ config
@@ -180,17 +231,27 @@ class IscsiTargetService(BaseService):
 
         section = config.iscsi
         state_dir = self.ctx.state_dir
-        with self._apply_lock:
+        locks = self.registry.owners
+        me, scale = self.ctx.instance, max(1, self.ctx.instances)
+        with self.registry.lock:
             old = self.registry.targets
             new: dict[str, TargetEntry] = {}
             for t in section.targets:
                 policy = AccessPolicy(t.effective_auth(section.auth), t.acls)
                 specs = {lun.id: lun.backstore for lun in t.luns}
                 entry = old.get(t.name)
-                if entry is None:
-                    luns = {lun_id: build_lun(spec, lun_id, state_dir) for lun_id, spec in specs.items()}
-                    scsi = ScsiTarget(t.name, luns)
-                    new[t.name] = TargetEntry(t.name, t.alias, scsi, policy, specs)
+                if entry is None or not entry.owned:
+                    # Ours if we are its preferred owner and no one holds it; else opened when claimed.
+                    mine = locks is None or (owners.hrw_order(t.name, scale)[0] == me and locks.acquire(t.name))
+                    luns = {}
+                    if mine:
+                        try:
+                            luns = {lun_id: build_lun(spec, lun_id, state_dir) for lun_id, spec in specs.items()}
+                        except Exception:
+                            if locks is not None:
+                                locks.release(t.name)
+                            raise
+                    new[t.name] = TargetEntry(t.name, t.alias, ScsiTarget(t.name, luns), policy, specs, owned=mine)
                     continue
                 swapped = {lun_id for lun_id, spec in entry.lun_specs.items()  # a new ISO: a media change in place
                            if specs.get(lun_id, spec) != spec and
@@ -207,7 +268,17 @@ class IscsiTargetService(BaseService):
             self.registry.portals = [(p.ip, p.port) for p in section.portals]
             self.registry.discovery = AccessPolicy(section.auth)
             self.registry.targets = new  # one assignment: connections see the old or the new dict
-            return [name for name in old if name not in new]
+            removed = [name for name in old if name not in new]
+            if locks is not None:
+                for name in removed:
+                    locks.release(name)  # its sessions are asked to log out; no one else will claim it
+            return removed
+
+    def _open_luns(self, entry: TargetEntry) -> None:
+        """Open a target's LUNs from their backstores on disk: it has just become ours."""
+        state_dir = self.ctx.state_dir
+        for lun_id, spec in entry.lun_specs.items():
+            entry.scsi.add_lun(lun_id, build_lun(spec, lun_id, state_dir))
 
     # ------------------------------------------------------------------ events
     def on_event(self, event: ev.Event) -> None:

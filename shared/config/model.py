@@ -12,6 +12,7 @@ from shared.config.dhcp import DhcpConfig
 from shared.config.http import HttpConfig
 from shared.config.iscsi import IscsiConfig
 from shared.config.tftp import TftpConfig
+from shared.config.web import WebConfig
 
 SERVICES = ("dhcp", "tftp", "iscsi_target")
 
@@ -53,6 +54,7 @@ class BootfleetConfig(StrictModel):
     dhcp: DhcpConfig = Field(default_factory=DhcpConfig)
     tftp: TftpConfig = Field(default_factory=TftpConfig)
     http: HttpConfig = Field(default_factory=HttpConfig)
+    web: WebConfig = Field(default_factory=WebConfig)
 
     @model_validator(mode="after")
     def _unique_clients(self) -> "BootfleetConfig":
@@ -70,19 +72,14 @@ class BootfleetConfig(StrictModel):
         return self
 
     @model_validator(mode="after")
-    def _ram_disks_in_one_process(self) -> "BootfleetConfig":
-        """Each iSCSI process holds its own RAM disks: with two, an initiator would see whichever copy its
-        connection landed on, and a write through one process would be missing through the other."""
+    def _mirrors_in_one_process(self) -> "BootfleetConfig":
+        """A target is served by one process at a time (its owner, services/iscsi_target/owners.py), so RAM
+        disks and reservations are right with any scale. Mirrors stay with one process until their leg
+        handling (drop, resync command) is known to follow the owner from process to process."""
         if self.scale.iscsi_target <= 1:
             return self
         for t, target in enumerate(self.iscsi.targets):
             for n, lun in enumerate(target.luns):
-                if lun.backstore.type == "ram":
-                    raise ValueError(
-                        f"scale.iscsi_target: {self.scale.iscsi_target} processes would each hold their own copy of "
-                        f"the RAM disk iscsi.targets[{t}].luns[{n}] (a write through one is missing through "
-                        "another); use a file backstore, or one process"
-                    )
                 if lun.backstore.type == "mirror":  # a leg one process drops would still be served by another
                     raise ValueError(
                         f"scale.iscsi_target: {self.scale.iscsi_target} processes would each keep their own view of "

@@ -28,6 +28,9 @@ class Registry:
     def target(self, name):
         return self.entries.get(name)
 
+    def claim(self, name):
+        return name in self.entries
+
     def discovery_policy(self):
         return self.discovery
 

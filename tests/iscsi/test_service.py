@@ -93,11 +93,12 @@ def test_apply_adds_and_removes_targets_and_luns(tmp_path):
 
 
 @pytest.mark.integration
-def test_two_processes_share_the_port(tmp_path, procs):
+def test_two_processes_share_the_port_and_one_owns_the_target(tmp_path, procs):
     port = support.free_port()
     cfg = tmp_path / "c.yaml"
     cfg.write_text(f"""version: 1
-logging: {{level: info}}
+logging: {{level: debug}}
+scale: {{iscsi_target: 2}}
 iscsi:
   portals: [{{ip: 127.0.0.1, port: {port}}}]
   targets: [{{name: {A}, luns: [{{id: 0, backstore: {{type: ram, size: 1MiB}}}}]}}]
@@ -111,19 +112,21 @@ iscsi:
 
     support.wait_for(lambda: all(listening(log) for log in logs), timeout=20, what="both processes listening")
 
-    def served(log):
-        return "iscsi.login ip=127.0.0.1" in log.read_text()
+    def handed(log):
+        return "handed to instance" in log.read_text()
 
     def one_login():
         assert all(p.poll() is None for p in running), [log.read_text()[-500:] for log in logs]
         s, rsp = login(port, A)
         assert rsp.login_status == 0
         s.close()
-        return all(served(log) for log in logs)
+        return any(handed(log) for log in logs)
 
-    # The kernel spreads connections over the two listeners by a hash of the addresses: log in until each
-    # process has served one (2 ** -40 odds that 40 logins all land in one).
-    support.wait_for(one_login, timeout=30, interval=0.0, what="a login served by each process")
+    # The kernel spreads connections over the two listeners by a hash of the addresses: log in until the
+    # non-owner has accepted one and handed it over (2 ** -40 odds that 40 logins all land on the owner).
+    support.wait_for(one_login, timeout=30, interval=0.0, what="a login accepted by the non-owner")
+    served = ["iscsi.login ip=127.0.0.1" in log.read_text() for log in logs]
+    assert served.count(True) == 1, served  # every login was answered by the owner alone
 
 
 def test_session_reinstatement_closes_the_old_connection(tmp_path):

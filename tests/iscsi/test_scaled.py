@@ -1,0 +1,185 @@
+"""Three target processes (`scale.iscsi_target: 3`, --instance 0,1,2) sharing the port and the state
+directory, as supervisord runs them: one owner per target (owners.py), libiscsi's conformance suites with
+two initiators against it, and an owner killed with kill -9 under a write+flush load.
+
+iscsi-test-cu and qemu-io are required (deploy/system-deps.sh): missing, a test fails.
+"""
+
+from __future__ import annotations
+
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+import support
+from services.iscsi_target.owner_locks import OwnerLocks
+
+pytestmark = pytest.mark.integration
+
+PREFIX = "iqn.2026-11.org.bootfleet.test:scaled"
+TARGETS = [f"{PREFIX}{i}" for i in range(6)]
+
+CONFIG = """version: 1
+logging: {{level: debug}}
+scale: {{iscsi_target: 3}}
+iscsi:
+  portals: [{{ip: 127.0.0.1, port: {port}}}]
+  nop_interval: 2
+  nop_timeout: 2
+  targets:
+{targets}
+"""
+
+
+def tool(name: str) -> str:
+    path = shutil.which(name)
+    assert path, f"{name} is not installed (deploy/system-deps.sh)"
+    return path
+
+
+class Cluster:
+    def __init__(self, tmp: Path, procs):
+        self.tmp, self.procs, self.port = tmp, procs, support.free_port()
+        lines = []
+        for i, name in enumerate(TARGETS):
+            backstore = "{type: ram, size: 16MiB}" if i % 2 else f"{{type: file, path: t{i}.img, size: 64MiB}}"
+            lines.append(f"    - {{name: {name}, luns: [{{id: 0, backstore: {backstore}}}]}}")
+        self.config = tmp / "bootfleet.yaml"
+        self.config.write_text(CONFIG.format(port=self.port, targets="\n".join(lines)))
+        self.running: dict[int, subprocess.Popen] = {}
+        self.locks = OwnerLocks(tmp / "iscsi" / "owners", 99)  # only asks; never takes a lock
+
+    def log(self, i: int) -> Path:
+        return self.tmp / f"iscsi-{i}.log"
+
+    def start(self, i: int) -> None:
+        mark = self.log(i).read_text().count("listening on") if self.log(i).exists() else 0
+        self.running[i] = self.procs.start([sys.executable, "-m", "services.iscsi_target", "--config",
+                                            str(self.config), "--state-dir", str(self.tmp), "--instance", str(i)],
+                                           log=self.log(i))
+        support.wait_for(lambda: self.log(i).exists() and self.log(i).read_text().count("listening on") > mark,
+                         timeout=20, what=f"instance {i} listening")
+
+    def kill9(self, i: int) -> None:
+        proc = self.running.pop(i)
+        proc.send_signal(signal.SIGKILL)  # by PID
+        proc.wait(5)
+
+    def owner(self, target: str) -> int | None:
+        return self.locks.holder(target)
+
+    def url(self, target: str, lun: int = 0) -> str:
+        return f"iscsi://127.0.0.1:{self.port}/{target}/{lun}"
+
+    def logs(self) -> str:
+        return "".join(self.log(i).read_text() for i in range(3) if self.log(i).exists())
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    procs = support.Procs()
+    c = Cluster(tmp_path_factory.mktemp("scaled"), procs)
+    try:
+        for i in range(3):
+            c.start(i)
+        yield c
+    finally:
+        procs.stop_all()
+
+
+def run(args, timeout=60):
+    return subprocess.run(args, capture_output=True, text=True, timeout=timeout)
+
+
+def test_each_target_has_one_owner_and_every_login_reaches_it(cluster):
+    owners = {t: cluster.owner(t) for t in TARGETS}
+    assert all(o in (0, 1, 2) for o in owners.values()), owners
+    assert len(set(owners.values())) > 1, f"6 targets all preferred one instance: {owners}"
+    for target in TARGETS:
+        for _ in range(4):
+            r = run([tool("iscsi-inq"), cluster.url(target)])
+            assert r.returncode == 0, r.stdout + r.stderr
+    support.wait_for(lambda: cluster.logs().count("iscsi.login ip=") >= 24, what="24 logins logged")
+    for i in range(3):
+        text = cluster.log(i).read_text()
+        served = set(re.findall(rf"iscsi\.login ip=\S+ initiator=\S+ target=({re.escape(PREFIX)}\d)", text))
+        assert served <= {t for t, o in owners.items() if o == i}, (i, served, owners)
+    assert "handed to instance" in cluster.logs()  # the kernel spread 24 connections over 3 listeners
+    assert "Traceback" not in cluster.logs()
+
+
+def test_iscsi_test_cu_with_two_initiators_against_three_processes(cluster):
+    """ALL (so PersistentReserve*, Reserve6*, CompareAndWrite*, MultipathIO, iSCSI.*) with two URLs: the
+    second initiator's sessions land on whichever process accepts them and must meet the first's
+    reservations."""
+    target = next(t for t in TARGETS[::2] if cluster.owner(t) != 0)  # a file LUN owned by instance 1 or 2
+    url = cluster.url(target)
+    r = run([tool("iscsi-test-cu"), "--dataloss", "--test=ALL", url, url], timeout=600)
+    out = r.stdout + r.stderr
+    (cluster.tmp / "iscsi-test-cu.out").write_text(out)
+    tests = re.search(r"tests\s+(\d+)\s+(\d+)\s+(\d+)\s+(\d+)\s+(\d+)", out)
+    asserts = re.search(r"asserts\s+(\d+)\s+(\d+)\s+(\d+)\s+(\d+)", out)
+    assert tests and asserts, out[-3000:]
+    print(f"\niscsi-test-cu against scale 3: tests run {tests.group(2)}, passed {tests.group(3)}, "
+          f"failed {tests.group(4)}; asserts failed {asserts.group(4)}")
+    failures = re.findall(r"Test: (\S+) \.\.\.[^\n]*\n(?:(?!Test: ).*\n)*?.*FAILED", out)
+    assert int(tests.group(4)) == 0 and int(asserts.group(4)) == 0, (failures[:30], out[-4000:])
+    for suite in ("PrinReadKeys", "ProutRegister", "ProutReserve", "ProutPreempt", "ProutClear", "Reserve6",
+                  "CompareAndWrite", "MultipathIO", "iSCSIcmdsn", "iSCSITMF"):
+        assert f"Suite: {suite}" in out, f"{suite} did not run"
+
+
+def test_owner_killed_under_load_is_replaced_and_loses_no_acknowledged_write(cluster):
+    """qemu-io (libiscsi, which reconnects and reissues) writes and flushes in a loop; the target's owner is
+    killed with kill -9 once the load runs. A new owner must serve the reconnection within seconds, and
+    every write qemu-io saw acknowledged (the last flush after it included) must read back."""
+    target = TARGETS[4]  # a file LUN
+    qio = tool("qemu-io")
+    owner = cluster.owner(target)
+    assert owner is not None
+    rounds = 400
+    cmds = []
+    for n in range(rounds):
+        cmds += ["-c", f"write -P {n % 250 + 1} {n * 65536} 64k", "-c", "flush"]
+    out = cluster.tmp / "qemu-io.out"
+    with open(out, "w") as f:
+        load = subprocess.Popen([qio, "-f", "raw", *cmds, cluster.url(target)], stdout=f, stderr=subprocess.STDOUT)
+    try:
+        support.wait_for(lambda: out.read_text().count("wrote 65536/65536") >= 20, timeout=30,
+                         what="the write+flush load running")
+        logins_before = {i: cluster.log(i).read_text().count(f"target={target}") for i in range(3)}
+        killed_at = time.monotonic()
+        cluster.kill9(owner)
+
+        def served_elsewhere():
+            for i in range(3):
+                if i != owner and cluster.log(i).read_text().count(f"target={target}") > logins_before[i]:
+                    return i
+            return None
+
+        new_owner = support.wait_for(lambda: served_elsewhere() is not None and served_elsewhere(), timeout=15,
+                                     interval=0.05, what="the reconnection served by another process")
+        took = time.monotonic() - killed_at
+        assert load.wait(120) == 0, out.read_text()[-2000:]
+    finally:
+        if load.poll() is None:
+            load.kill()
+            load.wait()
+    text = out.read_text()
+    assert text.count("wrote 65536/65536") == rounds and "failed" not in text, text[-2000:]
+    assert cluster.owner(target) == new_owner
+    print(f"\nowner {owner} killed; instance {new_owner} served the reconnection {took:.2f} s later")
+    for start in range(0, rounds, 50):
+        checks = []
+        for n in range(start, min(rounds, start + 50)):
+            checks += ["-c", f"read -P {n % 250 + 1} {n * 65536} 64k"]
+        r = run([qio, "-f", "raw", *checks, cluster.url(target)])
+        assert r.returncode == 0 and "Pattern verification failed" not in r.stdout + r.stderr, r.stdout[-2000:]
+    cluster.start(owner)  # back for the other tests; it does not take the target back
+    assert cluster.owner(target) == new_owner
