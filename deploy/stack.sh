@@ -26,8 +26,9 @@ up)
     echo "bootfleet: supervisord started (pid $(cat "$pidfile" 2>/dev/null || echo '?')), config $config"
   fi
   for _ in $(seq 50); do "${bootfleet[@]}" --timeout 1 status >/dev/null 2>&1 && break; sleep 0.2; done
-  sleep 1.5   # let the services take their first snapshot
-  "${bootfleet[@]}" status
+  # until every process has applied the running revision or failed (bounded): exit 1 naming each failure
+  # on one line (`tftp[0]: cannot listen on 0.0.0.0:69: address in use (another TFTP server running?)`)
+  "${bootfleet[@]}" status --wait "${BOOTFLEET_UP_WAIT:-30}"
   ;;
 down)
   if running; then

@@ -5,7 +5,8 @@ start on it at once (the controller may be down); then follow the controller's s
 revision is turned into the typed model and applied in the asyncio loop, cached atomically, and reported
 (`service.applied` event and the revision in every heartbeat). A revision that changes none of the service's
 `sections` is not passed to its `apply` but is reported applied all the same. A revision that fails to apply
-is reported and the previous one stays.
+is reported and the previous one stays; its reason (`shared/failures.py`: a sentence, not a repr) rides in
+every heartbeat as `failed: {revision, reason}` until a revision applies, so `bootfleet status` shows it.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from shared.bus.endpoints import endpoints
 from shared.bus.event_sender import EventSender
 from shared.config.loader import ConfigError, config_from_dict
 from shared.config.model import BusConfig
+from shared.failures import reason as failure_reason
 from shared.service import BaseService, ServiceContext, setup_logging, stop_within_bound, wait_for_signal
 
 log = logging.getLogger("bootfleet")
@@ -64,6 +66,7 @@ class ManagedRuntime:
         self.ctx = ServiceContext(self.name, instance, state_dir, self.sender.emit)
         self.service: BaseService | None = None
         self.revision = -1
+        self.failed: dict[str, Any] | None = None  # the last revision that failed to apply: {revision, reason}
         self.data: dict[str, Any] = {}  # the configuration of `revision`, as published
         self.cache_path = state_dir / "cache" / f"{self.name}-{instance}.msgpack"
         self.command_prefix = m.command_prefix(self.name)
@@ -81,7 +84,7 @@ class ManagedRuntime:
 
     def _beat_info(self) -> dict[str, Any]:
         counters = self.service.counters() if self.service else {}
-        return {"revision": self.revision, "counters": counters, "controller": self.client.present}
+        return {"revision": self.revision, "counters": counters, "controller": self.client.present, "failed": self.failed}
 
     # Callbacks from the bus thread: hand over to the asyncio loop.
     def _on_snapshot(self, store: dict[str, Any]) -> None:
@@ -132,7 +135,7 @@ class ManagedRuntime:
                 config = config_from_dict(data)
             except ConfigError as exc:
                 log.error("revision %d rejected: %s", revision, exc)
-                self.ctx.emit(events.ServiceApplyFailed(revision=revision, reason=str(exc)))
+                self._failed(revision, str(exc))
                 return False
             setup_logging(config.logging.level, self.name, self.ctx.instance)
             self.ctx.instances = getattr(config.scale, self.name, 1)
@@ -149,15 +152,23 @@ class ManagedRuntime:
                 else:
                     log.debug("revision %d changes none of %s: not applied to the service", revision, self.service.sections)
             except Exception as exc:
-                log.exception("revision %d failed to apply", revision)
-                self.ctx.emit(events.ServiceApplyFailed(revision=revision, reason=f"{type(exc).__name__}: {exc}"))
+                text = failure_reason(exc)
+                if text.startswith(type(exc).__name__):
+                    log.exception("revision %d failed to apply", revision)  # not a known failure: the traceback
+                else:
+                    log.error("revision %d failed to apply: %s", revision, text)
+                self._failed(revision, text)
                 return False
-            self.revision, self.data = revision, data
+            self.revision, self.data, self.failed = revision, data, None
             if not from_cache:
                 write_atomic(self.cache_path, msgpack.packb({"revision": revision, "config": data}))
             log.info("applied revision %d%s", revision, " (cached)" if from_cache else "")
             self.ctx.emit(events.ServiceApplied(revision=revision, cached=from_cache))
             return True
+
+    def _failed(self, revision: int, text: str) -> None:
+        self.failed = {"revision": revision, "reason": text}
+        self.ctx.emit(events.ServiceApplyFailed(revision=revision, reason=text))
 
     async def run(self) -> int:
         self.loop = asyncio.get_running_loop()

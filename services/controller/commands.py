@@ -175,7 +175,8 @@ def _process_rows(ctl: Facade) -> tuple[list[dict[str, Any]], str | None]:
         row.update(
             revision=beat.revision,
             last_beat=round(now - beat.last_beat, 1),
-            health="ok" if healthy and beat.revision == ctl.config.revision else ("stale" if healthy else "silent"),
+            health=beat.health(now, timeout, ctl.config.revision),
+            failed=beat.failed,
             events_emitted=beat.emitted,
             events_dropped=beat.dropped,
             events_received=beat.received,

@@ -31,11 +31,20 @@ class ServiceRow:
     dropped: int = 0
     received: int = 0
     controller: bool = True
+    failed: dict[str, Any] | None = None  # {revision, reason}: the last revision it could not apply
     counters: dict[str, Any] = field(default_factory=dict)
 
     def healthy(self, now: float, timeout: float) -> bool:
         """A heartbeat within `timeout` seconds."""
         return now - self.last_beat <= timeout
+
+    def health(self, now: float, timeout: float, revision: int) -> str:
+        """`ok` (on `revision`), `failed: <reason>` (its last apply failed), `stale` (older revision), `silent`."""
+        if not self.healthy(now, timeout):
+            return "silent"
+        if self.failed:
+            return f"failed: {self.failed['reason']}"
+        return "ok" if self.revision == revision else "stale"
 
 
 class ServiceTable:
@@ -57,6 +66,7 @@ class ServiceTable:
         row.dropped = msg["dropped"]
         row.counters = msg.get("counters") or {}
         row.controller = bool(msg.get("controller", True))
+        row.failed = msg.get("failed")
         return row
 
     def event(self, msg: dict[str, Any]) -> None:

@@ -13,6 +13,8 @@ import fcntl
 import socket
 import struct
 
+from shared.failures import ListenError, listen_reason
+
 SIOCGIFADDR = 0x8915
 SIOCGIFHWADDR = 0x8927
 SIOCSARP = 0x8955
@@ -52,9 +54,10 @@ def open_dhcp_socket(name: str, port: int = 67) -> socket.socket:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4 << 20)
         sock.bind(("0.0.0.0", port))
         sock.setblocking(False)
-    except OSError:
+    except OSError as exc:
         sock.close()
-        raise
+        # the sentence `bootfleet status` shows: `cannot listen on 0.0.0.0:67 on eth1: address in use (...)`
+        raise ListenError(exc.errno, listen_reason("0.0.0.0", port, exc, "DHCP", device=name)) from None
     return sock
 
 

@@ -17,6 +17,8 @@ import logging
 import socket
 import struct
 
+from shared.failures import bind
+
 log = logging.getLogger("bootfleet.tftp")
 
 IN_PKTINFO = struct.Struct("=i4s4s")  # ifindex, spec_dst, addr
@@ -27,7 +29,11 @@ def request_socket(address: str, port: int) -> socket.socket:
     sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
     sock.setsockopt(socket.IPPROTO_IP, IP_PKTINFO, 1)
-    sock.bind((address, port))
+    try:
+        bind(sock, address, port, "TFTP")  # a refusal says why: `cannot listen on 0.0.0.0:69: address in use ...`
+    except OSError:
+        sock.close()
+        raise
     sock.setblocking(False)
     return sock
 

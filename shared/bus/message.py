@@ -13,7 +13,9 @@ Every message is `{"t": type, "v": version, ...}`. Types:
             messages before it carry the store at `seq`.
 - `event`   service -> controller (PUSH): `{service, instance, pid, ts, type, fields}`.
 - `beat`    service -> controller (PUSH): `{service, instance, pid, started, revision, emitted,
-            dropped, counters}`, sent every heartbeat interval.
+            dropped, counters, controller, failed}`, sent every heartbeat interval; `failed` is nil or
+            `{revision, reason}`: the last revision the service could not apply and why, in words
+            (cleared when a revision applies).
 """
 
 from __future__ import annotations
@@ -57,6 +59,12 @@ _SCHEMA: dict[str, dict[str, type | tuple[type, ...]]] = {
 }
 
 
+# Fields that may be absent or nil, checked when present (older senders omit them).
+_OPTIONAL: dict[str, dict[str, type | tuple[type, ...]]] = {
+    BEAT: {"failed": dict},
+}
+
+
 class BadMessage(ValueError):
     pass
 
@@ -83,4 +91,11 @@ def unpack(frame: bytes) -> dict[str, Any]:
     for field, ftype in _SCHEMA[kind].items():
         if not isinstance(msg.get(field), ftype):
             raise BadMessage(f"{kind}: field {field!r} missing or not {ftype}")
+    for field, ftype in _OPTIONAL.get(kind, {}).items():
+        value = msg.get(field)
+        if value is not None and not isinstance(value, ftype):
+            raise BadMessage(f"{kind}: field {field!r} not {ftype}")
+    failed = msg.get("failed") if kind == BEAT else None
+    if failed is not None and not (isinstance(failed.get("revision"), int) and isinstance(failed.get("reason"), str)):
+        raise BadMessage("beat: field 'failed' must be {revision: int, reason: str}")
     return msg
