@@ -8,7 +8,11 @@ which is what wins at queue depth 1. A blocking thread per connection measured e
 here and makes that busy-poll simple. Sockets are blocking with SO_RCVTIMEO of one second, so an idle
 connection wakes once a second for its timers without a poll() per receive.
 
-Listening sockets set SO_REUSEPORT so several processes can share port 3260 when scaled.
+Listening sockets set SO_REUSEPORT so several processes can share port 3260 when scaled. Then a target's
+connections must all reach its owner (owners.py): with a `Router`, a connection's thread first reads exactly
+its first Login PDU and either serves it here or hands the socket and those bytes to the owner
+(handoff.py); a handed-over connection starts with them in its receive buffer and is from then on read
+like any other.
 """
 
 from __future__ import annotations
@@ -20,7 +24,12 @@ import struct
 import threading
 import time
 
+from dataclasses import dataclass
+
+from services.iscsi_target import owners
 from services.iscsi_target.connection import Connection
+from services.iscsi_target.handoff import MAX_PREFIX
+from services.iscsi_target.pdu import BHS_LEN
 from services.iscsi_target.session import SessionTable
 from shared.failures import bind
 
@@ -29,6 +38,19 @@ log = logging.getLogger("bootfleet.iscsi_target.io_loop")
 RECV_BUFFER = 1 << 20  # grows up to one PDU's size if a PDU is larger
 IOV_MAX = 1024
 SEND_TIMEOUT = 30.0
+FIRST_PDU_TIMEOUT = 10.0  # seconds an accepted connection may take to send its first Login PDU
+
+
+@dataclass
+class Router:
+    """What a scaled process needs to route connections to targets' owners: its lock files
+    (owner_locks.OwnerLocks), its hand-over socket (handoff.Handoff), its instance number and a callable
+    giving the current scale."""
+
+    locks: object
+    handoff: object
+    instance: int
+    instances: object  # () -> int
 
 
 def send_all(sock: socket.socket, bufs: list) -> None:
@@ -52,11 +74,20 @@ def send_all(sock: socket.socket, bufs: list) -> None:
             bufs = rest
 
 
+class _Done(Exception):
+    """The connection ended while its first bytes were handled."""
+
+
 class ConnectionRunner:
     """Owns one accepted socket and its Connection; runs in its own thread."""
 
-    def __init__(self, server: "Server", sock: socket.socket, peer: tuple, local: tuple):
+    def __init__(self, server: "Server", sock: socket.socket, peer: tuple, local: tuple, prefix=b"",
+                 handed: bool = False, hops: int = 0):
         self.server = server
+        self.prefix = prefix  # bytes already read (by us or by the process that handed the socket over)
+        self.handed = handed
+        self.hops = hops
+        self.handed_on = False
         self.sock = sock
         self.peer_ip = peer[0]
         self.lock = threading.Lock()
@@ -120,6 +151,60 @@ class ConnectionRunner:
         self._flowing = True
         return n
 
+    # Routing (scaled processes) ------------------------------------------------
+    def _read_first_pdu(self, view) -> int:
+        """Read exactly the first PDU (the initiator waits for our answer, so nothing beyond is read):
+        returns the bytes read, fewer than a whole PDU when the peer closed or went silent."""
+        have = len(self.prefix)
+        view[:have] = self.prefix
+        want = BHS_LEN if have < BHS_LEN else min(owners.first_pdu_length(view[:BHS_LEN]), len(view))
+        deadline = time.monotonic() + FIRST_PDU_TIMEOUT
+        while have < want:
+            try:
+                n = self.sock.recv_into(view[have:want])
+            except (BlockingIOError, TimeoutError):
+                if time.monotonic() >= deadline or self.server.stopping:
+                    return have
+                continue
+            if n == 0:
+                return have
+            have += n
+            if have == BHS_LEN:
+                want = min(owners.first_pdu_length(view[:BHS_LEN]), len(view))
+        return have
+
+    def _route(self, pdu) -> bool:
+        """Serve this connection here (True: the target is ours, or any process may answer it) or hand it
+        to the target's owner (False: the socket is gone from this process)."""
+        server, router = self.server, self.server.router
+        name = owners.login_target(pdu)
+        if name is None or server.registry.target(name) is None or len(pdu) > MAX_PREFIX:
+            return True  # discovery, unknown target, malformed: any process answers (and refuses) it
+        if router.locks.owns(name):
+            return True
+        tried = set()
+        holder = router.locks.holder(name)
+        candidates = owners.plan(name, router.instance, router.instances(), holder, self.handed, self.hops)
+        while candidates:
+            instance = candidates.pop(0)
+            if instance in tried:
+                continue
+            tried.add(instance)
+            if instance == router.instance:
+                if server.registry.claim(name):
+                    return True
+                holder = router.locks.holder(name)  # someone took it since we looked: send it there
+                if holder is None or holder in tried or self.hops >= owners.MAX_HOPS:
+                    return True  # the login is refused (service unavailable) by the login's own claim
+                candidates = [holder, router.instance]
+                continue
+            hops = self.hops + 1 if self.handed else 0
+            if router.handoff.send(instance, self.sock, pdu, hops):
+                self.handed_on = True
+                log.debug("connection from %s for %s handed to instance %d", self.peer_ip, name, instance)
+                return False
+        return True
+
     def run(self) -> None:
         sock = self.sock
         conn = self.conn
@@ -130,6 +215,22 @@ class ConnectionRunner:
         last_timer = time.monotonic()
         reason = "connection closed by the initiator"
         try:
+            if self.server.router is not None:
+                end = self._read_first_pdu(view)
+                if not self._route(view[:end]):
+                    return  # the owner has the connection now; `finally` closes our copy of the socket
+            elif self.prefix:
+                end = len(self.prefix)
+                view[:end] = self.prefix
+            if end:
+                with self.lock:
+                    start = conn.receive(view[:end], time.monotonic())
+                    if start == end:
+                        start = end = 0
+                    self._flush()
+                if conn.closing:
+                    reason = conn.close_reason
+                    raise _Done
             while not self.server.stopping:
                 if end == len(buf):
                     # Compact; grow if one PDU needs more room than the whole buffer.
@@ -169,6 +270,8 @@ class ConnectionRunner:
                     if conn.closing:
                         reason = conn.close_reason
                         break
+        except _Done:
+            pass
         except Exception:  # noqa: BLE001 - one connection's bug must not take the target down
             log.exception("connection from %s failed", self.peer_ip)
             reason = "internal error"
@@ -188,8 +291,9 @@ class Server:
     """Listening sockets on the configured portals and the set of live connections. `on_event(event)` is
     called, from connection threads, with each event a connection hands out (events.py)."""
 
-    def __init__(self, registry, on_event, settings: dict):
+    def __init__(self, registry, on_event, settings: dict, router: Router | None = None):
         self.registry = registry
+        self.router = router  # None: one process, or a test: every connection is served here
         self.on_event = on_event
         self.settings = dict(settings)
         self.sessions = SessionTable()
@@ -244,13 +348,22 @@ class Server:
                 log.exception("could not start a connection from %s", peer[0])
                 sock.close()
 
-    def _start_connection(self, sock: socket.socket, peer) -> None:
+    def adopt(self, sock: socket.socket, prefix, hops: int) -> None:
+        """A connection handed to us by another process (handoff.Handoff calls this)."""
+        try:
+            peer = sock.getpeername()
+        except OSError:
+            sock.close()  # the initiator left meanwhile
+            return
+        self._start_connection(sock, peer, prefix=bytes(prefix), handed=True, hops=hops)
+
+    def _start_connection(self, sock: socket.socket, peer, prefix=b"", handed=False, hops=0) -> None:
         sock.settimeout(None)
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, struct.pack("ll", 1, 0))
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, struct.pack("ll", int(SEND_TIMEOUT), 0))
         local = sock.getsockname()
-        runner = ConnectionRunner(self, sock, peer, local)
+        runner = ConnectionRunner(self, sock, peer, local, prefix=prefix, handed=handed, hops=hops)
         with self._lock:
             self.runners.add(runner)
             self.accepted += 1
