@@ -7,6 +7,7 @@ Both the DHCP and TFTP services call these, so a client gets the same answer fro
 from __future__ import annotations
 
 from shared.config.boot import ClientAssignment
+from shared.config.images import pc_name
 from shared.config.model import BootfleetConfig
 
 ISCSI_DEFAULT_PORT = 3260
@@ -26,11 +27,28 @@ def assignment_for(config: BootfleetConfig, mac: str | None = None, ip: str | No
     return None
 
 
+def pc_target_iqn(config: BootfleetConfig, client: ClientAssignment) -> str:
+    """The target of a PC on an image, its own: `<boot.iqn_prefix>:<image>.<pc>` (pc: its name, else its MAC
+    without colons); its root-path names it, and the iSCSI target serves the PC's disk under it."""
+    return f"{config.boot.iqn_prefix}:{client.image}.{pc_name(client)}"
+
+
+def pc_initiator_iqn(config: BootfleetConfig, client: ClientAssignment) -> str:
+    """The initiator name a PC on an image is given (DHCP option 203, the script's `initiator-iqn`):
+    `<boot.iqn_prefix>:pc.<pc>`, so its logins, ACL and statistics name the PC."""
+    return f"{config.boot.iqn_prefix}:pc.{pc_name(client)}"
+
+
 def target_for(config: BootfleetConfig, mac: str | None = None, ip: str | None = None) -> tuple[str, int] | None:
-    """(IQN, LUN) this client boots: its assignment, else `boot.default_target`, else None."""
+    """(IQN, LUN) this client boots: its assignment, else `boot.default_target` (unless `boot.unknown: menu`
+    keeps it for PCs somebody configured: an unknown PC then picks from a menu), else None."""
     client = assignment_for(config, mac, ip)
+    if client and client.image:  # a PC on an image boots its own target (pc_target_iqn), LUN 0
+        return pc_target_iqn(config, client), 0
     if client and client.target:
         return client.target, client.lun
+    if client is None and config.boot.unknown == "menu":
+        return None
     if config.boot.default_target:
         return config.boot.default_target, config.boot.default_lun
     return None
@@ -46,7 +64,10 @@ def root_path(config: BootfleetConfig, server_ip: str, mac: str | None = None, i
     target = target_for(config, mac, ip)
     if target is None:
         return None
-    iqn, lun = target
+    return root_path_of(config, server_ip, *target)
+
+
+def root_path_of(config: BootfleetConfig, server_ip: str, iqn: str, lun: int) -> str:
     server = config.boot.server or server_ip
     port = iscsi_port(config)
     port_field = "" if port == ISCSI_DEFAULT_PORT else str(port)
@@ -82,16 +103,39 @@ def ipxe_script(config: BootfleetConfig, server_ip: str, mac: str | None = None,
     """The per-client iPXE script. A client with no target gets a script that says so and stops."""
     path = root_path(config, server_ip, mac, ip)
     lines = ["#!ipxe"]
+    if path is None and config.boot.unknown == "menu" and assignment_for(config, mac, ip) is None:
+        return menu_script(config, server_ip, mac or ip)
     if path is None:
         lines.append(f"echo Bootfleet: no iSCSI target is assigned to ${{net0/mac}} ({mac or ip})")
         lines.append("shell")
         return "\n".join(lines) + "\n"
     if config.boot.keep_san:
         lines.append("set keep-san 1")
+    client = assignment_for(config, mac, ip)
+    if client and client.image:  # as DHCP's option 203, for a PC whose lease came from another server
+        lines.append(f"set initiator-iqn {pc_initiator_iqn(config, client)}")
     target = target_for(config, mac, ip)
     creds = chap_for(config, target[0]) if target else None
     if creds:
         lines.append(f"set username {creds[0]}")
         lines.append(f"set password {creds[1]}")
     lines.append(f"sanboot {path}")
+    return "\n".join(lines) + "\n"
+
+
+def menu_script(config: BootfleetConfig, server_ip: str, who: str | None) -> str:
+    """`boot.unknown: menu`: what a PC nobody configured sees: its MAC and UUID, and the targets it could boot
+    (each target's first LUN); `bootfleet client assign MAC --target IQN` adopts it for good."""
+    who = who or "${net0/mac}"
+    lines = ["#!ipxe", f"menu Bootfleet: new PC {who} (uuid ${{uuid}})",
+             f"item --gap Adopt it with: bootfleet client assign {who} --target IQN"]
+    targets = [(t.name, t.luns[0].id) for t in getattr(config.iscsi, "targets", []) if t.luns]
+    for n, (iqn, lun) in enumerate(targets):
+        lines.append(f"item t{n} Boot {iqn}" + (f" lun {lun}" if lun else ""))
+    lines += ["item shell iPXE shell", "choose --default shell selected || goto shell", "goto ${selected}"]
+    if config.boot.keep_san:
+        lines.insert(1, "set keep-san 1")
+    for n, (iqn, lun) in enumerate(targets):
+        lines += [f":t{n}", f"sanboot {root_path_of(config, server_ip, iqn, lun)} || goto shell"]
+    lines += [":shell", "shell"]
     return "\n".join(lines) + "\n"

@@ -27,6 +27,9 @@ DHCP_DISCOVER = "dhcp.discover"
 DHCP_NAK = "dhcp.nak"
 DHCP_UNKNOWN_CLIENT = "dhcp.unknown_client"
 DHCP_POOL_EXHAUSTED = "dhcp.pool_exhausted"
+DHCP_PROXY_OFFERED = "dhcp.proxy.offered"  # dhcp.mode: proxy (services/dhcp/proxy.py)
+DHCP_PROXY_ACK = "dhcp.proxy.ack"
+DHCP_PROXY_ADDRESS = "dhcp.proxy.address"
 
 # TFTP
 TFTP_STARTED = "tftp.transfer.started"
@@ -49,6 +52,11 @@ SERVICE_STARTED = "service.started"
 SERVICE_APPLIED = "service.applied"
 SERVICE_APPLY_FAILED = "service.apply_failed"
 SERVICE_STOPPING = "service.stopping"
+
+# Long operations (image import/export, LUN resync...): progress and the end, tied by `op`, an id the requester
+# chose; `bootfleet` follows them with events-wait (docs/control.md, "Long operations")
+OPERATION_PROGRESS = "operation.progress"
+OPERATION_FINISHED = "operation.finished"
 
 
 @dataclasses.dataclass(slots=True, kw_only=True)
@@ -95,3 +103,26 @@ class ServiceApplyFailed(Event):
 class ServiceStopping(Event):
     type: ClassVar[str] = SERVICE_STOPPING
     pid: int
+
+
+@event
+class OperationProgress(Event):
+    """`done` of `total` `unit`s (total None: not known); sent at most every 1 % or every second."""
+
+    type: ClassVar[str] = OPERATION_PROGRESS
+    op: str
+    name: str  # the command that started it: image-import, lun-resync
+    done: int
+    total: int | None = None
+    unit: str = "bytes"
+
+
+@event
+class OperationFinished(Event):
+    """The end of an operation: `ok`, and one line saying what happened (the error, when not ok)."""
+
+    type: ClassVar[str] = OPERATION_FINISHED
+    op: str
+    name: str
+    ok: bool
+    text: str = ""

@@ -34,6 +34,7 @@ import struct
 from dataclasses import dataclass
 
 from services.dhcp import events as ev
+from services.dhcp import identity
 from services.dhcp import options as opt
 from services.dhcp import packet as pk
 from services.dhcp.allocator import serves
@@ -53,8 +54,8 @@ SERVER_PORT = 67
 _U32 = struct.Struct("!I")
 MIN_MAX_MESSAGE = 576  # RFC 2131: every client takes a 576-byte IP datagram
 ESSENTIAL = frozenset((opt.SUBNET_MASK, opt.ROUTERS, opt.ROOT_PATH, opt.TFTP_SERVER_NAME, opt.BOOTFILE_NAME, opt.IPXE_ENCAP))
-COUNTERS = ("received", "replied", "offers", "acks", "naks", "declines", "releases", "informs", "ignored",
-            "exhausted", "unknown_clients", "other_server", "shrunk")
+COUNTERS = ("received", "replied", "discovers", "requests", "offers", "acks", "naks", "declines", "releases",
+            "informs", "ignored", "exhausted", "unknown_clients", "other_server", "shrunk")
 # `_acceptable`'s answer for an address in another process's slice: that process answers, we stay silent
 _OTHER_SLICE = "another process's slice"
 
@@ -92,6 +93,8 @@ class Offer:
 
 
 class DhcpCore:
+    mode = "server"
+
     def __init__(self, config, leases: LeaseTable, instance: int = 0, instances: int = 1):
         self.leases = leases
         self.instance = instance
@@ -313,13 +316,18 @@ class DhcpCore:
             self.counters["ignored"] += 1
             return None
         mac = msg.mac
-        if scope.cfg.known_clients_only and not self._known(scope, mac):
+        if (scope.cfg.known_clients_only or self.config.boot.unknown == "ignore") and not self._known(scope, mac):
             self.counters["unknown_clients"] += 1
-            self._events.append(ev.UnknownClient(mac=mac, scope=scope.name))
+            if mtype == pk.DISCOVER:  # once per attempt, with what the PC says it is, so it shows up as `new`
+                arch = identity.client_arch(msg.options)
+                self._events.append(ev.UnknownClient(mac=mac, scope=scope.name, uuid=identity.client_uuid(msg.options),
+                                                     firmware=identity.firmware(arch)))
             return None
         if mtype == pk.DISCOVER:
+            self.counters["discovers"] += 1
             return self._discover(scope, msg, iface, mac, now)
         if mtype == pk.REQUEST:
+            self.counters["requests"] += 1
             return self._request(scope, msg, iface, mac, now)
         if mtype == pk.DECLINE:
             return self._decline(scope, msg, iface, mac, now)
@@ -343,7 +351,11 @@ class DhcpCore:
     def _discover(self, scope, msg, iface, mac, now) -> Reply | None:
         cls = self._classify(msg)
         if cls.kind != "plain":
-            self._events.append(ev.Discover(mac=mac, client_class=cls.label, arch=cls.arch))
+            o = msg.options
+            self._events.append(ev.Discover(
+                mac=mac, client_class=cls.label, arch=cls.arch, uuid=identity.client_uuid(o), nic=identity.client_nic(o),
+                firmware=identity.firmware(cls.arch) if cls.kind == "pxe" else cls.kind,
+            ))
         ip = self._choose(scope, msg, mac, now)
         if ip is None:
             self.counters["exhausted"] += 1

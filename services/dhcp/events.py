@@ -85,6 +85,10 @@ class Discover(Event):
     mac: str
     client_class: str
     arch: int | None
+    uuid: str | None = None  # option 97 (identity.py)
+    nic: str | None = None  # option 94, e.g. undi-3.16
+    firmware: str | None = None  # bios, uefi, ipxe (from option 93, or 77/175 for iPXE)
+    mode: str = "server"  # dhcp.mode of the server that saw it
 
 
 @event
@@ -98,11 +102,48 @@ class Nak(Event):
 
 @event
 class UnknownClient(Event):
-    """A client turned away by a `known_clients_only` scope."""
+    """A client turned away: a `known_clients_only` scope, or `boot.unknown: ignore`."""
 
     type: ClassVar[str] = bus.DHCP_UNKNOWN_CLIENT
     mac: str
-    scope: str
+    scope: str  # `proxy` in proxy mode
+    uuid: str | None = None
+    firmware: str | None = None
+
+
+@event
+class ProxyOffered(Event):
+    """A ProxyDHCPOFFER (no address) to a PXE or iPXE client's DISCOVER; `confirm_on_4011`: UEFI firmware,
+    asked to confirm with a REQUEST to port 4011."""
+
+    type: ClassVar[str] = bus.DHCP_PROXY_OFFERED
+    mac: str
+    client_class: str
+    bootfile: str | None
+    root_path: str | None
+    confirm_on_4011: bool
+
+
+@event
+class ProxyAck(Event):
+    """A DHCPACK from port 4011 (no address) to a PXE client's REQUEST there; `ip` is its ciaddr."""
+
+    type: ClassVar[str] = bus.DHCP_PROXY_ACK
+    mac: str
+    ip: str | None
+    client_class: str
+    bootfile: str | None
+    root_path: str | None
+
+
+@event
+class ProxyAddress(Event):
+    """The address a PC took from the site's DHCP server, as its REQUEST (option 50, or ciaddr on port 4011)
+    shows it: lets the controller map TFTP and iSCSI events, which carry the address, to the PC."""
+
+    type: ClassVar[str] = bus.DHCP_PROXY_ADDRESS
+    mac: str
+    ip: str
 
 
 @event

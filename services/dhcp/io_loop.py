@@ -6,6 +6,8 @@ commit) and only then sends the replies: a lease is durable before its ACK leave
 the network (no ping-before-offer). Once a second it expires leases and re-opens missing interfaces. The core's
 events go to `publish` (the service) from this thread, after the commit. `lock` is held while the core or the
 store is in use: other threads (the service's apply and commands) take it too.
+In proxy mode (`dhcp.mode: proxy`) the core is a `ProxyCore` (proxy.py), the store a `NoLeases`, and each
+interface has a second socket, port 4011, whose requests go to `core.handle_pxe` with their source address.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from services.dhcp import packet as pk
 from services.dhcp.core import BROADCAST, DhcpCore, Interface, Reply
 from services.dhcp.lease_store import LeaseStore
 from services.dhcp.packet import ip_str
+from services.dhcp.proxy import PXE_PORT
 from services.dhcp.ra import build_ra, is_router_solicitation
 from services.dhcp.sockets import (
     ALL_NODES,
@@ -50,6 +53,7 @@ class DhcpIoLoop:
         self.publish = publish
         self.lock = threading.Lock()
         self.sockets: dict[str, socket.socket] = {}
+        self.pxe_sockets: dict[str, socket.socket] = {}  # port 4011, ProxyDHCP only (dhcp.mode: proxy)
         self.ifaces: dict[str, Interface] = {}
         self.ra_sockets: dict[str, tuple[socket.socket, int, bytes]] = {}
         self.fd_map: dict[int, tuple[str, str]] = {}  # fd -> (kind, interface)
@@ -95,8 +99,9 @@ class DhcpIoLoop:
         if self.checkpointer:
             self.checkpointer.join(CHECKPOINT_INTERVAL + 1)
         with self.lock:
-            for sock in list(self.sockets.values()):
+            for sock in [*self.sockets.values(), *self.pxe_sockets.values()]:
                 sock.close()
+            self.pxe_sockets.clear()
             for sock, _, _ in self.ra_sockets.values():
                 sock.close()
             self.sockets.clear()
@@ -132,6 +137,26 @@ class DhcpIoLoop:
                 self.fd_map[sock.fileno()] = ("dhcp", name)
                 self.poller.register(sock.fileno(), select.POLLIN)
             self._refresh_address(name)
+        proxy = self.core.mode == "proxy"
+        for name in list(self.pxe_sockets):
+            if name not in wanted or not proxy:
+                sock = self.pxe_sockets.pop(name)
+                self.poller.unregister(sock.fileno())
+                self.fd_map.pop(sock.fileno(), None)
+                sock.close()
+        for name in wanted if proxy else ():
+            if name not in self.pxe_sockets:
+                try:
+                    sock = open_dhcp_socket(name, PXE_PORT)
+                except OSError as exc:
+                    if ("pxe", name) not in self._open_failed:
+                        self.log.error("interface %s: cannot serve ProxyDHCP on port %d (retrying): %s", name, PXE_PORT, exc)
+                        self._open_failed.add(("pxe", name))
+                    continue
+                self._open_failed.discard(("pxe", name))
+                self.pxe_sockets[name] = sock
+                self.fd_map[sock.fileno()] = ("pxe", name)
+                self.poller.register(sock.fileno(), select.POLLIN)
         for name in list(self.ra_sockets):
             if name not in wanted or not wanted[name].ipv6_ra:
                 sock = self.ra_sockets.pop(name)[0]
@@ -188,6 +213,8 @@ class DhcpIoLoop:
                     try:
                         if kind == "dhcp":
                             self._turn(name)
+                        elif kind == "pxe":
+                            self._turn(name, pxe=True)
                         elif kind == "ra":
                             self._answer_rs(name)
                     except Exception:  # one bad turn never stops the server
@@ -224,8 +251,8 @@ class DhcpIoLoop:
             except Exception as exc:  # busy or closing: the next round catches up
                 self.log.debug("checkpoint: %s", exc)
 
-    def _turn(self, name: str) -> None:
-        sock = self.sockets.get(name)
+    def _turn(self, name: str, pxe: bool = False) -> None:
+        sock = (self.pxe_sockets if pxe else self.sockets).get(name)
         iface = self.ifaces.get(name)
         if sock is None:
             return
@@ -234,7 +261,7 @@ class DhcpIoLoop:
         now = time.time()
         for _ in range(BATCH):
             try:
-                n, _addr = sock.recvfrom_into(buf)
+                n, addr = sock.recvfrom_into(buf)
             except (BlockingIOError, InterruptedError):
                 break
             except OSError as exc:
@@ -244,7 +271,10 @@ class DhcpIoLoop:
                 continue
             try:
                 msg = pk.parse(bytes(view[:n]))  # one copy; slicing bytes beats slicing a memoryview per option
-                reply = core.handle(msg, iface, now)
+                if pxe:  # port 4011: the answer goes back where the request came from
+                    reply = core.handle_pxe(msg, iface, now, (pk.ip_int(addr[0]), addr[1]))
+                else:
+                    reply = core.handle(msg, iface, now)
             except pk.PacketError as exc:
                 self.malformed += 1
                 if self.log.isEnabledFor(logging.DEBUG) and self._bad_requests.allow():

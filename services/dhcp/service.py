@@ -16,6 +16,7 @@ from services.dhcp import events as ev
 from services.dhcp.core import DhcpCore
 from services.dhcp.io_loop import DhcpIoLoop
 from services.dhcp.lease_store import LeaseStore
+from services.dhcp.proxy import NoLeases, ProxyCore
 from shared.config.base import normalize_mac
 from shared.events import Event
 from shared.log_limit import LogLimiter
@@ -37,21 +38,40 @@ class DhcpService(BaseService):
     # -- life ------------------------------------------------------------------------------------------------
 
     async def start(self, config) -> None:
-        path = state_path(self.ctx.state_dir, config.dhcp.lease_file)
-        self.store = LeaseStore(path, config.dhcp.durability)
-        self.core = DhcpCore(config, self.store, self.ctx.instance, max(1, self.ctx.instances))
+        self.core, self.store = self._core_for(config)
         self.loop = DhcpIoLoop(self.core, self.store, self.log, self._publish)
         self.loop.start(config)
-        self.log.info("serving %s; lease store %s (%d leases)", ", ".join(self.loop.sockets) or "no interface",
-                      path, len(self.store.by_ip))
+        self._say_serving()
+
+    def _core_for(self, config):
+        """The decisions and their store for `dhcp.mode`: leases (server) or ProxyDHCP with none (proxy)."""
+        instances = max(1, self.ctx.instances)
+        if config.dhcp.mode == "proxy":
+            return ProxyCore(config, self.ctx.instance, instances), NoLeases()
+        store = LeaseStore(state_path(self.ctx.state_dir, config.dhcp.lease_file), config.dhcp.durability)
+        return DhcpCore(config, store, self.ctx.instance, instances), store
+
+    def _say_serving(self) -> None:
+        where = ", ".join(self.loop.sockets) or "no interface"
+        if self.core.mode == "proxy":
+            self.log.info("ProxyDHCP on %s (ports 67 and 4011); no leases", where)
+        else:
+            self.log.info("serving %s; lease store %s (%d leases)", where, self.store.path, len(self.store.by_ip))
 
     async def apply(self, config) -> None:
         with self.loop.lock:
-            if config.dhcp.lease_file != self.core.config.dhcp.lease_file:
-                self.log.warning("dhcp.lease_file changes on restart only; still using %s", self.store.path)
-            self.core.instances = max(1, self.ctx.instances)
-            self.core.apply(config)
-            self.loop.apply_sockets(config)
+            if config.dhcp.mode != self.core.mode:  # a new core; offers in flight are dropped, leases stay on disk
+                self.store.close()
+                self.core, self.store = self._core_for(config)
+                self.loop.core, self.loop.store = self.core, self.store
+                self.loop.apply_sockets(config)
+                self._say_serving()
+            else:
+                if self.core.mode == "server" and config.dhcp.lease_file != self.core.config.dhcp.lease_file:
+                    self.log.warning("dhcp.lease_file changes on restart only; still using %s", self.store.path)
+                self.core.instances = max(1, self.ctx.instances)
+                self.core.apply(config)
+                self.loop.apply_sockets(config)
         self.loop.wake()
 
     async def stop(self) -> None:
@@ -80,6 +100,9 @@ class DhcpService(BaseService):
             mac = normalize_mac(args.get("mac"))
         except ValueError as exc:
             self.log.warning("lease-release: %s", exc)
+            return
+        if self.core.mode == "proxy":
+            self.log.info("lease-release %s: proxy mode holds no leases (the site's DHCP server does)", mac)
             return
         freed = await asyncio.get_running_loop().run_in_executor(None, self.release, mac)
         self.log.info("lease-release %s: %s", mac, ", ".join(freed) or "no lease held")

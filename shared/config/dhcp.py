@@ -162,6 +162,12 @@ class Scope(StrictModel):
 
 
 class DhcpConfig(StrictModel):
+    mode: Literal["server", "proxy"] = Field(
+        "server",
+        description="server: lease addresses and answer boot clients (scopes); proxy: ProxyDHCP beside the site's "
+        "own DHCP server: answer only PXE and iPXE clients, with the boot part and no address (yiaddr 0, option "
+        "60 PXEClient, option 43 discovery control 8), on port 67 and on port 4011; no leases, scopes unused",
+    )
     interfaces: list[DhcpInterface] = Field(default_factory=list, description="interfaces served; none by default")
     scopes: list[Scope] = Field(default_factory=list)
     classes: list[ClientClass] = Field(default_factory=list, description="user classes; applied after the built-in boot classes")
