@@ -16,8 +16,10 @@ from services.dhcp import options as opt
 from services.dhcp.classify import Classification, loader_for
 from services.dhcp.packet import ip_int, ip_str
 from services.dhcp.scopes import ScopeRuntime, merge_options
-from shared.boot import chap_for, root_path, target_for
+from shared.boot import assignment_for, chap_for, pc_initiator_iqn, root_path, target_for
 from shared.config.boot import ClientAssignment
+
+ISCSI_INITIATOR_IQN = 203  # iPXE's initiator-iqn setting (it asks for 203 in its parameter request list)
 
 
 @dataclass(frozen=True, slots=True)
@@ -49,6 +51,9 @@ def build_boot_answer(config, scope: ScopeRuntime, cls: Classification, res, mac
         rpath = root_path(boot_cfg, ip_str(server_address), mac)
         if rpath:
             merged[opt.ROOT_PATH] = rpath.encode()
+        client = assignment_for(config, mac) if res is None or not res.target else None
+        if client is not None and client.image:  # its own initiator name, which its target's ACL expects
+            merged[ISCSI_INITIATOR_IQN] = pc_initiator_iqn(config, client).encode()
         # built-in sub-options of 175 join (and win over) those configured at global/scope level
         subs = opt.parse_suboptions(merged.get(opt.IPXE_ENCAP, b""))
         subs[opt.IPXE_KEEP_SAN] = b"\x01" if config.boot.keep_san else b"\x00"

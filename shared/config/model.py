@@ -10,6 +10,8 @@ from shared.config.base import StrictModel
 from shared.config.boot import BootConfig, ClientAssignment
 from shared.config.dhcp import DhcpConfig
 from shared.config.http import HttpConfig
+from shared.config import images as images_rules
+from shared.config.images import ImageConfig, ImageStoreConfig
 from shared.config.iscsi import IscsiConfig
 from shared.config.tftp import TftpConfig
 from shared.config.web import WebConfig
@@ -50,6 +52,8 @@ class BootfleetConfig(StrictModel):
     events: EventsConfig = Field(default_factory=EventsConfig)
     boot: BootConfig = Field(default_factory=BootConfig)
     clients: list[ClientAssignment] = Field(default_factory=list)
+    image_store: ImageStoreConfig = Field(default_factory=ImageStoreConfig)
+    images: list[ImageConfig] = Field(default_factory=list)
     iscsi: IscsiConfig = Field(default_factory=IscsiConfig)
     dhcp: DhcpConfig = Field(default_factory=DhcpConfig)
     tftp: TftpConfig = Field(default_factory=TftpConfig)
@@ -63,6 +67,11 @@ class BootfleetConfig(StrictModel):
             if client.mac in seen:
                 raise ValueError(f"clients[{i}].mac: {client.mac} is already assigned by clients[{seen[client.mac]}]")
             seen[client.mac] = i
+        return self
+
+    @model_validator(mode="after")
+    def _images(self) -> "BootfleetConfig":
+        images_rules.check(self)  # a client on an image: docs/images.md
         return self
 
     @model_validator(mode="after")
