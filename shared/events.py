@@ -53,6 +53,14 @@ SERVICE_APPLIED = "service.applied"
 SERVICE_APPLY_FAILED = "service.apply_failed"
 SERVICE_STOPPING = "service.stopping"
 
+# Images (issue 13, docs/images.md): the iSCSI target's overlay reset at power-on and quota events, the
+# controller's publish, rollback and operator resets
+IMAGE_OVERLAY_RESET = "image.overlay.reset"
+IMAGE_QUOTA_THRESHOLD = "image.quota.threshold"
+IMAGE_QUOTA_REACHED = "image.quota.reached"
+IMAGE_VERSION_PUBLISHED = "image.version.published"
+IMAGE_ROLLBACK = "image.rollback"
+
 # Long operations (image import/export, LUN resync...): progress and the end, tied by `op`, an id the requester
 # chose; `bootfleet` follows them with events-wait (docs/control.md, "Long operations")
 OPERATION_PROGRESS = "operation.progress"

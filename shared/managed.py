@@ -90,6 +90,8 @@ class ManagedRuntime:
     def _on_snapshot(self, store: dict[str, Any]) -> None:
         leases = {k[len(m.LEASE_PREFIX) :]: v["mac"] for k, v in store.items() if k.startswith(m.LEASE_PREFIX) and v}
         self.loop.call_soon_threadsafe(self._replace_leases, leases)
+        pcboot = {k[len(m.PCBOOT_PREFIX) :]: v for k, v in store.items() if k.startswith(m.PCBOOT_PREFIX) and v}
+        self.loop.call_soon_threadsafe(setattr, self.ctx, "pcboot", pcboot)
         if m.CONFIG_KEY in store:
             self._schedule(store[m.CONFIG_KEY])
         for key, val in store.items():
@@ -102,6 +104,8 @@ class ManagedRuntime:
         elif key.startswith(m.LEASE_PREFIX):
             ip = key[len(m.LEASE_PREFIX) :]
             self.loop.call_soon_threadsafe(self._set_lease, ip, val["mac"] if val else None)
+        elif key.startswith(m.PCBOOT_PREFIX):
+            self.loop.call_soon_threadsafe(self._set_pcboot, key[len(m.PCBOOT_PREFIX) :], val)
         elif key.startswith(self.command_prefix) and val:
             self._command(key, val)
 
@@ -123,6 +127,12 @@ class ManagedRuntime:
             self.ctx.leases[ip] = mac
         else:
             self.ctx.leases.pop(ip, None)
+
+    def _set_pcboot(self, mac: str, val: dict | None) -> None:
+        if val:
+            self.ctx.pcboot[mac] = val
+        else:
+            self.ctx.pcboot.pop(mac, None)
 
     def _schedule(self, doc: dict) -> None:
         asyncio.run_coroutine_threadsafe(self.apply(doc["revision"], doc["config"]), self.loop)

@@ -45,6 +45,7 @@ class ServiceContext:
         self._emitter = emitter
         self._event_log = logging.getLogger(f"bootfleet.{name}.event")
         self.leases: dict[str, str] = {}  # ip -> mac, from DHCP lease events relayed by the controller
+        self.pcboot: dict[str, dict] = {}  # mac -> {image, version, boot, mode}: `pcboot/<mac>` keys (docs/images.md)
 
     def emit(self, event: Event) -> None:
         """Queue an event for the controller and log it (one line, INFO). Thread-safe, never blocks;

@@ -36,6 +36,7 @@ BEAT = "beat"
 # Keys of the replicated store
 CONFIG_KEY = "config"
 LEASE_PREFIX = "lease/"
+PCBOOT_PREFIX = "pcboot/"  # pcboot/<mac>: {image, version, boot, mode}, the controller's word on a PC's power-on
 COMMAND_PREFIX = "command/"
 
 
