@@ -19,6 +19,7 @@ first login; others are claimed when a connection is handed over.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -114,12 +115,22 @@ def build_backstore(spec, state_dir: Path):
                          sparse=spec.sparse, create=spec.create, write_through=spec.write_through)
 
 
-def build_lun(spec, lun_id: int, state_dir: Path):
-    from services.iscsi_target.scsi import LogicalUnit
+def build_lun(spec, lun_id: int, state_dir: Path, target: str = ""):
+    """A LUN from its config; with a target name, its persistent reservations are kept (APTPL) in
+    `<state>/iscsi/pr/` and loaded from there."""
+    from services.iscsi_target.scsi import LogicalUnit, Nexus
 
     if spec.type == "cdrom":
-        return media.build_cdrom(spec, lun_id, state_dir)
-    return LogicalUnit(build_backstore(spec, state_dir), lun_id, readonly=spec.readonly)
+        lu = media.build_cdrom(spec, lun_id, state_dir)
+    else:
+        lu = LogicalUnit(build_backstore(spec, state_dir), lun_id, readonly=spec.readonly)
+    if target:
+        lu.res.persist_to(pr_state_path(state_dir, target, lun_id), Nexus)
+    return lu
+
+
+def pr_state_path(state_dir: Path, target: str, lun_id: int) -> Path:
+    return Path(state_dir) / "iscsi" / "pr" / f"{hashlib.sha256(target.encode()).hexdigest()[:32]}-{lun_id}.json"
 
 
 class IscsiTargetService(BaseService):
@@ -246,7 +257,8 @@ class IscsiTargetService(BaseService):
                     luns = {}
                     if mine:
                         try:
-                            luns = {lun_id: build_lun(spec, lun_id, state_dir) for lun_id, spec in specs.items()}
+                            luns = {lun_id: build_lun(spec, lun_id, state_dir, t.name)
+                                    for lun_id, spec in specs.items()}
                         except Exception:
                             if locks is not None:
                                 locks.release(t.name)
@@ -263,7 +275,7 @@ class IscsiTargetService(BaseService):
                     if lun_id in swapped:
                         continue
                     if lun_id not in entry.lun_specs or entry.lun_specs[lun_id] != spec:
-                        entry.scsi.add_lun(lun_id, build_lun(spec, lun_id, state_dir))
+                        entry.scsi.add_lun(lun_id, build_lun(spec, lun_id, state_dir, entry.name))
                 new[t.name] = TargetEntry(t.name, t.alias, entry.scsi, policy, specs)
             self.registry.portals = [(p.ip, p.port) for p in section.portals]
             self.registry.discovery = AccessPolicy(section.auth)
@@ -278,7 +290,7 @@ class IscsiTargetService(BaseService):
         """Open a target's LUNs from their backstores on disk: it has just become ours."""
         state_dir = self.ctx.state_dir
         for lun_id, spec in entry.lun_specs.items():
-            entry.scsi.add_lun(lun_id, build_lun(spec, lun_id, state_dir))
+            entry.scsi.add_lun(lun_id, build_lun(spec, lun_id, state_dir, entry.name))
 
     # ------------------------------------------------------------------ events
     def on_event(self, event: ev.Event) -> None:

@@ -162,3 +162,38 @@ def test_events_get_the_pcs_mac_and_local_ones_stay_here(tmp_path):
                           "mac": "52:54:00:00:00:05"}),
         ("iscsi.logout", {"ip": "10.0.0.6", "initiator": INITIATOR, "target": A, "tsih": 2, "reason": "logout"}),
     ]
+
+
+def test_aptpl_reservations_survive_a_restart_of_the_service(tmp_path):
+    from services.iscsi_target.scsi import Nexus
+
+    cfg = config(support.free_port(), [{"name": A, "luns": [{"id": 0, "backstore": {
+        "type": "file", "path": "a.img", "size": "1MiB"}}]}])
+    nexus = Nexus(f"{INITIATOR},i,0x800000000001", f"{A},t,0x0001", 1)
+    pr_out = bytes([0x5F, 0, 0, 0, 0, 0, 0, 0, 24, 0])
+    reserve = bytes([0x5F, 1, 0x01, 0, 0, 0, 0, 0, 24, 0])  # RESERVE, Write Exclusive
+    read_reservation = bytes([0x5E, 1, 0, 0, 0, 0, 0, 0x10, 0, 0])
+
+    async def run(body):
+        svc, _, _ = new_service(tmp_path)
+        await svc.start(cfg)
+        try:
+            scsi = svc.registry.targets[A].scsi
+            while scsi.execute(nexus, 0, bytes(6), None).status:  # the power-on unit attention
+                pass
+            return body(scsi)
+        finally:
+            await svc.stop()
+
+    def take(scsi):
+        params = (0).to_bytes(8, "big") + (0xABC).to_bytes(8, "big") + bytes([0, 0, 0, 0, 0x01, 0, 0, 0])
+        assert scsi.execute(nexus, 0, pr_out, params).status == 0  # REGISTER, APTPL
+        assert scsi.execute(nexus, 0, reserve, (0xABC).to_bytes(8, "big") + bytes(16)).status == 0
+
+    def look(scsi):
+        d = b"".join(bytes(part) for part in scsi.execute(nexus, 0, read_reservation, None).data)
+        return int.from_bytes(d[8:16], "big"), d[21] & 0x0F
+
+    asyncio.run(run(take))
+    assert list((tmp_path / "iscsi" / "pr").glob("*-0.json"))
+    assert asyncio.run(run(look)) == (0xABC, 1)

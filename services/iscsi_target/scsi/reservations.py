@@ -25,14 +25,25 @@ reservation the holder may do anything; for the others:
 
 The unit-attention side effects (RESERVATIONS PREEMPTED/RELEASED, REGISTRATIONS PREEMPTED) go through the
 `notify(nexus, code)` callback the logical unit passes in.
+
+APTPL (activate persist through power loss, SPC-4 5.14.5): the APTPL bit of the last REGISTER or REGISTER
+AND IGNORE EXISTING KEY decides. While it is set, every change of the registrations or the reservation is
+written, before the command completes, to the LU's state file (`persist_to(path)`, written atomically:
+shared/atomic_file.py) and read back when the LU opens again (a restart, or a new owner process); when it is
+cleared the file is removed. SPC-2 reservations never persist. REPORT CAPABILITIES says PTPL_C (capable) and
+PTPL_A (active).
 """
 
 from __future__ import annotations
 
+import json
+import os
 import struct
 import threading
+from pathlib import Path
 
 from services.iscsi_target.scsi import sense as S
+from shared.atomic_file import write_atomic
 
 ALWAYS, READ, WRITE, SENSE, TUR = 0, 1, 2, 3, 4
 
@@ -74,6 +85,44 @@ class Reservations:
         self.holder = None          # nexus holding the persistent reservation (any registrant for AR types)
         self.type = 0
         self.generation = 0
+        self.aptpl = False
+        self.path: Path | None = None  # the APTPL state file (persist_to)
+        self.nexus_type = None  # builds a nexus from (initiator port, target port) when state is loaded
+
+    # ---------------------------------------------------------------- APTPL
+    def persist_to(self, path: Path, nexus_type) -> None:
+        """Keep APTPL state in `path`; load what a previous run left there."""
+        self.path, self.nexus_type = Path(path), nexus_type
+        try:
+            state = json.loads(self.path.read_text())
+        except FileNotFoundError:
+            return
+        except (OSError, ValueError) as exc:
+            raise ValueError(f"{self.path}: unreadable persistent reservation state: {exc}") from None
+        with self.lock:
+            self.keys = {nexus_type(i, t): int(k) for i, t, k in state["keys"]}
+            self.generation = int(state["generation"])
+            self.type = int(state.get("type", 0))
+            holder = state.get("holder")
+            self.holder = nexus_type(*holder) if holder else None
+            if self.type in ALL_REGISTRANTS and self.keys:
+                self.holder = self.holder if self.holder in self.keys else next(iter(self.keys))
+            self.aptpl = True
+
+    def _save(self) -> None:
+        """Called under self.lock after any change to registrations or the reservation."""
+        if self.path is None:
+            return
+        if not self.aptpl:
+            try:
+                os.unlink(self.path)
+            except FileNotFoundError:
+                pass
+            return
+        holder = list(self.holder) if self.holder is not None and self.type else None
+        state = {"generation": self.generation, "type": self.type, "holder": holder,
+                 "keys": [[n.initiator_port, n.target_port, k] for n, k in self.keys.items()]}
+        write_atomic(self.path, json.dumps(state))
 
     @property
     def active(self) -> bool:
@@ -151,8 +200,10 @@ class Reservations:
                 key = 0 if self.type in ALL_REGISTRANTS else self.keys.get(self.holder, 0)
                 return struct.pack(">IIQ4xxBxx", self.generation, 16, key, self.type)
             if action == REPORT_CAPABILITIES:
-                # TMV: the type mask is valid; no SIP_C, ATP_C or PTPL_C (not supported)
-                return struct.pack(">HBBHH", 8, 0, 0x80, _TYPE_MASK, 0)
+                # PTPL_C when state can be kept (a state file); TMV: the type mask is valid; PTPL_A when
+                # APTPL is in force. No SIP_C, ATP_C (not supported)
+                capable = 0x01 if self.path is not None else 0
+                return struct.pack(">HBBHH", 8, capable, 0x80 | (0x01 if self.aptpl else 0), _TYPE_MASK, 0)
             if action == READ_FULL_STATUS:
                 out = []
                 for reg_nexus, key in self.keys.items():
@@ -174,36 +225,46 @@ class Reservations:
         with self.lock:
             if self.spc2 is not None and self.spc2 != nexus:
                 raise _conflict()
-            if action in (REGISTER, REGISTER_AND_IGNORE):
-                if flags & 0x09:  # SPEC_I_PT, APTPL: not supported (REPORT CAPABILITIES says so)
-                    raise S.illegal(S.INVALID_FIELD_IN_PARAMETER_LIST, S.field_pointer(20, 0 if flags & 1 else 3, False))
-                self._register(nexus, key, sa_key, action == REGISTER_AND_IGNORE)
-                return
-            if action not in (RESERVE, RELEASE, CLEAR, PREEMPT, PREEMPT_AND_ABORT):
-                raise S.illegal(S.INVALID_FIELD_IN_CDB, S.field_pointer(1, 4))
-            if flags & 0x01:
+            before = (self.generation, self.type, self.holder, self.aptpl)
+            try:
+                self._pr_out(nexus, action, scope, rtype, key, sa_key, flags)
+            finally:
+                if (self.generation, self.type, self.holder, self.aptpl) != before:
+                    self._save()  # before the command completes: a GOOD status means it is kept
+
+    def _pr_out(self, nexus, action: int, scope: int, rtype: int, key: int, sa_key: int, flags: int) -> None:
+        if action in (REGISTER, REGISTER_AND_IGNORE):
+            if flags & 0x08:  # SPEC_I_PT: not supported (REPORT CAPABILITIES says so)
+                raise S.illegal(S.INVALID_FIELD_IN_PARAMETER_LIST, S.field_pointer(20, 3, False))
+            if flags & 0x01 and self.path is None:  # APTPL with nowhere to keep the state
                 raise S.illegal(S.INVALID_FIELD_IN_PARAMETER_LIST, S.field_pointer(20, 0, False))
-            mine = self.keys.get(nexus)
-            if mine is None or mine != key:
-                raise _conflict()
-            if action in (RESERVE, PREEMPT, PREEMPT_AND_ABORT, RELEASE):
-                if scope != 0:
-                    raise S.illegal(S.INVALID_FIELD_IN_CDB, S.field_pointer(2, 7))
-                if rtype not in TYPES and not (action in (PREEMPT, PREEMPT_AND_ABORT) and not self.type):
-                    raise S.illegal(S.INVALID_FIELD_IN_CDB, S.field_pointer(2, 3))
-            if action == RESERVE:
-                self._reserve(nexus, rtype)
-            elif action == RELEASE:
-                self._release(nexus, rtype)
-            elif action == CLEAR:
-                for other in self.keys:
-                    if other != nexus:
-                        self.notify(other, S.RESERVATIONS_PREEMPTED)
-                self.keys.clear()
-                self.holder, self.type = None, 0
-                self.generation += 1
-            else:
-                self._preempt(nexus, sa_key, rtype)
+            self._register(nexus, key, sa_key, action == REGISTER_AND_IGNORE)
+            self.aptpl = bool(flags & 0x01)  # the last valid REGISTER's APTPL bit decides
+            return
+        if action not in (RESERVE, RELEASE, CLEAR, PREEMPT, PREEMPT_AND_ABORT):
+            raise S.illegal(S.INVALID_FIELD_IN_CDB, S.field_pointer(1, 4))
+        # the APTPL bit of other service actions is ignored (SPC-4 6.16.3)
+        mine = self.keys.get(nexus)
+        if mine is None or mine != key:
+            raise _conflict()
+        if action in (RESERVE, PREEMPT, PREEMPT_AND_ABORT, RELEASE):
+            if scope != 0:
+                raise S.illegal(S.INVALID_FIELD_IN_CDB, S.field_pointer(2, 7))
+            if rtype not in TYPES and not (action in (PREEMPT, PREEMPT_AND_ABORT) and not self.type):
+                raise S.illegal(S.INVALID_FIELD_IN_CDB, S.field_pointer(2, 3))
+        if action == RESERVE:
+            self._reserve(nexus, rtype)
+        elif action == RELEASE:
+            self._release(nexus, rtype)
+        elif action == CLEAR:
+            for other in self.keys:
+                if other != nexus:
+                    self.notify(other, S.RESERVATIONS_PREEMPTED)
+            self.keys.clear()
+            self.holder, self.type = None, 0
+            self.generation += 1
+        else:
+            self._preempt(nexus, sa_key, rtype)
 
     def _register(self, nexus, key: int, sa_key: int, ignore: bool) -> None:
         mine = self.keys.get(nexus)

@@ -97,8 +97,67 @@ def test_pr_in_bad_service_action():
     assert key_asc(target().execute(A, 0, pr_in(7), None)) == (5, 0x24, 0)
 
 
-def test_aptpl_is_refused():
-    assert key_asc(target().execute(A, 0, pr_out(0), pr_params(0, 1, flags=0x01))) == (5, 0x26, 0)
+def test_aptpl_is_refused_without_a_state_file():
+    t = target()
+    assert key_asc(t.execute(A, 0, pr_out(0), pr_params(0, 1, flags=0x01))) == (5, 0x26, 0)
+    d = data(t.execute(A, 0, pr_in(2), None))
+    assert d[2] & 0x01 == 0 and d[3] & 0x01 == 0  # PTPL_C, PTPL_A clear
+
+
+def persistent_target(path, store=None):
+    from services.iscsi_target.scsi import Nexus, RamBackstore
+
+    store = store or RamBackstore(4 << 20)
+    t = ready_target(store)
+    t.luns[0].res.persist_to(path, Nexus)
+    for nx in (A, B, C):
+        t.execute(nx, 0, tur(), None)
+    return t, store
+
+
+def keys_and_reservation(t, nx):
+    keys = data(t.execute(nx, 0, pr_in(0), None))
+    n = struct.unpack_from(">I", keys, 4)[0] // 8
+    rsv = data(t.execute(nx, 0, pr_in(1), None))
+    held = struct.unpack_from(">Q", rsv, 8)[0] if len(rsv) >= 16 else None
+    return sorted(struct.unpack_from(f">{n}Q", keys, 8)), held, rsv[21] & 0x0F if len(rsv) >= 22 else 0
+
+
+def test_aptpl_state_survives_a_restart(tmp_path):
+    path = tmp_path / "pr" / "lu0.json"
+    t, store = persistent_target(path)
+    d = data(t.execute(A, 0, pr_in(2), None))
+    assert d[2] & 0x01 and not d[3] & 0x01  # PTPL_C: capable; PTPL_A: not yet
+    assert register(t, B, 2) == 0 and not path.exists()  # APTPL 0: nothing kept
+    assert t.execute(A, 0, pr_out(0), pr_params(0, 1, flags=0x01)).status == 0  # APTPL 1
+    assert path.exists()
+    assert t.execute(A, 0, pr_out(1, rtype=1), pr_params(1)).status == 0  # Write Exclusive
+    generation = struct.unpack_from(">I", data(t.execute(A, 0, pr_in(0), None)))[0]
+
+    t2, _ = persistent_target(path, store)  # the LU opened again: a restart, or a new owner process
+    assert keys_and_reservation(t2, A) == ([1, 2], 1, 1)
+    assert struct.unpack_from(">I", data(t2.execute(A, 0, pr_in(0), None)))[0] == generation
+    assert data(t2.execute(A, 0, pr_in(2), None))[3] & 0x01  # PTPL_A
+    assert not can_write(t2, B) and can_write(t2, A) and can_read(t2, B)
+    # The last REGISTER's APTPL bit decides: 0 removes the file; the state is then lost at the next restart.
+    assert t2.execute(B, 0, pr_out(0), pr_params(2, 3)).status == 0
+    assert not path.exists()
+    t3, _ = persistent_target(path, store)
+    assert keys_and_reservation(t3, A) == ([], None, 0)
+
+
+def test_aptpl_follows_every_change(tmp_path):
+    path = tmp_path / "lu.json"
+    t, store = persistent_target(path)
+    t.execute(A, 0, pr_out(0), pr_params(0, 1, flags=0x01))
+    t.execute(B, 0, pr_out(0), pr_params(0, 2, flags=0x01))
+    t.execute(A, 0, pr_out(1, rtype=3), pr_params(1))
+    t.execute(B, 0, pr_out(4, rtype=3), pr_params(2, 1))  # B preempts A: A's key goes, B holds
+    assert keys_and_reservation(persistent_target(path, store)[0], B) == ([2], 2, 3)
+    t.execute(B, 0, pr_out(2, rtype=3), pr_params(2))  # release
+    assert keys_and_reservation(persistent_target(path, store)[0], B) == ([2], None, 0)
+    t.execute(B, 0, pr_out(3), pr_params(2))  # clear
+    assert keys_and_reservation(persistent_target(path, store)[0], B) == ([], None, 0)
 
 
 def test_bad_parameter_length():
