@@ -244,12 +244,28 @@ def cmd_clients(ctl: Control, args) -> int:
             [c["mac"], c.get("name"), c.get("ip"), c.get("target"), c["state"], _when(c.get("last_boot")), _ago(now - c["last_event"]) if c.get("last_event") else "-"]
             for c in a.get("clients", [])
         ]
-        _table(["mac", "name", "ip", "target", "state", "last boot", "last seen"], rows)
+        columns = ["mac", "name", "ip", "target", "state", "last boot", "last seen"]
+        clients = a.get("clients", [])
+        if any(c.get("uuid") or c.get("firmware") for c in clients):  # what PCs said of themselves (97, 93)
+            columns[5:5] = ["firmware", "uuid"]
+            for row, c in zip(rows, clients):
+                row[5:5] = [c.get("firmware") or "-", c.get("uuid") or "-"]
+        _table(columns, rows)
 
     return _answer(ctl.call("client-list"), args, render)
 
 
+def cmd_client_assign(ctl: Control, args) -> int:
+    if len(args.more) != 1:
+        raise CliError("usage: bootfleet client assign MAC --target IQN [--name NAME] [--lun N]")
+    return _answer(ctl.call("client-assign", mac=args.more[0], target=args.target, name=args.name, lun=args.lun), args)
+
+
 def cmd_client(ctl: Control, args) -> int:
+    if args.mac == "assign":
+        return cmd_client_assign(ctl, args)
+    if args.more:
+        raise CliError(f"bootfleet client {args.mac}: unexpected {' '.join(args.more)} (adopt a PC with: bootfleet client assign MAC --target IQN)")
     answer = ctl.call("client-get", mac=args.mac)
     if answer["result"] == 3:
         raise CliError(answer["text"])
@@ -257,6 +273,9 @@ def cmd_client(ctl: Control, args) -> int:
     def render(a):
         c = a["client"]
         print(f"{c['mac']}  {c.get('name') or ''}  ip {c.get('ip') or '-'}  target {c.get('target') or '-'}  state {c['state']}")
+        arch = c.get("arch")
+        print(f"  uuid {c.get('uuid') or '-'}  firmware {c.get('firmware') or '-'}  arch {'-' if arch is None else arch}"
+              f"  nic {c.get('nic') or '-'}")
         rows = [[f"{s['t']:8.3f}", s["step"], s["detail"]] for s in a["timeline"]]
         _table(["t (s)", "step", "detail"], rows, title=f"last boot {_when(c.get('last_boot'))}")
 
@@ -349,6 +368,10 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("clients", help=summary("client-list")).set_defaults(fn=cmd_clients)
     cl = sub.add_parser("client", help=summary("client-get"))
     cl.add_argument("mac")
+    cl.add_argument("more", nargs="*", help="with `client assign MAC`: the PC to adopt")
+    cl.add_argument("--target", help="client assign: the IQN it boots")
+    cl.add_argument("--name", help="client assign: a name for people")
+    cl.add_argument("--lun", type=int, help="client assign: the LUN of its target")
     cl.set_defaults(fn=cmd_client)
 
     le = sub.add_parser("leases", help=summary("lease-list"))

@@ -280,6 +280,48 @@ def service_scale(ctl, envelope, args):
     return None
 
 
+def _configured(config, mac: str) -> bool:
+    """Somebody configured this PC: a clients[] entry or a DHCP reservation."""
+    return any(c.mac == mac for c in config.clients) or any(
+        r.mac == mac for s in config.dhcp.scopes for r in s.reservations)
+
+
+def _identity(ctl: Facade, mac: str, row) -> dict[str, Any]:
+    """What the PC said of itself (uuid, nic, arch, firmware); a PC nobody configured is `new` (its boot
+    progress, the state it would otherwise show, goes in `progress`)."""
+    out = {"uuid": None, "firmware": None, **row.identity}
+    if not _configured(ctl.running, mac):
+        out.update(state="new", progress=row.state)
+    return out
+
+
+@command("client-assign")
+def client_assign(ctl, envelope, args):
+    """Adopt a PC (a `new` one, or change one): add or update its clients[] entry, as a new revision.
+
+    Arguments: `mac`, `target` (IQN), `name`, `lun`. Only the arguments given change an existing entry; the
+    others stay as they are."""
+    import copy
+
+    mac = _mac_arg(args)
+    changes = {key: args[key] for key in ("target", "name", "lun") if args.get(key) is not None}
+    if not changes:
+        return error("client-assign: give at least one of target, name, lun")
+    data = copy.deepcopy(ctl.config.data)
+    clients = data.setdefault("clients", [])
+    entry = next((c for c in clients if str(c.get("mac", "")).lower().replace("-", ":") == mac), None)
+    if entry is None:
+        entry = {"mac": mac}
+        clients.append(entry)
+    entry.update(changes)
+    answer = _commit(ctl, data)
+    if answer["result"] != SUCCESS:
+        return answer
+    revision = answer["arguments"]["revision"]
+    return ok(f"client {mac}: {', '.join(f'{k} {v}' for k, v in changes.items())} (revision {revision})",
+              revision=revision, client=entry)
+
+
 def _client_rows(ctl: Facade) -> list[dict[str, Any]]:
     names = {c.mac: c.name for c in ctl.running.clients}
     rows = []
@@ -289,6 +331,7 @@ def _client_rows(ctl: Facade) -> list[dict[str, Any]]:
             {
                 **row.as_dict(),
                 "name": names.get(mac),
+                **_identity(ctl, mac, row),
                 "target": f"{target[0]} lun {target[1]}" if target else None,
             }
         )

@@ -94,6 +94,9 @@ _STATE = {
     ev.LEASE_RELEASED: "off",
     ev.LEASE_EXPIRED: "off",
     ev.DHCP_NAK: "nak",
+    ev.DHCP_PROXY_OFFERED: "dhcp",  # dhcp.mode: proxy: the boot part came from us, the address from the site
+    ev.DHCP_PROXY_ACK: "dhcp",
+    ev.DHCP_PROXY_ADDRESS: "address",
 }
 
 
@@ -110,11 +113,15 @@ class ClientRow:
     last_event: float = 0.0
     last_boot: float | None = None
     logins: int = 0  # iSCSI logins since the last boot: 1 = firmware, 2 = the OS took over
+    identity: dict[str, Any] = field(default_factory=dict)  # what the PC said of itself: uuid (option 97), nic (94), arch (93), firmware
 
     def as_dict(self) -> dict[str, Any]:
         return dict(
             mac=self.mac, ip=self.ip, state=self.state, last_event=self.last_event, last_boot=self.last_boot
         )
+
+
+IDENTITY = ("uuid", "nic", "arch", "firmware")  # fields of DHCP events a PC's row keeps (dhcp.discover, unknown_client)
 
 
 class ClientTable:
@@ -141,8 +148,12 @@ class ClientTable:
         ):
             row.last_boot = ts
             row.logins = 0
+        if type.startswith("dhcp."):
+            for key in IDENTITY:
+                if fields.get(key) is not None:
+                    row.identity[key] = fields[key]
         ip = fields.get("ip")
-        if type in (ev.LEASE_GRANTED, ev.LEASE_RENEWED, ev.LEASE_OFFERED) and ip:
+        if type in (ev.LEASE_GRANTED, ev.LEASE_RENEWED, ev.LEASE_OFFERED, ev.DHCP_PROXY_ADDRESS, ev.DHCP_PROXY_ACK) and ip:
             row.ip = ip
             self.mac_by_ip[ip] = mac
         elif type in (ev.LEASE_RELEASED, ev.LEASE_EXPIRED) and ip:
@@ -165,6 +176,9 @@ _STEP = {
     ev.LEASE_OFFERED: "DHCP offer",
     ev.LEASE_GRANTED: "DHCP ack",
     ev.LEASE_RENEWED: "DHCP renew",
+    ev.DHCP_PROXY_OFFERED: "ProxyDHCP offer",
+    ev.DHCP_PROXY_ACK: "ProxyDHCP ack (port 4011)",
+    ev.DHCP_PROXY_ADDRESS: "DHCP address (site server)",
     ev.TFTP_STARTED: "TFTP start",
     ev.TFTP_FINISHED: "TFTP file",
     ev.TFTP_FAILED: "TFTP failed",
@@ -209,8 +223,10 @@ def timeline(events: list[dict[str, Any]]) -> list[dict[str, Any]]:
             detail = f.get("file", "")
             if e["type"] == ev.TFTP_FAILED:
                 detail += f" ({f.get('reason', '')})"
-        elif e["type"] in (ev.LEASE_GRANTED, ev.LEASE_OFFERED):
+        elif e["type"] in (ev.LEASE_GRANTED, ev.LEASE_OFFERED, ev.DHCP_PROXY_ADDRESS):
             detail = f.get("ip", "")
+        elif e["type"] in (ev.DHCP_PROXY_OFFERED, ev.DHCP_PROXY_ACK):
+            detail = f.get("bootfile") or ""
         elif e["type"] == ev.ISCSI_FIRST_READ:
             detail = f"{f.get('target', '')} lun {f.get('lun', 0)}"
         steps.append({"t": round(e["ts"] - t0, 3), "ts": e["ts"], "step": step, "detail": detail, "type": e["type"]})
