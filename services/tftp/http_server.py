@@ -30,6 +30,7 @@ from typing import Callable
 
 from services.tftp.http_core import CLOSE, HttpConnection, Reply, Site
 from shared.events import Event
+from shared.failures import ListenError, bind
 from shared.log_limit import LogLimiter
 
 log = logging.getLogger("bootfleet.tftp.http")
@@ -72,7 +73,7 @@ class HttpServer:
         try:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-            sock.bind((address, port))
+            bind(sock, address, port, "HTTP")  # a ListenError that says why in words
             sock.listen(1024)
             sock.setblocking(False)
         except OSError:
@@ -376,8 +377,8 @@ class HttpListener:
         if self.bound != (address, h.port):
             try:
                 port = server.listen(address, h.port)
-            except OSError as exc:
-                raise OSError(exc.errno, f"http.address/http.port {address}:{h.port}: {exc.strerror}") from None
+            except OSError as exc:  # the field to change, then the kernel's reason in words
+                raise ListenError(exc.errno, f"http.address/http.port: {exc}") from None
             self.bound = (address, h.port)
             log.info("HTTP: serving %s on %s:%d", jail.root, address, port)
         self.old = [s for s in self.old if s.connections]

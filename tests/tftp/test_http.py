@@ -399,7 +399,8 @@ def test_a_port_taken_is_an_error_that_names_the_field(tree):
         taken.listen()
         port = taken.getsockname()[1]
         try:
-            with pytest.raises(OSError, match=f"http.address/http.port 127.0.0.1:{port}"):
+            with pytest.raises(OSError, match=f"^http.address/http.port: cannot listen on 127.0.0.1:{port}: "
+                                              r"address in use \(another HTTP server running\?\)$"):
                 loop.call(listener.apply, http_config(tree, port=port), Jail(str(tree)),
                           DynamicFiles(BootfleetConfig(), lambda ip: None))
         finally:
