@@ -181,6 +181,8 @@ def _process_rows(ctl: Facade) -> tuple[list[dict[str, Any]], str | None]:
             events_dropped=beat.dropped,
             events_received=beat.received,
             counters=beat.counters,
+            events_by_type=dict(beat.by_type),
+            **({"iscsi_io": beat.io.as_dict()} if beat.io else {}),
         )
         if row["state"] is None:
             row["state"] = "RUNNING" if healthy else "UNKNOWN"
@@ -324,12 +326,13 @@ def client_assign(ctl, envelope, args):
 
 def _client_rows(ctl: Facade) -> list[dict[str, Any]]:
     names = {c.mac: c.name for c in ctl.running.clients}
+    now = time.time()
     rows = []
     for mac, row in sorted(ctl.fleet.clients.by_mac.items()):
         target = target_for(ctl.running, mac, row.ip)
         rows.append(
             {
-                **row.as_dict(),
+                **row.as_dict(now),
                 "name": names.get(mac),
                 **_identity(ctl, mac, row),
                 "target": f"{target[0]} lun {target[1]}" if target else None,

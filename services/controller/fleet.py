@@ -4,6 +4,7 @@
   counters, and events emitted/dropped (from its heartbeats) against events received here.
 - `ClientTable`: one row per PC seen on the bus or named in `clients[]`: IP, state, last boot. A PC's IP
   links its iSCSI and TFTP events (which know only the address) to its MAC.
+- `IoTally`: an iSCSI process's commands, bytes and latency buckets, summed from its io_stats events.
 - `Fleet`: both tables, what the controller and its command handlers see.
 - `timeline()`: one PC's last boot, step by step, with the time since power-on (its first DHCP discover
   after a quiet spell).
@@ -17,6 +18,50 @@ from typing import Any
 from shared import events as ev
 
 BOOT_GAP = 60.0  # seconds of silence from a PC that separate two boots
+RATE_WINDOW = 30.0  # seconds of io_stats a PC's read/write rate is the mean over
+# Upper bounds (seconds) of the iSCSI latency buckets: 100 us to 1 s, as Prometheus histograms count them
+LATENCY_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0)
+
+
+@dataclass
+class IoTally:
+    """iSCSI commands by opcode class, bytes, and latency, from io_stats events (each a LUN's interval).
+
+    An io_stats event carries the interval's mean latency, not each command's, so a bucket counts an interval's
+    commands at its mean: the histogram is as fine as the service's `iscsi.io_stats_interval`."""
+
+    reads: int = 0
+    writes: int = 0
+    others: int = 0
+    read_bytes: int = 0
+    write_bytes: int = 0
+    latency_buckets: list[int] = field(default_factory=lambda: [0] * len(LATENCY_BUCKETS))  # not cumulative
+    latency_count: int = 0
+    latency_sum: float = 0.0  # seconds
+
+    def add(self, f: dict[str, Any]) -> None:
+        reads, writes, others = int(f.get("reads") or 0), int(f.get("writes") or 0), int(f.get("others") or 0)
+        self.reads += reads
+        self.writes += writes
+        self.others += others
+        self.read_bytes += int(f.get("read_bytes") or 0)
+        self.write_bytes += int(f.get("write_bytes") or 0)
+        ops = reads + writes + others
+        if ops:
+            mean = float(f.get("latency_us_avg") or 0.0) / 1e6
+            i = next((i for i, bound in enumerate(LATENCY_BUCKETS) if mean <= bound), None)
+            if i is not None:
+                self.latency_buckets[i] += ops
+            self.latency_count += ops
+            self.latency_sum += mean * ops
+
+    def as_dict(self) -> dict[str, Any]:
+        return dict(reads=self.reads, writes=self.writes, others=self.others, read_bytes=self.read_bytes,
+                    write_bytes=self.write_bytes, latency_buckets=list(self.latency_buckets),
+                    latency_bounds=list(LATENCY_BUCKETS), latency_count=self.latency_count,
+                    latency_sum=round(self.latency_sum, 6))
+
+
 
 
 @dataclass
@@ -33,6 +78,8 @@ class ServiceRow:
     controller: bool = True
     failed: dict[str, Any] | None = None  # {revision, reason}: the last revision it could not apply
     counters: dict[str, Any] = field(default_factory=dict)
+    by_type: dict[str, int] = field(default_factory=dict)  # events received, by type
+    io: IoTally | None = None  # an iSCSI process's io_stats, summed
 
     def healthy(self, now: float, timeout: float) -> bool:
         """A heartbeat within `timeout` seconds."""
@@ -72,6 +119,12 @@ class ServiceTable:
     def event(self, msg: dict[str, Any]) -> None:
         row = self._row(msg["service"], msg["instance"], msg.get("pid", 0), msg["ts"])
         row.received += 1
+        type = msg["type"]
+        row.by_type[type] = row.by_type.get(type, 0) + 1
+        if type == ev.ISCSI_IO_STATS:
+            if row.io is None:
+                row.io = IoTally()
+            row.io.add(msg["fields"])
 
     def forget(self, service: str, keep: int) -> None:
         """Drop rows of instances scaled away (instance >= keep)."""
@@ -88,6 +141,7 @@ _STATE = {
     ev.TFTP_STARTED: "loading",
     ev.TFTP_FINISHED: "loaded",
     ev.TFTP_FAILED: "tftp failed",
+    ev.HTTP_FINISHED: "loaded",
     ev.ISCSI_LOGIN: "booting",
     ev.ISCSI_FIRST_READ: "booting",
     ev.ISCSI_LOGIN_FAILED: "login failed",
@@ -113,11 +167,23 @@ class ClientRow:
     last_event: float = 0.0
     last_boot: float | None = None
     logins: int = 0  # iSCSI logins since the last boot: 1 = firmware, 2 = the OS took over
+    boots: int = 0  # power-ons seen (in the events kept)
+    read_bytes: int = 0  # iSCSI bytes read and written (io_stats events)
+    write_bytes: int = 0
+    recent_io: list[tuple[float, int, int]] = field(default_factory=list)  # (ts, read, written) in RATE_WINDOW
     identity: dict[str, Any] = field(default_factory=dict)  # what the PC said of itself: uuid (option 97), nic (94), arch (93), firmware
 
-    def as_dict(self) -> dict[str, Any]:
+    def rates(self, now: float) -> tuple[float, float]:
+        """Bytes per second read and written, the mean over the last RATE_WINDOW seconds."""
+        recent = [(r, w) for ts, r, w in self.recent_io if ts > now - RATE_WINDOW]
+        return sum(r for r, _ in recent) / RATE_WINDOW, sum(w for _, w in recent) / RATE_WINDOW
+
+    def as_dict(self, now: float | None = None) -> dict[str, Any]:
+        read_rate, write_rate = self.rates(now if now is not None else self.last_event)
         return dict(
-            mac=self.mac, ip=self.ip, state=self.state, last_event=self.last_event, last_boot=self.last_boot
+            mac=self.mac, ip=self.ip, state=self.state, last_event=self.last_event, last_boot=self.last_boot,
+            boots=self.boots, read_bytes=self.read_bytes, write_bytes=self.write_bytes,
+            read_rate=round(read_rate, 1), write_rate=round(write_rate, 1),
         )
 
 
@@ -148,6 +214,7 @@ class ClientTable:
         ):
             row.last_boot = ts
             row.logins = 0
+            row.boots += 1
         if type.startswith("dhcp."):
             for key in IDENTITY:
                 if fields.get(key) is not None:
@@ -160,6 +227,11 @@ class ClientTable:
             self.mac_by_ip.pop(ip, None)
         if type == ev.ISCSI_LOGIN and _normal_session(fields):
             row.logins += 1
+        elif type == ev.ISCSI_IO_STATS:
+            r, w = int(fields.get("read_bytes") or 0), int(fields.get("write_bytes") or 0)
+            row.read_bytes += r
+            row.write_bytes += w
+            row.recent_io = [x for x in row.recent_io if x[0] > ts - RATE_WINDOW] + [(ts, r, w)]
         state = _STATE.get(type)
         if state:
             row.state = "running" if state == "booting" and row.logins >= 2 else state
@@ -182,6 +254,7 @@ _STEP = {
     ev.TFTP_STARTED: "TFTP start",
     ev.TFTP_FINISHED: "TFTP file",
     ev.TFTP_FAILED: "TFTP failed",
+    ev.HTTP_FINISHED: "HTTP file",
     ev.ISCSI_LOGIN: "iSCSI login",
     ev.ISCSI_FIRST_READ: "first READ",
     ev.ISCSI_LOGIN_FAILED: "iSCSI login failed",
@@ -219,7 +292,7 @@ def timeline(events: list[dict[str, Any]]) -> list[dict[str, Any]]:
                        if f.get(key) not in (None, "None")]
             if digests:
                 detail += f" (digests: {', '.join(digests)})"
-        elif e["type"] in (ev.TFTP_STARTED, ev.TFTP_FINISHED, ev.TFTP_FAILED):
+        elif e["type"] in (ev.TFTP_STARTED, ev.TFTP_FINISHED, ev.TFTP_FAILED, ev.HTTP_FINISHED):
             detail = f.get("file", "")
             if e["type"] == ev.TFTP_FAILED:
                 detail += f" ({f.get('reason', '')})"
