@@ -16,6 +16,7 @@ import uuid
 from pathlib import Path
 
 SERVER_IP = "10.77.0.1"
+SITE_IP = "10.77.0.2"  # the site's own DHCP server (another host on the LAN) in the ProxyDHCP runs
 PREFIX = 24
 NETWORK = "10.77.0.0/24"
 BRIDGE = "br0"
@@ -58,6 +59,7 @@ class Lab:
             raise LabError("cannot build the lab; missing: " + "; ".join(missing))
         self.name = f"{prefix}-{uuid.uuid4().hex[:8]}"
         self.taps: list[str] = []
+        self.hosts: list[str] = []  # namespaces of other hosts on the LAN (add_host)
         self._procs: list[subprocess.Popen] = []
         self._up = False
 
@@ -92,21 +94,37 @@ class Lab:
         self.taps.append(tap)
         return tap
 
-    def exec_args(self, cmd: list[str]) -> list[str]:
-        return ["ip", "netns", "exec", self.name, *cmd]
+    def add_host(self, label: str, address: str) -> str:
+        """Another host on the LAN, e.g. the site's own DHCP server: a namespace `<lab>-<label>` whose `eth0`
+        (address/24) is a veth pair's end, the other end on the bridge. `close()` deletes it. -> its name."""
+        ns = f"{self.name}-{label}"
+        _ip("netns", "add", ns)
+        self.hosts.append(ns)
+        port = f"v{label}"[:15]
+        self._ns_ip("link", "add", port, "type", "veth", "peer", "name", "eth0", "netns", ns)
+        self._ns_ip("link", "set", port, "master", BRIDGE)
+        self._ns_ip("link", "set", port, "up")
+        _ip("-n", ns, "link", "set", "lo", "up")
+        _ip("-n", ns, "addr", "add", f"{address}/{PREFIX}", "dev", "eth0")
+        _ip("-n", ns, "link", "set", "eth0", "up")
+        return ns
 
-    def run(self, cmd: list[str], **kwargs) -> subprocess.CompletedProcess:
+    def exec_args(self, cmd: list[str], ns: str | None = None) -> list[str]:
+        return ["ip", "netns", "exec", ns or self.name, *cmd]
+
+    def run(self, cmd: list[str], ns: str | None = None, **kwargs) -> subprocess.CompletedProcess:
         kwargs.setdefault("capture_output", True)
         kwargs.setdefault("text", True)
-        return subprocess.run(self.exec_args(cmd), **kwargs)
+        return subprocess.run(self.exec_args(cmd, ns), **kwargs)
 
-    def popen(self, cmd: list[str], log: Path | None = None, env: dict | None = None, **kwargs) -> subprocess.Popen:
-        """Start a server inside the namespace; `close()` stops it. Output goes to `log` if given."""
+    def popen(self, cmd: list[str], log: Path | None = None, env: dict | None = None, ns: str | None = None,
+              **kwargs) -> subprocess.Popen:
+        """Start a server inside the namespace (or host `ns`); `close()` stops it. Output goes to `log` if given."""
         if log is not None:
             out = open(log, "ab")
             kwargs.setdefault("stdout", out)
             kwargs.setdefault("stderr", subprocess.STDOUT)
-        proc = subprocess.Popen(self.exec_args(cmd), stdin=subprocess.DEVNULL, env=env, **kwargs)
+        proc = subprocess.Popen(self.exec_args(cmd, ns), stdin=subprocess.DEVNULL, env=env, **kwargs)
         if log is not None:
             out.close()
         self._procs.append(proc)
@@ -121,11 +139,11 @@ class Lab:
                 proc.kill()
                 proc.wait(timeout)
 
-    def _stop_leftovers(self) -> None:
+    def _stop_leftovers(self, ns: str) -> None:
         """Processes still in the namespace (children of a server that was killed) were started by this lab:
         stop them by PID before the namespace goes, so none outlives the run."""
         for sig in (signal.SIGTERM, signal.SIGKILL):
-            done = subprocess.run(["ip", "netns", "pids", self.name], capture_output=True, text=True)
+            done = subprocess.run(["ip", "netns", "pids", ns], capture_output=True, text=True)
             pids = [int(p) for p in done.stdout.split() if p.isdigit()]
             if not pids:
                 return
@@ -147,10 +165,12 @@ class Lab:
                 pass
         self._procs.clear()
         if self._up:
-            self._stop_leftovers()
-            for _ in range(20):
-                done = subprocess.run(["ip", "netns", "del", self.name], capture_output=True, text=True)
-                if done.returncode == 0 or "No such file" in done.stderr:
-                    break
-                time.sleep(0.25)  # a process still holding the namespace: wait for it to go
+            for ns in [*self.hosts, self.name]:
+                self._stop_leftovers(ns)
+                for _ in range(20):
+                    done = subprocess.run(["ip", "netns", "del", ns], capture_output=True, text=True)
+                    if done.returncode == 0 or "No such file" in done.stderr:
+                        break
+                    time.sleep(0.25)  # a process still holding the namespace: wait for it to go
+            self.hosts.clear()
             self._up = False

@@ -15,7 +15,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from lab.netns import BRIDGE, SERVER_IP, Lab, LabError
+from lab.netns import BRIDGE, SERVER_IP, SITE_IP, Lab, LabError
 
 TGT_LUN = 1
 SCRIPT = "#!ipxe\nset keep-san 1\nsanboot ${root-path}\n"
@@ -123,3 +123,47 @@ def read_through_target(lab: Lab, iqn: str, lun: int, offset: int, length: int, 
         return out.read_bytes()
     finally:
         out.unlink(missing_ok=True)
+
+
+class SiteDhcp:
+    """The site's own DHCP server for the ProxyDHCP runs: dnsmasq on another host of the LAN (its own
+    namespace, SITE_IP), addresses only: a range, no boot options, no TFTP, no PXE (dnsmasq's PXE code is off
+    unless pxe-service or a proxy range is configured), so every boot answer comes from Bootfleet's proxy."""
+
+    def __init__(self, lab: Lab, workdir: Path, ping: bool = False):
+        if shutil.which("dnsmasq") is None:
+            raise LabError("cannot start the site's DHCP server; missing: dnsmasq (Debian package dnsmasq-base)")
+        # dnsmasq pings an address before it first offers it and stays silent meanwhile: the PC's first offer
+        # then comes with its third DISCOVER, ~3 s after the first (measured here: iPXE "Configuring" 3.05 s
+        # with the ping, against this proxy adding nothing). Off by default, so lab times measure the boot
+        # servers; `ping=True` shows a stock dnsmasq.
+        self.ping = ping
+        self.lab = lab
+        self.workdir = workdir
+        self.log = workdir / "site-dnsmasq.log"
+
+    def start(self) -> None:
+        self.ns = self.lab.add_host("site", SITE_IP)
+        args = [
+            "dnsmasq", "-d", "--conf-file=/dev/null", "--interface=eth0", "--bind-interfaces", "--port=0",
+            "--user=root", "--group=root", "--pid-file=", f"--dhcp-leasefile={self.workdir / 'site.leases'}",
+            "--dhcp-range=10.77.0.100,10.77.0.199,255.255.255.0,1h", "--dhcp-authoritative", "--log-dhcp",
+        ]
+        if not self.ping:
+            args.append("--no-ping")
+        self.proc = self.lab.popen(args, log=self.log, ns=self.ns)
+        deadline = time.monotonic() + 5
+        while "DHCP, IP range" not in (self.log.read_text() if self.log.exists() else ""):
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                raise LabError(f"the site's dnsmasq did not start: {self.log.read_text()[-800:]}")
+            time.sleep(0.05)
+
+    def leases(self) -> dict[str, str]:
+        """mac -> address, from dnsmasq's lease file."""
+        path = self.workdir / "site.leases"
+        out = {}
+        for line in (path.read_text().splitlines() if path.exists() else []):
+            parts = line.split()
+            if len(parts) >= 3:
+                out[parts[1].lower()] = parts[2]
+        return out

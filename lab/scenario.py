@@ -24,7 +24,7 @@ from typing import Callable
 from lab import image
 from lab.netns import SERVER_IP, Lab
 from lab.qemu import ConsoleLine, VirtualPC
-from lab.reference import ReferenceStack, ReferenceTarget, read_through_target
+from lab.reference import ReferenceStack, ReferenceTarget, SiteDhcp, read_through_target
 from lab.stack import BootfleetStack, LabClient, LabConfig
 
 IQN_PREFIX = "iqn.2026-11.org.bootfleet:lab-"
@@ -177,14 +177,20 @@ class _LabRun:
 class BootfleetLab(_LabRun):
     """The PCs boot through Bootfleet (supervisord, controller, DHCP, TFTP, iSCSI) in the namespace."""
 
-    def __init__(self, workdir: Path, pcs: int = 1, ipv6_ra: bool = True, **kwargs):
+    def __init__(self, workdir: Path, pcs: int = 1, ipv6_ra: bool = True, proxy: bool = False, **kwargs):
         super().__init__(workdir, pcs, **kwargs)
         self.ipv6_ra = ipv6_ra
+        self.proxy = proxy  # beside the site's own DHCP server (dnsmasq, addresses only), in dhcp.mode: proxy
+        self.site: SiteDhcp | None = None
         self.stack: BootfleetStack | None = None
 
     def start_servers(self) -> None:
+        if self.proxy:
+            self.site = SiteDhcp(self.lab, self.workdir)
+            self.site.start()
         clients = [LabClient(r.name, r.mac, r.iqn, img) for r, img in zip(self.results, self.images)]
-        config = LabConfig(clients, tftp_root=self.workdir / "tftp", ipv6_ra=self.ipv6_ra)
+        config = LabConfig(clients, tftp_root=self.workdir / "tftp", ipv6_ra=self.ipv6_ra,
+                           dhcp_mode="proxy" if self.proxy else "server")
         state = self.workdir / "state"
         state.mkdir(exist_ok=True)
         self.stack = BootfleetStack(self.lab, state, config)

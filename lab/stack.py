@@ -41,6 +41,7 @@ class LabConfig:
     tftp_root: Path
     ipv6_ra: bool = True  # end iPXE's IPv6 wait at once (dhcp.interfaces[].ipv6_ra); the bench turns it off to compare
     log_level: str = "info"
+    dhcp_mode: str = "server"  # proxy: ProxyDHCP beside the site's own DHCP server (lab/reference.SiteDhcp)
 
     def document(self) -> dict:
         doc = {
@@ -62,6 +63,8 @@ class LabConfig:
                     "name": "lab", "subnet": NETWORK, "interface": BRIDGE,
                     "ranges": [{"start": "10.77.0.100", "end": "10.77.0.199"}], "lease_time": 3600,
                 }],
+            } if self.dhcp_mode == "server" else {
+                "mode": "proxy", "interfaces": [{"name": BRIDGE, "ipv6_ra": self.ipv6_ra}],
             },
             "tftp": {"root": str(self.tftp_root), "address": SERVER_IP, "port": 69},
         }

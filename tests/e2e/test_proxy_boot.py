@@ -1,0 +1,66 @@
+"""ProxyDHCP end to end: the site's own DHCP server (dnsmasq, addresses only, on another host of the LAN)
+hands out the addresses, Bootfleet runs beside it in `dhcp.mode: proxy` and every boot answer is its own.
+
+- BIOS PC with the iPXE ROM: ProxyDHCP offer (script + root-path) -> TFTP script -> sanboot -> OS marker.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from lab.netns import SITE_IP
+from lab.scenario import BootfleetLab
+
+pytestmark = [pytest.mark.integration, pytest.mark.netns]
+
+# iPXE waits 2 s for a ProxyDHCP offer after the site's offer when none came (DHCP_DISC_PROXY_TIMEOUT_SEC);
+# ours arrives with the site's, and carries siaddr + option 67, so iPXE skips the port-4011 round trip too
+DHCP_BUDGET_S = 1.5
+PROXY_STEPS = ["DHCP discover", "ProxyDHCP offer", "DHCP address (site server)", "TFTP file",
+               "iSCSI login (firmware)", "first READ", "iSCSI login (OS)"]
+
+
+def _explain(results, lab) -> str:
+    out = []
+    for r in results:
+        out.append(r.summary())
+        if not r.ok:
+            out.extend(f"  [{line.t:6.2f}] {line.text}" for line in r.console[-40:])
+    if lab.site is not None:
+        out.append("--- site dnsmasq\n" + lab.site.log.read_text(errors="replace")[-2500:])
+    if lab.stack is not None:
+        out.append(lab.stack.logs(25))
+    return "\n".join(out)
+
+
+def test_bios_ipxe_pc_boots_beside_the_sites_dhcp_server(workdir, boot_disk):
+    with BootfleetLab(workdir, pcs=1, disk=boot_disk, proxy=True) as bl:
+        results = bl.boot()
+        assert all(r.ok for r in results), _explain(results, bl)
+        (r,) = results
+        assert r.dhcp_s is not None and r.dhcp_s < DHCP_BUDGET_S, _explain(results, bl)
+
+        # the address came from the site's server, the boot from ours
+        site_leases = bl.site.leases()
+        assert r.mac in site_leases, site_leases
+        pc_ip = site_leases[r.mac]
+        assert any(f"DHCPACK(eth0) {pc_ip} {r.mac}" in line for line in bl.site.log.read_text().splitlines())
+        leases = bl.stack.cli_json("leases")
+        assert leases.get("leases", []) == [], leases  # proxy mode leases nothing
+
+        clients = {c["mac"]: c for c in bl.stack.cli_json("clients")["clients"]}
+        assert clients[r.mac]["ip"] == pc_ip and r.iqn in (clients[r.mac].get("target") or ""), clients
+        answer = bl.stack.cli_json("client", r.mac)
+        assert answer["client"]["firmware"] == "ipxe", answer["client"]
+        steps = [s["step"] for s in answer["timeline"]]
+        for step in PROXY_STEPS:
+            assert step in steps, f"timeline has {steps}, no {step!r}"
+        assert "DHCP ack" not in steps and "DHCP offer" not in steps, steps  # we never offer or ACK an address
+        times: dict[str, float] = {}
+        for s in answer["timeline"]:
+            times.setdefault(s["step"], s["t"])
+        assert times["ProxyDHCP offer"] <= times["DHCP address (site server)"] <= times["TFTP file"], json.dumps(answer)
+        assert times["TFTP file"] < times["iSCSI login (OS)"], json.dumps(answer)
+        assert SITE_IP != pc_ip
