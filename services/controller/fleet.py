@@ -62,8 +62,6 @@ class IoTally:
                     latency_sum=round(self.latency_sum, 6))
 
 
-
-
 @dataclass
 class ServiceRow:
     service: str
