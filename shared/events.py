@@ -53,6 +53,11 @@ SERVICE_APPLIED = "service.applied"
 SERVICE_APPLY_FAILED = "service.apply_failed"
 SERVICE_STOPPING = "service.stopping"
 
+# Long operations (image import/export, LUN resync...): progress and the end, tied by `op`, an id the requester
+# chose; `bootfleet` follows them with events-wait (docs/control.md, "Long operations")
+OPERATION_PROGRESS = "operation.progress"
+OPERATION_FINISHED = "operation.finished"
+
 # Images (issue 13, docs/images.md): the iSCSI target's overlay reset at power-on and quota events, the
 # controller's publish, rollback and operator resets
 IMAGE_OVERLAY_RESET = "image.overlay.reset"
@@ -111,6 +116,29 @@ class ServiceApplyFailed(Event):
 class ServiceStopping(Event):
     type: ClassVar[str] = SERVICE_STOPPING
     pid: int
+
+
+@event
+class OperationProgress(Event):
+    """`done` of `total` `unit`s (total None: not known); sent at most every 1 % or every second."""
+
+    type: ClassVar[str] = OPERATION_PROGRESS
+    op: str
+    name: str  # the command that started it: image-import, lun-resync
+    done: int
+    total: int | None = None
+    unit: str = "bytes"
+
+
+@event
+class OperationFinished(Event):
+    """The end of an operation: `ok`, and one line saying what happened (the error, when not ok)."""
+
+    type: ClassVar[str] = OPERATION_FINISHED
+    op: str
+    name: str
+    ok: bool
+    text: str = ""
 
 
 @event

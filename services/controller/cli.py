@@ -1,7 +1,12 @@
 """`bootfleet`: the command line for a running stack; a thin layer over the controller's control channel.
 
 Exit codes: 0 success, 1 error (one line saying why), 2 usage. `--json` prints the controller's
-arguments as JSON instead of tables.
+arguments as JSON instead of tables. The global options (`--state-dir`, `--json`, `--timeout`) are accepted
+anywhere on the line: `bootfleet status --json` is `bootfleet --json status`.
+
+On a terminal, tables are drawn by rich (colour unless NO_COLOR is set); through a pipe they are plain text
+in aligned columns, with no escape codes. Long operations show progress (cli_progress.py). Shell completion:
+`bootfleet completion bash` prints the script (argcomplete).
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ import msgpack
 import yaml
 import zmq
 
+from services.controller.cli_progress import follow_operation
 from services.controller.commands import COMMANDS, summary
 from shared.bus.endpoints import control_endpoint
 from shared.config.model import SERVICES
@@ -31,6 +37,10 @@ class CliError(Exception):
     pass
 
 
+class NoAnswer(CliError):
+    """The controller did not answer in time (busy, or restarting)."""
+
+
 class Control:
     """Requests to the controller's control socket, each with a deadline."""
 
@@ -39,6 +49,8 @@ class Control:
         self.timeout = timeout
 
     def call(self, command: str, **arguments: Any) -> dict[str, Any]:
+        """One request; a long poll (`wait` seconds, events-wait) gets that much longer to be answered."""
+        timeout = self.timeout + float(arguments.get("wait") or 0)
         sock_path = self.endpoint[len("ipc://") :]
         if not os.path.exists(sock_path):
             raise CliError(f"the controller is not running (no {sock_path}); start the stack with `make up`")
@@ -48,8 +60,8 @@ class Control:
         try:
             sock.connect(self.endpoint)
             sock.send(msgpack.packb({"command": command, "arguments": arguments}, use_bin_type=True))
-            if not sock.poll(self.timeout * 1000):
-                raise CliError(f"the controller did not answer {command} within {self.timeout:.0f} s ({self.endpoint})")
+            if not sock.poll(timeout * 1000):
+                raise NoAnswer(f"the controller did not answer {command} within {timeout:.0f} s ({self.endpoint})")
             return msgpack.unpackb(sock.recv(), raw=False)
         finally:
             sock.close()
@@ -57,14 +69,23 @@ class Control:
 
 # -- output ---------------------------------------------------------------------------------------
 def _table(columns: list[str], rows: list[list[Any]], title: str | None = None) -> None:
+    """A table: rich on a terminal; plain aligned columns through a pipe (no escapes, no wrapping)."""
+    cells = [["-" if v is None or v == "" else str(v) for v in row] for row in rows]
+    if not sys.stdout.isatty():
+        if title:
+            print(title)
+        widths = [max([len(c)] + [len(r[i]) for r in cells]) for i, c in enumerate(columns)]
+        for line in [columns, *cells]:
+            print("  ".join(v.ljust(w) for v, w in zip(line, widths)).rstrip())
+        return
     from rich.console import Console
     from rich.table import Table
 
     table = Table(title=title, box=None, header_style="bold", pad_edge=False)
     for col in columns:
         table.add_column(col)
-    for row in rows:
-        table.add_row(*("-" if v is None or v == "" else str(v) for v in row))
+    for row in cells:
+        table.add_row(*row, style="red" if any(v.startswith("failed") for v in row) else None)
     Console(width=max(100, _terminal_width())).print(table)
 
 
@@ -117,7 +138,47 @@ def _answer(answer: dict[str, Any], args: argparse.Namespace, render=None) -> in
     return 0
 
 
+def _applied_or_failed(ctl: Control, args) -> tuple[dict[str, Any], list[str]]:
+    """Wait (up to args.wait s) until every process `scale` asks for has applied the running revision or
+    failed to; return the last status and one line per process that did not (`tftp[0]: <reason>`)."""
+    deadline = time.monotonic() + args.wait
+    log_dir = Path(args.state_dir) / "log"
+    while True:
+        answer = ctl.call("status-get")
+        if answer.get("result") != 0:
+            raise CliError(answer.get("text", "status-get failed"))
+        status = answer["arguments"]
+        revision = status["controller"]["revision"]
+        scale = ctl.call("config-get", path="scale")["arguments"]["value"]
+        rows = {(p["service"], p["instance"]): p for p in status["processes"]}
+        failed, waiting = [], []
+        for service, count in scale.items():
+            for instance in range(int(count)):
+                name, p = f"{service}[{instance}]", rows.get((service, instance))
+                log = log_dir / f"{service}_{instance}.log"
+                if p is None:
+                    waiting.append(f"{name}: not started")
+                elif (p.get("failed") or {}).get("revision") == revision:
+                    failed.append(f"{name}: {p['failed']['reason']}")
+                elif p.get("state") == "FATAL":
+                    failed.append(f"{name}: exited at start and supervisord gave up (FATAL); see {log}")
+                elif p.get("health") != "ok":
+                    waiting.append(f"{name}: not on revision {revision} after {args.wait:.0f} s (revision "
+                                   f"{p.get('revision', '-')}, {p.get('state') or 'no process'}, "
+                                   f"{p.get('health') or 'no heartbeat'}); see {log}")
+        if not waiting or time.monotonic() >= deadline:
+            return status, failed + waiting
+        time.sleep(0.25)
+
+
 def cmd_status(ctl: Control, args) -> int:
+    failures: list[str] = []
+    if args.wait is not None:
+        status, failures = _applied_or_failed(ctl, args)
+        answer = {"result": 0, "arguments": status}
+    else:
+        answer = ctl.call("status-get")
+
     def render(a):
         c = a["controller"]
         print(
@@ -143,7 +204,14 @@ def cmd_status(ctl: Control, args) -> int:
             )
         _table(["service", "state", "pid", "revision", "health", "uptime", "heartbeat", "events/drops", "counters"], rows)
 
-    return _answer(ctl.call("status-get"), args, render)
+    code = _answer(answer, args, render)
+    for line in failures:
+        print(line, file=sys.stderr)
+    if failures:
+        print(f"bootfleet: {len(failures)} process{'es' if len(failures) > 1 else ''} not on revision "
+              f"{answer['arguments']['controller']['revision']}", file=sys.stderr)
+        return 1
+    return code
 
 
 def _read_config(path: str) -> Any:
@@ -218,17 +286,48 @@ def cmd_events(ctl: Control, args) -> int:
         print(json.dumps(e, default=str) if args.json else _event_line(e), flush=True)
     if not args.follow:
         return 0
-    last = events[-1]["id"] if events else 0
+    # pushed: each events-wait is held by the controller until events arrive (or 25 s pass: ask again)
     query.pop("since", None)
+    query.pop("limit", None)
+    last = events[-1]["id"] if events else _last_event_id(ctl)
     try:
         while True:
-            time.sleep(0.5)
-            answer = ctl.call("events-list", after_id=last, **{**query, "limit": 1000})
+            try:
+                answer = ctl.call("events-wait", after_id=last, wait=25.0, limit=1000, **query)
+            except NoAnswer:
+                continue  # the controller restarted meanwhile: ask again
+            if answer["result"] in (1, 2):
+                raise CliError(answer["text"])
             for e in answer["arguments"].get("events", []):
                 print(json.dumps(e, default=str) if args.json else _event_line(e), flush=True)
-                last = e["id"]
+            last = answer["arguments"].get("last_id", last)
     except KeyboardInterrupt:
         return 0
+
+
+def _last_event_id(ctl: Control) -> int:
+    from services.controller.cli_progress import last_event_id
+
+    return last_event_id(ctl)
+
+
+def cmd_operation(ctl: Control, args) -> int:
+    """Follow a long operation's progress (its operation.progress events) until it finishes."""
+    after = 0 if args.from_start else _last_event_id(ctl)
+    fields = follow_operation(ctl, args.op, after, args.title or f"operation {args.op}", error=CliError,
+                              timeout=args.within)
+    if args.json:
+        print(json.dumps(fields, indent=2, default=str))
+    elif fields.get("text"):
+        print(fields["text"])
+    return 0
+
+
+def cmd_completion(ctl: Control, args) -> int:
+    import argcomplete
+
+    print(argcomplete.shellcode(["bootfleet"], shell=args.shell))
+    return 0
 
 
 def cmd_service(ctl: Control, args) -> int:
@@ -325,76 +424,128 @@ def cmd_keys(ctl: Control, args) -> int:
     return 0
 
 
+# Global options, accepted before or after the command: every (sub)parser has them, with no default of its
+# own (SUPPRESS), so a value given anywhere wins and `main` fills in GLOBAL_DEFAULTS for what was not given.
+GLOBAL_DEFAULTS = {"state_dir": STATE_DIR, "json": False, "timeout": 10.0}
+
+
+def _global_options() -> argparse.ArgumentParser:
+    g = argparse.ArgumentParser(add_help=False)
+    opts = g.add_argument_group("global options (anywhere on the line)")
+    opts.add_argument("--state-dir", default=argparse.SUPPRESS, help=f"the stack's state directory (default: {STATE_DIR})")
+    opts.add_argument("--json", action="store_true", default=argparse.SUPPRESS, help="print JSON instead of tables")
+    opts.add_argument("--timeout", type=float, default=argparse.SUPPRESS, help="seconds to wait for the controller (default: 10)")
+    return g
+
+
+def _mac_completer(prefix, parsed_args, **kwargs):
+    """Tab completion of a MAC: the PCs the running controller knows."""
+    try:
+        state = getattr(parsed_args, "state_dir", STATE_DIR)
+        answer = Control(Path(state), 1.0).call("client-list")
+        return [c["mac"] for c in answer["arguments"].get("clients", []) if c["mac"].startswith(prefix.lower())]
+    except Exception:
+        return []
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="bootfleet", description="Control a running Bootfleet stack.")
-    p.add_argument("--state-dir", default=STATE_DIR, help="the stack's state directory (default: %(default)s)")
-    p.add_argument("--json", action="store_true", help="print JSON instead of tables")
-    p.add_argument("--timeout", type=float, default=10.0, help="seconds to wait for the controller")
+    common = _global_options()
+    p = argparse.ArgumentParser(prog="bootfleet", description="Control a running Bootfleet stack.", parents=[common])
     sub = p.add_subparsers(dest="cmd", required=True, metavar="COMMAND")
 
-    sub.add_parser("status", help=summary("status-get")).set_defaults(fn=cmd_status)
+    def add(subparsers, name: str, help: str, **kw) -> argparse.ArgumentParser:
+        return subparsers.add_parser(name, help=help, description=help, parents=[common], **kw)
 
-    c = sub.add_parser("config", help="test, apply, set, get the configuration; print its JSON Schema")
+    st = add(sub, "status", summary("status-get"))
+    st.add_argument("--wait", type=float, metavar="SECONDS",
+                    help="first wait until every process has applied the running revision or failed to; "
+                         "exit 1 naming each one that did not (what `make up` runs)")
+    st.set_defaults(fn=cmd_status)
+
+    c = add(sub, "config", "test, apply, set, get the configuration; print its JSON Schema")
     csub = c.add_subparsers(dest="action", required=True)
-    t = csub.add_parser("test", help=summary("config-test") + " (here: no controller needed)")
+    t = add(csub, "test", summary("config-test") + " (here: no controller needed)")
     t.add_argument("file")
-    a = csub.add_parser("apply", help=summary("config-apply"))
+    a = add(csub, "apply", summary("config-apply"))
     a.add_argument("file")
-    s = csub.add_parser("set", help=summary("config-set"))
+    s = add(csub, "set", summary("config-set"))
     s.add_argument("path")
     s.add_argument("value", help="a YAML value")
-    g = csub.add_parser("get", help=summary("config-get"))
+    g = add(csub, "get", summary("config-get"))
     g.add_argument("path", nargs="?")
-    csub.add_parser("schema", help="the configuration's JSON Schema, for editors")
+    add(csub, "schema", "the configuration's JSON Schema, for editors")
     c.set_defaults(fn=cmd_config)
 
-    e = sub.add_parser("events", help=summary("events-list"))
-    e.add_argument("--follow", "-f", action="store_true", help="keep printing new events")
+    e = add(sub, "events", summary("events-list"))
+    e.add_argument("--follow", "-f", action="store_true", help="keep printing new events as the controller files them")
     e.add_argument("--type", help="an event type or a prefix (dhcp, tftp.transfer, iscsi.login)")
     e.add_argument("--since", help="10m, 2h, 1d, or an ISO date/time")
-    e.add_argument("--mac", help="only events naming this MAC")
+    e.add_argument("--mac", help="only events naming this MAC").completer = _mac_completer
     e.add_argument("--limit", type=int, default=100)
     e.set_defaults(fn=cmd_events)
 
-    sv = sub.add_parser("service", help="restart or scale a service (through supervisord)")
+    sv = add(sub, "service", "restart or scale a service (through supervisord)")
     svsub = sv.add_subparsers(dest="action", required=True)
-    r = svsub.add_parser("restart", help=summary("service-restart"))
+    r = add(svsub, "restart", summary("service-restart"))
     r.add_argument("name", choices=SERVICES)
-    sc = svsub.add_parser("scale", help=summary("service-scale"))
+    sc = add(svsub, "scale", summary("service-scale"))
     sc.add_argument("name", choices=SERVICES)
     sc.add_argument("count", type=int)
     sv.set_defaults(fn=cmd_service)
 
-    sub.add_parser("clients", help=summary("client-list")).set_defaults(fn=cmd_clients)
-    cl = sub.add_parser("client", help=summary("client-get"))
-    cl.add_argument("mac")
+    add(sub, "clients", summary("client-list")).set_defaults(fn=cmd_clients)
+    cl = add(sub, "client", summary("client-get"))
+    cl.add_argument("mac").completer = _mac_completer
     cl.add_argument("more", nargs="*", help="with `client assign MAC`: the PC to adopt")
     cl.add_argument("--target", help="client assign: the IQN it boots")
     cl.add_argument("--name", help="client assign: a name for people")
     cl.add_argument("--lun", type=int, help="client assign: the LUN of its target")
     cl.set_defaults(fn=cmd_client)
 
-    le = sub.add_parser("leases", help=summary("lease-list"))
+    le = add(sub, "leases", summary("lease-list"))
     le.add_argument("--all", action="store_true", help="include released and expired leases")
     le.set_defaults(fn=cmd_leases)
-    ls = sub.add_parser("lease", help="act on a lease")
+    ls = add(sub, "lease", "act on a lease")
     lsub = ls.add_subparsers(dest="action", required=True)
-    rel = lsub.add_parser("release", help=summary("lease-release"))
-    rel.add_argument("mac")
+    rel = add(lsub, "release", summary("lease-release"))
+    rel.add_argument("mac").completer = _mac_completer
     ls.set_defaults(fn=cmd_lease)
 
-    sub.add_parser("commands", help="the controller's commands and their help (from list-commands)").set_defaults(fn=cmd_commands)
+    op = add(sub, "operation", "follow a long operation (image import/export, LUN resync) by its id until it ends")
+    op.add_argument("op", help="the operation's id (its events' fields.op)")
+    op.add_argument("--from-start", action="store_true", help="replay its stored events instead of only new ones")
+    op.add_argument("--within", type=float, metavar="SECONDS", help="give up after this long")
+    op.add_argument("--title", help="the progress bar's label")
+    op.set_defaults(fn=cmd_operation)
 
-    k = sub.add_parser("keys", help="CURVE keys for a bus over tcp")
+    add(sub, "commands", "the controller's commands and their help (from list-commands)").set_defaults(fn=cmd_commands)
+
+    k = add(sub, "keys", "CURVE keys for a bus over tcp")
     ksub = k.add_subparsers(dest="action", required=True)
-    kg = ksub.add_parser("generate", help="write server and client key pairs into <state-dir>/keys")
+    kg = add(ksub, "generate", "write server and client key pairs into <state-dir>/keys")
     kg.add_argument("--force", action="store_true")
     k.set_defaults(fn=cmd_keys)
+
+    co = add(sub, "completion", "print the shell completion script: source <(bootfleet completion bash)")
+    co.add_argument("shell", nargs="?", default="bash", choices=("bash", "zsh", "fish", "tcsh", "powershell"))
+    co.set_defaults(fn=cmd_completion)
     return p
 
 
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = build_parser()
+    import argcomplete
+
+    argcomplete.autocomplete(parser)  # answers the shell's completion request and exits; otherwise nothing
+    args = parser.parse_args(argv)
+    for name, value in GLOBAL_DEFAULTS.items():
+        if not hasattr(args, name):
+            setattr(args, name, value)
+    return args
+
+
 def main(argv: list[str] | None = None) -> None:
-    args = build_parser().parse_args(argv)
+    args = parse_args(argv)
     ctl = Control(Path(args.state_dir), args.timeout)
     try:
         code = args.fn(ctl, args)

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 from services.controller.config_store import get_path, set_path
+from services.controller.event_watch import MAX_WAIT, Watch, select
 from services.controller.facade import Facade
 from services.controller.fleet import timeline
 from services.controller.supervisor_rpc import RUNNING_STATES
@@ -225,6 +226,39 @@ def events_list(ctl, envelope, args):
     except (TypeError, ValueError) as exc:
         return error(f"events-list: {exc}")
     return {"result": SUCCESS if rows else EMPTY, "text": f"{len(rows)} events", "arguments": {"events": rows}}
+
+
+def events_answer(rows: list[dict[str, Any]], last_id: int) -> dict[str, Any]:
+    """events-wait's answer: the events, and the id to ask after next."""
+    return {"result": SUCCESS if rows else EMPTY, "text": f"{len(rows)} events", "arguments": {"events": rows, "last_id": last_id}}
+
+
+@command("events-wait")
+def events_wait(ctl, envelope, args):
+    """Events stored after `after_id`, answered as soon as there are any (a long poll: `events --follow`).
+
+    Arguments: `after_id` (the last id seen), `type`, `mac`, `op` (only the events of one long operation: their
+    `fields.op`), `limit`, `wait` (seconds to hold the request; default 25, at most 60). Answer: as events-list,
+    plus `last_id` (ask after it next); result 3 (empty) when `wait` passed with nothing new."""
+    try:
+        query = {
+            "after_id": int(args.get("after_id") or 0),
+            "type": args.get("type"),
+            "mac": args.get("mac"),
+            "limit": min(int(args.get("limit") or 1000), 10000),
+        }
+        wait = min(max(float(args.get("wait", 25.0)), 0.0), MAX_WAIT)
+    except (TypeError, ValueError) as exc:
+        return error(f"events-wait: {exc}")
+    op = args.get("op") or None
+    rows = ctl.events.query(**query)
+    if rows:
+        query["after_id"] = rows[-1]["id"]
+    picked = select(rows, op)
+    if picked or not wait:
+        return events_answer(picked, query["after_id"])
+    ctl.watch(Watch(envelope, query, op, time.time() + wait))
+    return None
 
 
 class BadArgument(Exception):

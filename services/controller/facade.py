@@ -11,6 +11,7 @@ from typing import Any, Callable
 
 from services.controller.config_store import ConfigStore
 from services.controller.event_store import EventStore
+from services.controller.event_watch import Watch
 from services.controller.fleet import Fleet
 from services.controller.leases import Leases
 from services.controller.supervisor_rpc import Supervisor
@@ -45,6 +46,10 @@ class Facade:
     submit: Callable[[list[bytes] | None, Callable[[], Any], Callable[[Any], Answer]], None]
     # Ask every process of a service for an operation (a command key) and answer when `waiter` is satisfied.
     ask: Callable[[str, str, dict[str, Any], Waiter], None]
+    # Hold an events-wait request until events it asks for are stored, or its deadline (event_watch.py).
+    watch: Callable[[Watch], None]
+    # File an event of the controller's own (shared/events.py Event), e.g. a long operation's progress.
+    emit: Callable[[Any], None]
 
     @property
     def running(self) -> BootfleetConfig:

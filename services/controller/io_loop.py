@@ -27,9 +27,10 @@ from shared.bus.keys import server_secure
 from shared.config.loader import ConfigError
 from shared.config.model import SERVICES, BootfleetConfig
 from shared.paths import state_path
-from services.controller.commands import dispatch
+from services.controller.commands import dispatch, events_answer
 from services.controller.config_store import ConfigStore, digest
 from services.controller.event_store import EventStore
+from services.controller.event_watch import EventWatches, Watch
 from services.controller.facade import Facade, LoopStats
 from services.controller.fleet import Fleet
 from services.controller.leases import Leases
@@ -51,6 +52,7 @@ class Controller:
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="supervisor")
         self.pending: list[tuple[list[bytes], Future, Callable[[Any], dict]]] = []
         self.waiters = Waiters()
+        self.watches = EventWatches()
         self.running = True
         self._load_config()
         cfg = self.config
@@ -62,6 +64,7 @@ class Controller:
         self.facade = Facade(
             config=self.store, fleet=self.fleet, events=self.events, leases=self.leases, supervisor=self.supervisor,
             stats=self.stats, commit=self.commit, submit=self.submit, ask=self.ask,
+            watch=self.watches.add, emit=self.emit,
         )
         self.clone.set(m.CONFIG_KEY, self.store.document())
         self._replay_events()
@@ -178,7 +181,21 @@ class Controller:
                 batch.append(msg)
             else:
                 log.warning("event socket: unexpected %s", msg["t"])
+        self._store(batch)
+
+    def _store(self, batch: list[dict[str, Any]]) -> None:
         self.events.add_many(batch)
+        if batch and len(self.watches):
+            # pushed, not polled: held events-wait requests look at the store once per stored batch
+            for envelope, answer in self.watches.filed({e["type"] for e in batch}, self.events.query, events_answer):
+                self.reply(envelope, answer)
+
+    def emit(self, event) -> None:
+        """File an event of the controller's own (a long operation it runs: operation.progress), as if sent."""
+        msg = {"service": "controller", "instance": 0, "pid": self.stats.pid, "ts": time.time(),
+               "type": event.type, "fields": event.fields()}
+        self._observe(msg)
+        self._store([msg])
 
     def _observe(self, msg: dict[str, Any]) -> None:
         for envelope, answer in self.waiters.matched(msg):
@@ -188,6 +205,8 @@ class Controller:
 
     def _expire(self, now: float) -> None:
         for envelope, answer in self.waiters.expired(now):
+            self.reply(envelope, answer)
+        for envelope, answer in self.watches.expired(now, events_answer):
             self.reply(envelope, answer)
         self.command_keys.expire(now)
 
