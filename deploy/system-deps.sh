@@ -10,6 +10,7 @@ PACKAGES=(
   isc-dhcp-client udhcpc kea-admin kea-dhcp4-server dnsmasq-base
   tftp-hpa atftp tftpd-hpa
   qemu-system-x86 ipxe-qemu ipxe
+  ovmf grub-efi-amd64-bin grub-common
   syslinux extlinux syslinux-common mtools dosfstools fdisk busybox-static cpio lz4
   xorriso e2fsprogs util-linux
   nginx

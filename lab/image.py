@@ -4,7 +4,8 @@ The disk (`BOOT_DISK_MIB` MiB, raw):
 - sector 0: syslinux's `mbr.bin` and an MBR partition table with one bootable FAT16 partition at 1 MiB;
 - sector `TOKEN_SECTOR`: a token the test writes before boot; the guest reads it and prints it;
 - sector `NONCE_SECTOR`: where the guest writes a nonce of its own; the test reads it back through the target;
-- the partition: syslinux (ldlinux.sys/.c32), `syslinux.cfg`, a Debian kernel taken from its .deb, and a busybox
+- the partition: syslinux (ldlinux.sys/.c32), `syslinux.cfg`, GRUB as `EFI/BOOT/BOOTX64.EFI` (the UEFI
+  path to the same kernel), a Debian kernel taken from its .deb, and a busybox
   initramfs whose /init prints `MARKER`, logs in again with open-iscsi's `iscsistart` from the iBFT that iPXE left,
   reads the token, writes the nonce, and powers off.
 
@@ -92,6 +93,19 @@ echo "BOOTFLEET-DONE"
 poweroff -f
 sleep 30
 """
+
+# UEFI: the same kernel and initramfs through GRUB, a standalone EFI image at the removable-media path
+# \EFI\BOOT\BOOTX64.EFI on the same FAT partition (iPXE's sanboot under UEFI starts that file of the SAN disk).
+# Its config (in GRUB's memdisk) finds the partition by a file on it: the SAN disk is the only disk.
+GRUB_CFG = """set timeout=0
+search --no-floppy --file /vmlinuz --set=root
+echo BOOTFLEET-GRUB $root
+linux /vmlinuz @APPEND@
+initrd /initrd.lz4
+boot
+"""
+GRUB_MODULES = "part_msdos fat search search_fs_file linux echo normal"
+EFI_LOADER = "EFI/BOOT/BOOTX64.EFI"
 
 SYSLINUX_CFG = """DEFAULT linux
 PROMPT 0
@@ -302,8 +316,10 @@ def build_initramfs(busybox_root: Path, iscsi_root: Path, kernel_root: Path) -> 
 MBR = "/usr/lib/syslinux/mbr/mbr.bin"
 _TOOLS = {
     "apt-get": "apt", "apt-cache": "apt", "dpkg-deb": "dpkg", "ldd": "libc-bin", "sfdisk": "fdisk",
-    "mkfs.vfat": "dosfstools", "mcopy": "mtools", "syslinux": "syslinux", "lz4": "lz4",
+    "mkfs.vfat": "dosfstools", "mcopy": "mtools", "mmd": "mtools", "syslinux": "syslinux", "lz4": "lz4",
+    "grub-mkstandalone": "grub-common",
 }
+GRUB_EFI_DIR = "/usr/lib/grub/x86_64-efi"
 
 
 def check_tools() -> list[str]:
@@ -311,6 +327,8 @@ def check_tools() -> list[str]:
     missing = [f"{tool} (Debian package {pkg})" for tool, pkg in _TOOLS.items() if shutil.which(tool) is None]
     if not Path(MBR).exists():
         missing.append(f"{MBR} (Debian package syslinux-common)")
+    if not Path(GRUB_EFI_DIR, "linux.mod").exists():
+        missing.append(f"{GRUB_EFI_DIR} (Debian package grub-efi-amd64-bin: the disk's UEFI boot path)")
     return missing
 
 
@@ -318,7 +336,8 @@ def _fingerprint(debs: list[Path]) -> str:
     h = hashlib.sha256(Path(__file__).read_bytes())
     for deb in debs:
         h.update(deb.name.encode())
-    for tool in ("/usr/lib/syslinux/mbr/mbr.bin", "/usr/lib/syslinux/modules/bios/ldlinux.c32"):
+    for tool in ("/usr/lib/syslinux/mbr/mbr.bin", "/usr/lib/syslinux/modules/bios/ldlinux.c32",
+                 f"{GRUB_EFI_DIR}/linux.mod"):
         h.update(Path(tool).read_bytes() if Path(tool).exists() else b"-")
     return h.hexdigest()[:16]
 
@@ -358,6 +377,10 @@ def _build(cache: Path, log) -> Path:
     (work / "syslinux.cfg").write_text(SYSLINUX_CFG.replace("@APPEND@", KERNEL_ARGS))
     (work / "initrd.lz4").write_bytes(initrd)
     shutil.copyfile(vmlinuz[-1], work / "vmlinuz")
+    (work / "grub.cfg").write_text(GRUB_CFG.replace("@APPEND@", KERNEL_ARGS))
+    _run(["grub-mkstandalone", "-O", "x86_64-efi", "-o", str(work / "BOOTX64.EFI"), f"--modules={GRUB_MODULES}",
+          f"--install-modules={GRUB_MODULES} boot configfile", "--locales=", "--themes=", "--fonts=",
+          f"boot/grub/grub.cfg={work / 'grub.cfg'}"])
 
     tmp = cache / f"{disk.name}.tmp"
     size = BOOT_DISK_MIB * 1024 * 1024
@@ -373,6 +396,8 @@ def _build(cache: Path, log) -> Path:
     at = f"{tmp}@@{PARTITION_START * SECTOR}"
     files = [str(work / n) for n in ("syslinux.cfg", "vmlinuz", "initrd.lz4")]
     _run(["mcopy", "-i", at, *files, "::/"])
+    _run(["mmd", "-i", at, "::/EFI", "::/EFI/BOOT"])
+    _run(["mcopy", "-i", at, str(work / "BOOTX64.EFI"), f"::/{EFI_LOADER}"])
     _run(["syslinux", "--install", f"--offset={PARTITION_START * SECTOR}", str(tmp)])
     with open(tmp, "r+b") as f:
         f.write(mbr.read_bytes()[:440])  # boot code only: the partition table stays

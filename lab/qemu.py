@@ -20,6 +20,10 @@ from typing import Callable, Iterable
 NIC_ROM = Path("/usr/lib/ipxe/qemu/pxe-virtio.rom")  # iPXE for virtio-net, BIOS only (ipxe-qemu); PCI id 1af4:1041
 NIC_MODEL = "virtio-net-pci"  # modern-only (disable-legacy=on) to match the ROM; the lab kernel has no e1000
 QEMU = "qemu-system-x86_64"
+# UEFI PCs: Debian's OVMF (package ovmf), its own network stack and PXE; the NIC gets no option ROM
+# (romfile=), so the firmware's PXE, not iPXE's, boots it
+OVMF_CODE = Path("/usr/share/OVMF/OVMF_CODE_4M.fd")
+OVMF_VARS = Path("/usr/share/OVMF/OVMF_VARS_4M.fd")
 SERCON_PORT_FILE = Path(tempfile.gettempdir()) / "bootfleet-lab-sercon-port.bin"  # 0x3f8, little-endian
 _ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]|\x1bc")
 
@@ -38,6 +42,10 @@ def check_tools() -> list[str]:
     return missing
 
 
+def check_uefi_tools() -> list[str]:
+    return [f"{p} (Debian package ovmf)" for p in (OVMF_CODE, OVMF_VARS) if not p.exists()]
+
+
 @dataclass
 class ConsoleLine:
     t: float  # seconds since power-on when the line ended
@@ -54,6 +62,7 @@ class VirtualPC:
     tap: str
     netns: str | None = None
     memory_mib: int = 256
+    firmware: str = "bios"  # bios: SeaBIOS + the iPXE ROM; uefi: OVMF and its own PXE, no NIC ROM
     on_line: Callable[[ConsoleLine], None] | None = None  # called from the reader thread for each line
     lines: list[ConsoleLine] = field(default_factory=list)
     powered_on: float = 0.0  # time.monotonic() when QEMU started
@@ -62,6 +71,8 @@ class VirtualPC:
     _reader: threading.Thread | None = None
 
     def command(self) -> list[str]:
+        if self.firmware == "uefi":
+            return self._uefi_command()
         cmd = [
             QEMU, "-machine", "pc,accel=tcg", "-cpu", "qemu64", "-m", str(self.memory_mib),
             "-display", "none", "-vga", "none", "-monitor", "none", "-serial", "stdio", "-no-reboot",
@@ -73,8 +84,23 @@ class VirtualPC:
         ]
         return ["ip", "netns", "exec", self.netns, *cmd] if self.netns else cmd
 
+    def _uefi_command(self) -> list[str]:
+        # OVMF's variable store is written at boot: each PC gets its own copy
+        self.vars_file = Path(tempfile.gettempdir()) / f"bootfleet-ovmf-vars-{self.name}-{self.mac.replace(':', '')}.fd"
+        shutil.copyfile(OVMF_VARS, self.vars_file)
+        cmd = [
+            QEMU, "-machine", "pc,accel=tcg", "-cpu", "qemu64", "-m", str(max(self.memory_mib, 512)),
+            "-drive", f"if=pflash,format=raw,unit=0,readonly=on,file={OVMF_CODE}",
+            "-drive", f"if=pflash,format=raw,unit=1,file={self.vars_file}",
+            "-display", "none", "-vga", "none", "-monitor", "none", "-serial", "stdio", "-no-reboot",
+            "-netdev", f"tap,id=n0,ifname={self.tap},script=no,downscript=no",
+            "-device", f"{NIC_MODEL},netdev=n0,mac={self.mac},romfile=,bootindex=0",
+            "-name", self.name,
+        ]
+        return ["ip", "netns", "exec", self.netns, *cmd] if self.netns else cmd
+
     def start(self) -> None:
-        missing = check_tools()
+        missing = check_tools() + (check_uefi_tools() if self.firmware == "uefi" else [])
         if missing:
             raise QemuError("cannot start a virtual PC; missing: " + "; ".join(missing))
         if not SERCON_PORT_FILE.exists():
@@ -180,3 +206,6 @@ class VirtualPC:
                 self.proc.wait(5)
         if self._reader:
             self._reader.join(5)
+        vars_file = getattr(self, "vars_file", None)
+        if vars_file is not None:
+            vars_file.unlink(missing_ok=True)

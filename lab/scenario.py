@@ -28,6 +28,7 @@ from lab.reference import ReferenceStack, ReferenceTarget, SiteDhcp, read_throug
 from lab.stack import BootfleetStack, LabClient, LabConfig
 
 IQN_PREFIX = "iqn.2026-11.org.bootfleet:lab-"
+UEFI_LOADER = Path("/usr/lib/ipxe/snponly.efi")  # Debian package ipxe; boot.loaders.efi
 
 
 def missing_tools(reference: bool = False) -> list[str]:
@@ -79,8 +80,10 @@ class _LabRun:
     lun = 0
 
     def __init__(self, workdir: Path, pcs: int = 1, disk: Path | None = None,
-                 on_line: Callable[[VirtualPC, ConsoleLine], None] | None = None, boot_timeout: float = 150.0):
+                 on_line: Callable[[VirtualPC, ConsoleLine], None] | None = None, boot_timeout: float = 150.0,
+                 firmware: list[str] | None = None):
         self.workdir = workdir
+        self.firmware = firmware or ["bios"] * pcs  # per PC: bios (SeaBIOS + iPXE ROM) or uefi (OVMF's own PXE)
         self.disk = disk
         self.n = pcs
         self.on_line = on_line
@@ -133,7 +136,8 @@ class _LabRun:
         """Power on every PC at once; wait for each to finish; verify its token and nonce."""
         pcs = []
         for result in self.results:
-            pc = VirtualPC(result.name, result.mac, self.lab.add_tap(), self.lab.name)
+            pc = VirtualPC(result.name, result.mac, self.lab.add_tap(), self.lab.name,
+                           firmware=self.firmware[len(pcs)])
             if self.on_line:
                 pc.on_line = functools.partial(self.on_line, pc)
             pcs.append(pc)
@@ -189,6 +193,9 @@ class BootfleetLab(_LabRun):
             self.site = SiteDhcp(self.lab, self.workdir)
             self.site.start()
         clients = [LabClient(r.name, r.mac, r.iqn, img) for r, img in zip(self.results, self.images)]
+        if "uefi" in self.firmware:  # the firmware's PXE loads iPXE first: Debian's ipxe package has it
+            (self.workdir / "tftp").mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(UEFI_LOADER, self.workdir / "tftp" / UEFI_LOADER.name)
         config = LabConfig(clients, tftp_root=self.workdir / "tftp", ipv6_ra=self.ipv6_ra,
                            dhcp_mode="proxy" if self.proxy else "server")
         state = self.workdir / "state"

@@ -64,3 +64,20 @@ def test_bios_ipxe_pc_boots_beside_the_sites_dhcp_server(workdir, boot_disk):
         assert times["ProxyDHCP offer"] <= times["DHCP address (site server)"] <= times["TFTP file"], json.dumps(answer)
         assert times["TFTP file"] < times["iSCSI login (OS)"], json.dumps(answer)
         assert SITE_IP != pc_ip
+
+
+def test_uefi_pc_boots_with_the_firmwares_own_pxe_beside_the_sites_dhcp_server(workdir, boot_disk):
+    """OVMF with no NIC ROM: its PXE takes snponly.efi from our proxy (offer, then port 4011), iPXE then gets
+    the script and sanboots; GRUB (\\EFI\\BOOT\\BOOTX64.EFI on the disk) starts the same kernel."""
+    with BootfleetLab(workdir, pcs=1, disk=boot_disk, proxy=True, firmware=["uefi"], boot_timeout=240) as bl:
+        results = bl.boot()
+        assert all(r.ok for r in results), _explain(results, bl)
+        (r,) = results
+        answer = bl.stack.cli_json("client", r.mac)
+        steps = [s["step"] for s in answer["timeline"]]
+        assert "ProxyDHCP ack (port 4011)" in steps, steps  # the firmware confirmed with the proxy
+        assert answer["client"]["firmware"] in ("uefi", "ipxe"), answer["client"]
+        assert answer["client"]["arch"] == 7, answer["client"]
+        # shown with -s: where a UEFI boot's time goes (docs/lab.md)
+        print("\n".join(f"[{line.t:6.2f}] {line.text}" for line in r.console))
+        print("\n".join(f"{s['t']:8.3f} {s['step']} {s['detail']}" for s in answer["timeline"]))
