@@ -291,6 +291,14 @@ class Connection(WriteTasks, Responses, TaskManagement, TextRequests):
             self._login_response(pdu, fail, tsih=0)
             self._login_failed(target_name, fail)
             return
+        pc = getattr(m.entry, "pc", None) if m.session_type == "Normal" else None
+        if pc is not None:  # a PC on an image: its power-on reset and its disk, before the login completes
+            refused = pc.login(reinstating=self.sessions.find(m.initiator, m.isid, target_name) is not None)
+            if refused:
+                fail = LoginStep(status=refused[0], reason=refused[1], csg=step.csg)
+                self._login_response(pdu, fail, tsih=0)
+                self._login_failed(target_name, fail)
+                return
         session = Session(m.initiator, m.isid, target_name, m.session_type, self.peer_ip, window=self.cmd_window,
                           exp_cmdsn=pdu.cmdsn, handle=self.handle)
         old = self.sessions.register(session, tsih=m.tsih)

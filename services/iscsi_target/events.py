@@ -120,3 +120,41 @@ class SessionEnd(Event):
     type: ClassVar[str] = "iscsi.session_end"
     local: ClassVar[bool] = True
     session: object  # session.Session
+
+
+# ---------------------------------------------------------------------------------------------- PCs on images
+@event
+class OverlayReset(Event):
+    """A PC's discard overlay emptied at its power-on (pc_disks.py): it starts clean on `version`."""
+
+    type: ClassVar[str] = bus.IMAGE_OVERLAY_RESET
+    mac: str
+    pc: str
+    image: str
+    version: int
+    reason: str  # power-on (here); the controller sends operator / published for its own resets
+
+
+@event
+class QuotaThreshold(Event):
+    """A PC's overlay reached its soft threshold (its initiator gets the 38h/07h unit attention)."""
+
+    type: ClassVar[str] = bus.IMAGE_QUOTA_THRESHOLD
+    mac: str
+    pc: str
+    image: str
+    used: int  # bytes allocated in the overlay
+    quota: int
+
+
+@event
+class QuotaReached(Event):
+    """A PC's write refused for space (DATA PROTECT 27h/07h): its quota, or the store's free-space reserve."""
+
+    type: ClassVar[str] = bus.IMAGE_QUOTA_REACHED
+    mac: str
+    pc: str
+    image: str
+    used: int
+    quota: int | None
+    reason: str  # quota | reserve | enospc

@@ -31,6 +31,7 @@ from services.iscsi_target import owners
 from services.iscsi_target.handoff import Handoff
 from services.iscsi_target.io_loop import Router, Server
 from services.iscsi_target.owner_locks import OwnerLocks
+from services.iscsi_target.pc_disks import PcDisks
 from shared.paths import state_path
 from shared.service import BaseService
 
@@ -45,6 +46,7 @@ class TargetEntry:
     policy: AccessPolicy
     lun_specs: dict = field(default_factory=dict)  # lun id -> Backstore config (to detect changes)
     owned: bool = True  # False: another process may own it; its LUNs are not open here
+    pc: object = None  # pc_disks.PcDisk: a PC on an image (its LUN 0 opens at its login)
 
 
 class Registry:
@@ -135,7 +137,7 @@ def pr_state_path(state_dir: Path, target: str, lun_id: int) -> Path:
 
 class IscsiTargetService(BaseService):
     name = "iscsi_target"
-    sections = ("iscsi",)
+    sections = ("iscsi", "clients", "images", "image_store", "boot")  # the last four: the PCs on images
 
     def __init__(self, ctx):
         super().__init__(ctx)
@@ -146,6 +148,7 @@ class IscsiTargetService(BaseService):
         self._stats_task: asyncio.Task | None = None
         self._stats_lock = threading.Lock()
         self.handoff: Handoff | None = None
+        self.pcs: PcDisks | None = None
 
     # ------------------------------------------------------------------ life
     async def start(self, config) -> None:
@@ -153,6 +156,10 @@ class IscsiTargetService(BaseService):
         base = Path(ctx.state_dir) / "iscsi"
         self.registry.owners = OwnerLocks(base / "owners", ctx.instance)
         self.registry.open_luns = self._open_luns
+        from shared.images.store import ImageStore
+
+        self.pcs = PcDisks(ImageStore.for_state_dir(ctx.state_dir, config.image_store.reserve), ctx.state_dir,
+                           lambda: ctx.pcboot, ctx.emit, ctx.mac_for_ip)
         self._build(config)
         self.server = Server(self.registry, self.on_event, self._settings(config.iscsi))
         self.handoff = Handoff(base, ctx.instance, self.server.adopt)
@@ -208,6 +215,8 @@ class IscsiTargetService(BaseService):
             self._stats_task.cancel()
         if self.server:
             await asyncio.get_running_loop().run_in_executor(None, self.server.stop)
+        if self.pcs:
+            self.pcs.close()
         if self.handoff:
             self.handoff.close()
         if self.registry.owners:
@@ -277,6 +286,8 @@ class IscsiTargetService(BaseService):
                     if lun_id not in entry.lun_specs or entry.lun_specs[lun_id] != spec:
                         entry.scsi.add_lun(lun_id, build_lun(spec, lun_id, state_dir, entry.name))
                 new[t.name] = TargetEntry(t.name, t.alias, entry.scsi, policy, specs)
+            if self.pcs is not None:
+                new.update(self.pcs.entries(config, old, lambda *a: self._pc_entry(*a, locks, me, scale)))
             self.registry.portals = [(p.ip, p.port) for p in section.portals]
             self.registry.discovery = AccessPolicy(section.auth)
             self.registry.targets = new  # one assignment: connections see the old or the new dict
@@ -285,6 +296,18 @@ class IscsiTargetService(BaseService):
                 for name in removed:
                     locks.release(name)  # its sessions are asked to log out; no one else will claim it
             return removed
+
+    @staticmethod
+    def _pc_entry(name, alias, policy, disk, prev, locks, me, scale) -> TargetEntry:
+        """A PC's target (pc_disks.py): an ordinary target to the owner model, with no LUN until the PC logs in."""
+        from services.iscsi_target.scsi import ScsiTarget
+
+        keep = prev is not None and prev.pc is disk
+        owned = keep and prev.owned
+        if not owned:
+            owned = locks is None or (owners.hrw_order(name, scale)[0] == me and locks.acquire(name))
+        disk.scsi = prev.scsi if keep else ScsiTarget(name, {})
+        return TargetEntry(name, alias, disk.scsi, policy, {}, owned=owned, pc=disk)
 
     def _open_luns(self, entry: TargetEntry) -> None:
         """Open a target's LUNs from their backstores on disk: it has just become ours."""
@@ -297,6 +320,8 @@ class IscsiTargetService(BaseService):
         """An event from a connection (called from its thread) or from the statistics below."""
         if isinstance(event, ev.SessionEnd):
             self._emit_session_stats(event.session, final=True)
+            if self.pcs is not None and event.session.target:
+                self.pcs.session_ended(event.session.target)  # the PC's last session closes its disk
             return
         if isinstance(event, ev.Error):
             if event.level == "warning":

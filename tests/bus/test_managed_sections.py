@@ -74,4 +74,5 @@ def test_the_services_subscribe_to_what_they_read():
 
     assert set(DhcpService.sections) == set(DHCP_SECTIONS)
     assert "tftp" not in DhcpService.sections and "dhcp" not in TftpService.sections
-    assert IscsiTargetService.sections == ("iscsi",)
+    # the iSCSI target reads its own section and, for the PCs on images, the clients, images and boot names
+    assert set(IscsiTargetService.sections) == {"iscsi", "clients", "images", "image_store", "boot"}

@@ -49,6 +49,7 @@ def derived_ids(target_name: str, lun_id: int) -> tuple[bytes, str]:
 class LogicalUnit:
     handlers = None  # a 256-entry opcode table of its own (mmc.CdromUnit); None: the target's disk table
     no_ua = frozenset((0x12, 0xA0, 0x03))  # opcodes that neither see nor clear a unit attention
+    on_space_error = None  # (exc) -> None: a write refused for space (an overlay's quota), for its event
 
     def __init__(self, backstore, lun_id: int, naa: bytes | None = None, serial: str | None = None,
                  readonly: bool = False, vendor: str = "BOOTFLT", product: str = "VIRTUAL DISK",

@@ -91,7 +91,8 @@ def vpd_page(target, lu, page: int) -> bytes:
         U32.pack_into(body, 12, MAX_TRANSFER_BYTES // bs)            # MAXIMUM PREFETCH LENGTH
         U32.pack_into(body, 16, MAX_UNMAP_BLOCKS)                    # MAXIMUM UNMAP LBA COUNT
         U32.pack_into(body, 20, MAX_UNMAP_DESCRIPTORS)               # MAXIMUM UNMAP BLOCK DESCRIPTOR COUNT
-        U32.pack_into(body, 24, 1)                                   # OPTIMAL UNMAP GRANULARITY
+        # OPTIMAL UNMAP GRANULARITY: an overlay's granule, so an initiator's TRIMs free whole granules
+        U32.pack_into(body, 24, max(1, getattr(lu.store, "granule", bs) // bs) if getattr(lu.store, "thin", False) else 1)
         struct.pack_into(">Q", body, 32, MAX_WRITE_SAME_BYTES // bs)  # MAXIMUM WRITE SAME LENGTH
         body = bytes(body)
     elif page == 0xB1:

@@ -20,6 +20,7 @@ import threading
 from services.iscsi_target.scsi import reservations as R
 from services.iscsi_target.scsi import sbc, spc
 from services.iscsi_target.scsi import sense as S
+from services.iscsi_target.scsi.backstore import BackstoreError
 from services.iscsi_target.scsi.cdb import U16, U32
 from services.iscsi_target.scsi.response import ScsiResponse, good
 
@@ -234,6 +235,15 @@ class ScsiTarget:
             return ScsiResponse(S.CHECK_CONDITION, exc.sense())
         except S.ReservationConflict:
             return ScsiResponse(S.RESERVATION_CONFLICT)
+        except BackstoreError as exc:
+            # A store that says which sense it means (an overlay out of space: DATA PROTECT 27h/07h, raised
+            # before anything was written, so nothing is acknowledged that was not stored); others are faults.
+            key = getattr(exc, "sense_key", None)
+            if key is None:
+                raise
+            if lu.on_space_error is not None:
+                lu.on_space_error(exc)
+            return ScsiResponse(S.CHECK_CONDITION, S.fixed_sense(key, *exc.asc_ascq))
         except (struct.error, IndexError):  # a CDB shorter than its opcode needs
             return ScsiResponse(S.CHECK_CONDITION, S.fixed_sense(S.ILLEGAL_REQUEST, *S.INVALID_FIELD_IN_CDB))
 
