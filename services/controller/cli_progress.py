@@ -8,10 +8,9 @@ command prints on stdout stays data.
 `operation.progress` {op, name, done, total, unit} and `operation.finished` {op, name, ok, text}, taken with
 the controller's `events-wait` (pushed, no polling). The contract is in docs/control.md ("Long operations").
 
-    op = new_op_id()
-    after = last_event_id(ctl)
-    ctl.call("lun-resync", target=..., lun=0, op=op)
-    follow_operation(ctl, op, after, "resync lun 0")    # raises CliError when the operation failed
+    after = last_event_id(ctl)                          # before the command: none of its events is missed
+    answer = ctl.call("image-import", name="win11", file="/srv/win11.qcow2", op=new_op_id())
+    follow_operation(ctl, answer["arguments"]["op"], after, "import win11", error=CliError)  # raises when it failed
 
 A command that does the work itself (reading a file to import) uses `ProgressBar` directly:
 
@@ -55,23 +54,27 @@ class ProgressBar:
         self._finished = False
 
     def __enter__(self) -> "ProgressBar":
-        if self.tty:
+        return self
+
+    def _start_bar(self) -> None:
+        """On a terminal, the bar starts at the first update: by then the unit is known (bytes, %, files)."""
+        if self.tty and self._bar is None and not self._finished:
             from rich.console import Console
             from rich.progress import (BarColumn, DownloadColumn, MofNCompleteColumn, Progress, TaskProgressColumn,
                                        TextColumn, TimeRemainingColumn, TransferSpeedColumn)
 
-            amount = (DownloadColumn(), TransferSpeedColumn()) if self.unit == "bytes" else (MofNCompleteColumn(),)
+            amount = {"bytes": (DownloadColumn(), TransferSpeedColumn()), "%": ()}.get(self.unit, (MofNCompleteColumn(),))
             self._bar = Progress(TextColumn("{task.description}"), BarColumn(), TaskProgressColumn(), *amount,
                                  TimeRemainingColumn(), console=Console(file=self.stream), transient=False)
             self._bar.start()
             self._task = self._bar.add_task(self.title, total=self.total)
-        return self
 
     def update(self, done: int, total: int | None = None) -> None:
         """Where the operation is now: `done` of `total` (which may become known late)."""
         if total is not None:
             self.total = total
         self.done = done
+        self._start_bar()
         if self._bar is not None:
             self._bar.update(self._task, completed=done, total=self.total)
             return
@@ -80,7 +83,8 @@ class ProgressBar:
         tenth = int(done * 10 // self.total)
         if tenth >= self._next_tenth and tenth < 10:
             self._next_tenth = tenth + 1
-            self._line(f"{tenth * 10}% ({_amount(done, self.unit)} of {_amount(self.total, self.unit)})")
+            amount = "" if self.unit == "%" else f" ({_amount(done, self.unit)} of {_amount(self.total, self.unit)})"
+            self._line(f"{tenth * 10}%{amount}")
 
     def advance(self, amount: int) -> None:
         self.update(self.done + amount)
@@ -98,7 +102,8 @@ class ProgressBar:
             self._bar.stop()
             self._bar = None
         elif ok:
-            self._line("100%" + (f" ({_amount(self.total, self.unit)})" if self.total else "") + (f": {text}" if text else ""))
+            amount = f" ({_amount(self.total, self.unit)})" if self.total and self.unit != "%" else ""
+            self._line("100%" + amount + (f": {text}" if text else ""))
 
     def __exit__(self, kind, exc, tb) -> None:
         self.finish(ok=kind is None)

@@ -176,6 +176,9 @@ def test_progress_is_a_line_per_tenth_through_a_pipe_and_a_bar_on_a_terminal():
     lines = piped.stderr.splitlines()
     assert lines == [f"copy demo.img: {p}% ({p * 10} B of 1000 B)" for p in range(10, 100, 10)] + ["copy demo.img: 100% (1000 B)"]
     assert piped.stdout == ""  # progress goes to stderr: stdout stays data
+    percent = run_piped([PYTHON, "-c", "from services.controller.cli_progress import ProgressBar\n"
+                         "with ProgressBar('import', total=100, unit='%') as bar:\n    bar.update(35)\n    bar.update(100)"], env=env)
+    assert percent.stderr.splitlines() == ["import: 30%", "import: 100%"], percent.stderr
     code, shown = run_in_pty([PYTHON, "-c", PROGRESS], env=env)
     assert code == 0 and ESC in shown and "copy demo.img" in shown and "10% (" not in shown, shown
 
