@@ -335,27 +335,38 @@ def _identity(ctl: Facade, mac: str, row) -> dict[str, Any]:
 def client_assign(ctl, envelope, args):
     """Adopt a PC (a `new` one, or change one): add or update its clients[] entry, as a new revision.
 
-    Arguments: `mac`, `target` (IQN), `name`, `lun`. Only the arguments given change an existing entry; the
-    others stay as they are."""
+    Arguments: `mac`, `target` (IQN), `name`, `lun`; or, for a PC on an image, `image` and `mode` (discard,
+    persistent, super, readonly, refuse; default the image's) instead of `target` and `lun`. Only the arguments
+    given change an existing entry; the others stay as they are. A PC on an image that is logged in keeps its
+    disk until its next power-on (docs/images.md)."""
     import copy
 
     mac = _mac_arg(args)
-    changes = {key: args[key] for key in ("target", "name", "lun") if args.get(key) is not None}
+    changes = {key: args[key] for key in ("target", "name", "lun", "image", "mode") if args.get(key) is not None}
     if not changes:
-        return error("client-assign: give at least one of target, name, lun")
+        return error("client-assign: give at least one of target, name, lun, image, mode")
+    if "target" in changes and ("image" in changes or "mode" in changes):
+        return error("client-assign: a PC boots a target or an image, not both")
     data = copy.deepcopy(ctl.config.data)
     clients = data.setdefault("clients", [])
     entry = next((c for c in clients if str(c.get("mac", "")).lower().replace("-", ":") == mac), None)
     if entry is None:
         entry = {"mac": mac}
         clients.append(entry)
+    for a, b in (("image", ("target", "lun")), ("target", ("image", "mode"))):
+        if a in changes:  # the other kind of assignment goes
+            for key in b:
+                entry.pop(key, None)
     entry.update(changes)
     answer = _commit(ctl, data)
     if answer["result"] != SUCCESS:
         return answer
     revision = answer["arguments"]["revision"]
-    return ok(f"client {mac}: {', '.join(f'{k} {v}' for k, v in changes.items())} (revision {revision})",
-              revision=revision, client=entry)
+    text = f"client {mac}: {', '.join(f'{k} {v}' for k, v in changes.items())} (revision {revision})"
+    extra = image_commands.client_image_fields(ctl, mac)
+    if extra and ctl.pcboot.logged_in(mac):
+        text += "; it is logged in: the change takes effect at its next power-on"
+    return ok(text, revision=revision, client=entry, **extra)
 
 
 def _client_rows(ctl: Facade) -> list[dict[str, Any]]:
@@ -370,6 +381,7 @@ def _client_rows(ctl: Facade) -> list[dict[str, Any]]:
                 "name": names.get(mac),
                 **_identity(ctl, mac, row),
                 "target": f"{target[0]} lun {target[1]}" if target else None,
+                **image_commands.client_image_fields(ctl, mac),  # a PC on an image: its own target, version, overlay
             }
         )
     return rows
@@ -377,7 +389,8 @@ def _client_rows(ctl: Facade) -> list[dict[str, Any]]:
 
 @command("client-list")
 def client_list(ctl, envelope, args):
-    """Every known PC: MAC, name, IP, assigned target, state, last boot."""
+    """Every known PC: MAC, name, IP, assigned target, state, last boot; on an image also its image, version,
+    mode, overlay size and sessions."""
     rows = _client_rows(ctl)
     return {"result": SUCCESS if rows else EMPTY, "text": f"{len(rows)} clients", "arguments": {"clients": rows}}
 
@@ -433,3 +446,6 @@ def lease_release(ctl, envelope, args):
 def version_get(ctl, envelope, args):
     """The controller's version and process id."""
     return ok("bootfleet 0.1.0", version="0.1.0", pid=os.getpid())
+
+
+from services.controller import image_commands  # noqa: E402  (registers image-* and client-reset in COMMANDS)

@@ -50,6 +50,13 @@ class Facade:
     watch: Callable[[Watch], None]
     # File an event of the controller's own (shared/events.py Event), e.g. a long operation's progress.
     emit: Callable[[Any], None]
+    # Images (docs/images.md): the image store, the PCs on images (pcboot.py), and the image lane: like
+    # `submit`, on a worker of its own, so a 40 GiB import never delays a supervisord call; `post` is `emit`
+    # for a worker thread (the loop files the event on its next turn).
+    images: Any = None  # shared.images.store.ImageStore
+    pcboot: Any = None  # services.controller.pcboot.PcBoots
+    run_images: Callable[[list[bytes] | None, Callable[[], Any], Callable[[Any], Answer]], None] | None = None
+    post: Callable[[Any], None] | None = None
 
     @property
     def running(self) -> BootfleetConfig:

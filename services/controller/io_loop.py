@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import queue
 import signal
 import sys
 import time
@@ -34,6 +35,8 @@ from services.controller.event_watch import EventWatches, Watch
 from services.controller.facade import Facade, LoopStats
 from services.controller.fleet import Fleet
 from services.controller.leases import Leases
+from services.controller.pcboot import PcBoots
+from shared.images.store import ImageStore
 from services.controller.supervisor_rpc import Supervisor, SupervisorError
 from services.controller.waiters import CommandKeys, Waiter, Waiters
 
@@ -50,6 +53,9 @@ class Controller:
         self.fleet = Fleet()
         self.supervisor = Supervisor(self.state_dir)
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="supervisor")
+        # image imports, exports, publishes: two at a time (the store locks per image), never behind supervisord
+        self.image_executor = ThreadPoolExecutor(max_workers=2, thread_name_prefix="images")
+        self.posted: queue.SimpleQueue = queue.SimpleQueue()  # events from worker threads, filed by the loop
         self.pending: list[tuple[list[bytes], Future, Callable[[Any], dict]]] = []
         self.waiters = Waiters()
         self.watches = EventWatches()
@@ -61,13 +67,21 @@ class Controller:
         self.stats = LoopStats(pid=os.getpid(), started=time.time(), epoch=self.clone.epoch)
         self.command_keys = CommandKeys(self.clone)
         self.leases = Leases(self.clone, lambda: state_path(self.state_dir, self.config.dhcp.lease_file))
+        self.images = ImageStore.for_state_dir(self.state_dir, self.config.image_store.reserve)
+        self.pcboot = PcBoots(self.clone, self.images, self.state_dir / "controller" / "pcboot.json",
+                              self.fleet.clients.mac_of)
         self.facade = Facade(
             config=self.store, fleet=self.fleet, events=self.events, leases=self.leases, supervisor=self.supervisor,
             stats=self.stats, commit=self.commit, submit=self.submit, ask=self.ask,
             watch=self.watches.add, emit=self.emit,
+            images=self.images, pcboot=self.pcboot, run_images=self.run_images, post=self.posted.put,
         )
         self.clone.set(m.CONFIG_KEY, self.store.document())
+        self.pcboot.load()  # the keys running PCs booted with, as they were
+        self.pcboot.reconfigure(self.config, update_keys=False)
         self._replay_events()
+        self.pcboot.reconfigure(self.config)
+        self.pcboot.flush()
 
     @property
     def config(self) -> BootfleetConfig:
@@ -117,6 +131,7 @@ class Controller:
         clients = self.fleet.clients
         for e in self.events.query(since=time.time() - 86400, limit=200_000):
             clients.observe(e["type"], e["fields"], e["ts"])
+            self.pcboot.replay(e)  # who is logged in (no power-on is decided from the past)
         for client in self.config.clients:
             clients.ensure(client.mac)
         self.leases.seed(clients.mac_by_ip)
@@ -137,6 +152,8 @@ class Controller:
             if self.control in ready:
                 self._take_requests()
             self._finish_pending()
+            self._file_posted()
+            self.pcboot.flush()
             now = time.monotonic()
             if now >= next_beat:
                 self.clone.heartbeat()
@@ -149,6 +166,7 @@ class Controller:
 
     def close(self) -> None:
         self.executor.shutdown(wait=False, cancel_futures=True)
+        self.image_executor.shutdown(wait=False, cancel_futures=True)
         if self.auth:
             self.auth.stop()
         for sock in (self.clone.publisher, self.clone.snapshot, self.pull, self.control):
@@ -197,9 +215,19 @@ class Controller:
         self._observe(msg)
         self._store([msg])
 
+    def _file_posted(self) -> None:
+        """Events worker threads posted (an image operation's progress), filed from the loop."""
+        while True:
+            try:
+                event = self.posted.get_nowait()
+            except queue.Empty:
+                return
+            self.emit(event)
+
     def _observe(self, msg: dict[str, Any]) -> None:
         for envelope, answer in self.waiters.matched(msg):
             self.reply(envelope, answer)
+        self.pcboot.observe(msg["type"], msg["fields"], msg["ts"], msg.get("instance", 0), msg.get("service", ""))
         self.fleet.clients.observe(msg["type"], msg["fields"], msg["ts"])
         self.leases.observe(msg["type"], msg["fields"])
 
@@ -246,6 +274,10 @@ class Controller:
         """Run a slow call (supervisord) off the loop; `finish` turns its result into the answer."""
         self.pending.append((envelope or [], self.executor.submit(fn), finish))
 
+    def run_images(self, envelope: list[bytes] | None, fn: Callable[[], Any], finish: Callable[[Any], dict]) -> None:
+        """As `submit`, on the image lane (image_commands.py)."""
+        self.pending.append((envelope or [], self.image_executor.submit(fn), finish))
+
     def _finish_pending(self) -> None:
         for item in [p for p in self.pending if p[1].done()]:
             self.pending.remove(item)
@@ -273,6 +305,8 @@ class Controller:
         self.clone.set(m.CONFIG_KEY, self.store.document())
         for client in self.config.clients:
             self.fleet.clients.ensure(client.mac)
+        self.images.reserve = self.images.space_guard.reserve = self.config.image_store.reserve
+        self.pcboot.reconfigure(self.config)
         self.events.retention_days = self.config.events.retention_days
         self.events.max_rows = self.config.events.max_rows
         if self.config.scale.model_dump() != before:
