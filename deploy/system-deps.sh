@@ -14,6 +14,7 @@ PACKAGES=(
   syslinux extlinux syslinux-common mtools dosfstools fdisk busybox-static cpio lz4
   xorriso e2fsprogs util-linux
   nginx
+  chromium chromium-driver prometheus openssl  # tests/web: a browser, a real Prometheus (its daemon kept stopped too)
 )
 
 missing=()

@@ -344,4 +344,11 @@ def main(argv: list[str] | None = None) -> None:
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
     log.info("controller up: revision %d, epoch %s, bus %s", controller.store.revision, controller.clone.epoch, controller.endpoints.publish)
-    controller.run()
+    from services.controller.web.server import start as start_web  # here: a Controller built by a test serves no web
+
+    web = start_web(controller.state_dir, controller.config.web)  # its own thread; it talks to us over the control socket
+    try:
+        controller.run()
+    finally:
+        if web is not None:
+            web.stop()
