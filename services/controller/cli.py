@@ -25,6 +25,7 @@ import msgpack
 import yaml
 import zmq
 
+from services.controller import cli_images
 from services.controller.cli_progress import follow_operation
 from services.controller.commands import COMMANDS, summary
 from shared.bus.endpoints import control_endpoint
@@ -349,20 +350,29 @@ def cmd_clients(ctl: Control, args) -> int:
             columns[5:5] = ["firmware", "uuid"]
             for row, c in zip(rows, clients):
                 row[5:5] = [c.get("firmware") or "-", c.get("uuid") or "-"]
+        if any(c.get("image") for c in clients):  # PCs on images: image, the version they booted, mode, overlay
+            columns[4:4] = ["image", "version", "mode", "overlay"]
+            for row, c in zip(rows, clients):
+                row[4:4] = [c.get("image"), c.get("version"), c.get("mode"),
+                            cli_images._size(c.get("overlay")) if c.get("image") else None]
         _table(columns, rows)
 
     return _answer(ctl.call("client-list"), args, render)
 
 
 def cmd_client_assign(ctl: Control, args) -> int:
-    if len(args.more) != 1:
-        raise CliError("usage: bootfleet client assign MAC --target IQN [--name NAME] [--lun N]")
-    return _answer(ctl.call("client-assign", mac=args.more[0], target=args.target, name=args.name, lun=args.lun), args)
+    if len(args.more) not in (1, 2):
+        raise CliError("usage: bootfleet client assign MAC (--target IQN [--lun N] | IMAGE [--mode MODE]) [--name NAME]")
+    image = args.more[1] if len(args.more) == 2 else None
+    return _answer(ctl.call("client-assign", mac=args.more[0], target=args.target, name=args.name, lun=args.lun,
+                            image=image, mode=args.mode), args)
 
 
 def cmd_client(ctl: Control, args) -> int:
     if args.mac == "assign":
         return cmd_client_assign(ctl, args)
+    if args.mac == "reset":
+        return cli_images.cmd_client_reset(ctl, args, answer_of=_answer, error=CliError)
     if args.more:
         raise CliError(f"bootfleet client {args.mac}: unexpected {' '.join(args.more)} (adopt a PC with: bootfleet client assign MAC --target IQN)")
     answer = ctl.call("client-get", mac=args.mac)
@@ -375,6 +385,9 @@ def cmd_client(ctl: Control, args) -> int:
         arch = c.get("arch")
         print(f"  uuid {c.get('uuid') or '-'}  firmware {c.get('firmware') or '-'}  arch {'-' if arch is None else arch}"
               f"  nic {c.get('nic') or '-'}")
+        if c.get("image"):
+            print(f"  image {c['image']} version {c.get('version')} mode {c.get('mode')}"
+                  f"  overlay {cli_images._size(c.get('overlay'))}  sessions {c.get('sessions')}")
         rows = [[f"{s['t']:8.3f}", s["step"], s["detail"]] for s in a["timeline"]]
         _table(["t (s)", "step", "detail"], rows, title=f"last boot {_when(c.get('last_boot'))}")
 
@@ -496,11 +509,17 @@ def build_parser() -> argparse.ArgumentParser:
     add(sub, "clients", summary("client-list")).set_defaults(fn=cmd_clients)
     cl = add(sub, "client", summary("client-get"))
     cl.add_argument("mac").completer = _mac_completer
-    cl.add_argument("more", nargs="*", help="with `client assign MAC`: the PC to adopt")
+    cl.add_argument("more", nargs="*", help="`client assign MAC [IMAGE]`: the PC to adopt (and its image); "
+                    "`client reset MAC`: " + summary("client-reset"))
+    cl.add_argument("--mode", help="client assign MAC IMAGE: discard, persistent, super, readonly or refuse")
     cl.add_argument("--target", help="client assign: the IQN it boots")
     cl.add_argument("--name", help="client assign: a name for people")
     cl.add_argument("--lun", type=int, help="client assign: the LUN of its target")
     cl.set_defaults(fn=cmd_client)
+
+    cli_images.add_parsers(sub, add)
+    sub.choices["image"].set_defaults(fn=lambda ctl, args: cli_images.cmd_image(
+        ctl, args, table=_table, answer_of=_answer, error=CliError))
 
     le = add(sub, "leases", summary("lease-list"))
     le.add_argument("--all", action="store_true", help="include released and expired leases")
