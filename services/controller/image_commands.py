@@ -116,6 +116,7 @@ def _long(ctl: Facade, envelope, args, name: str, what: str, work: Callable[[Pro
     op = str(args.get("op") or uuid.uuid4().hex[:12])
     prog = progress or Progress(ctl, op, name)
     prog.op = op
+    ctl.emit(ev.OperationProgress(op=op, name=name, done=0, total=None, unit="%" if len(prog.phases) > 1 else "bytes"))
 
     def finish(outcome: tuple[bool, Any]) -> dict[str, Any]:
         good, value = outcome
