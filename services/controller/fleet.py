@@ -117,7 +117,7 @@ class ServiceTable:
     def event(self, msg: dict[str, Any]) -> None:
         row = self._row(msg["service"], msg["instance"], msg.get("pid", 0), msg["ts"])
         row.received += 1
-        type = msg["type"]
+        type = msg.get("type", "")  # a validated bus event always has one
         row.by_type[type] = row.by_type.get(type, 0) + 1
         if type == ev.ISCSI_IO_STATS:
             if row.io is None:
