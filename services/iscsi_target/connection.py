@@ -87,7 +87,7 @@ class Connection(WriteTasks, Responses, TaskManagement, TextRequests):
         self.events: list[ev.Event] = []  # take_events()
         self.state = LOGIN
         self.close_reason = ""
-        self.login = LoginMachine(registry, peer_ip, TARGET_MAX_RECV_DATA)
+        self.login = LoginMachine(registry, peer_ip, TARGET_MAX_RECV_DATA, sessions=sessions)
         self.session: Session | None = None
         self.entry = None  # registry entry of the target (normal sessions)
         self.scsi = None
@@ -300,7 +300,7 @@ class Connection(WriteTasks, Responses, TaskManagement, TextRequests):
                 self._login_failed(target_name, fail)
                 return
         session = Session(m.initiator, m.isid, target_name, m.session_type, self.peer_ip, window=self.cmd_window,
-                          exp_cmdsn=pdu.cmdsn, handle=self.handle)
+                          exp_cmdsn=pdu.cmdsn, handle=self.handle, cid=m.cid)
         old = self.sessions.register(session, tsih=m.tsih)
         self.session = session
         self.neg = m.negotiation

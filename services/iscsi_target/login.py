@@ -34,6 +34,7 @@ import hashlib
 import os
 from dataclasses import dataclass, field
 
+from services.iscsi_target import names
 from services.iscsi_target.access import equal
 from services.iscsi_target.params import Negotiation, NegotiationError
 from services.iscsi_target.pdu import F_CONTINUE, F_TRANSIT, decode_text
@@ -91,6 +92,22 @@ def chap_response(ident: int, secret: bytes, challenge: bytes) -> bytes:
     return hashlib.md5(bytes([ident]) + secret + challenge).digest()
 
 
+def raw_value(text: bytes, key: bytes) -> bytes | None:
+    """The undecoded value of `key` in login text (names must be checked as bytes: strict UTF-8)."""
+    prefix = key + b"="
+    for item in text.split(b"\0"):
+        if item.startswith(prefix):
+            return item[len(prefix):]
+    return None
+
+
+def checked_name(raw: bytes, key: str) -> str:
+    try:
+        return names.canonical(raw)
+    except names.NameError_ as exc:
+        raise LoginFailed(MISSING_PARAMETER, f"{key} is not a valid iSCSI name: {exc}") from None
+
+
 class LoginFailed(Exception):
     def __init__(self, status: int, reason: str):
         super().__init__(reason)
@@ -102,8 +119,9 @@ class LoginMachine:
     """One connection's login. `registry` answers target(name) -> entry (with .policy, .alias, .name) or
     None, and discovery_policy(); `random` gives CHAP challenge bytes (injectable for tests)."""
 
-    def __init__(self, registry, peer_ip: str, max_recv_data: int, random=os.urandom):
+    def __init__(self, registry, peer_ip: str, max_recv_data: int, random=os.urandom, sessions=None):
         self.registry = registry
+        self.sessions = sessions  # session.SessionTable: a login naming a TSIH must name one of its sessions
         self.peer_ip = peer_ip
         self.max_recv_data = max_recv_data
         self.random = random
@@ -125,6 +143,8 @@ class LoginMachine:
         self.chap_user = ""
         self.pending_text = bytearray()
         self.stage = STAGE_SECURITY
+        self.transit_to: int | None = None  # the stage the target last agreed to move to (T in its answer)
+        self.versions: tuple[int, int] | None = None  # (Version-max, Version-min) of the first request
         self.sent_tpgt = False
         self.sent_declarations = False
 
@@ -134,43 +154,62 @@ class LoginMachine:
         nsg = pdu.flags & 3
         transit = bool(pdu.flags & F_TRANSIT)
         try:
-            return self._handle(pdu, csg, nsg, transit)
+            step = self._handle(pdu, csg, nsg, transit)
+            if step.transit:
+                self.transit_to = step.nsg
+            return step
         except LoginFailed as exc:
             return LoginStep(status=exc.status, reason=exc.reason, csg=csg)
         except (NegotiationError, ValueError) as exc:
             return LoginStep(status=INITIATOR_ERROR, reason=f"malformed login text: {exc}", csg=csg)
 
     def _handle(self, pdu, csg, nsg, transit) -> LoginStep:
-        if pdu.b3 > 0:  # Version-min above 0: we speak only version 0
+        # RFC 7143 §11.12: Version-max (byte 2) and Version-min (byte 3); we speak version 0 only, and every
+        # request of one login carries the same pair.
+        versions = (pdu.b2, pdu.b3)
+        if pdu.b3 > 0:
             raise LoginFailed(UNSUPPORTED_VERSION, f"initiator wants iSCSI version >= {pdu.b3}")
+        if pdu.b2 < pdu.b3:
+            raise LoginFailed(INITIATOR_ERROR, f"Version-max {pdu.b2} is below Version-min {pdu.b3}")
+        if self.versions is not None and versions != self.versions:
+            raise LoginFailed(INITIATOR_ERROR, "Version-max/Version-min changed during the login")
+        self.versions = versions
         if transit and pdu.flags & F_CONTINUE:
             raise LoginFailed(INITIATOR_ERROR, "login request with both T and C bits set")
-        if csg == 2 or (transit and (nsg == 2 or nsg <= csg)):
+        if csg in (2, 3) or (transit and (nsg == 2 or nsg <= csg)):
             raise LoginFailed(INITIATOR_ERROR, f"invalid stage transition CSG={csg} NSG={nsg}")
         isid = pdu.lun >> 16
         tsih = pdu.lun & 0xFFFF
         cid = pdu.w[0] >> 16
         if self.first:
+            if isid >> 46 == 3:  # the ISID's T field: 11b is reserved (§11.12.5)
+                raise LoginFailed(INITIATOR_ERROR, f"ISID 0x{isid:012x} has the reserved type 3")
             self.isid, self.tsih, self.cid = isid, tsih, cid
         elif (isid, tsih, cid) != (self.isid, self.tsih, self.cid):
             raise LoginFailed(INITIATOR_ERROR, "ISID, TSIH or CID changed during the login")
         if csg < self.stage:
             raise LoginFailed(INITIATOR_ERROR, f"login went back to stage {csg}")
+        if not self.first and csg != self.stage and csg != self.transit_to:
+            # §6.3: a stage is left only after the target answered with T=1 for it
+            raise LoginFailed(INITIATOR_ERROR, f"CSG={csg} without the target agreeing to leave stage {self.stage}")
 
         self.pending_text += pdu.data
         if len(self.pending_text) > 65536:
             raise LoginFailed(INITIATOR_ERROR, "login text longer than 64 KiB")
         if pdu.flags & F_CONTINUE:
             return LoginStep(csg=csg, nsg=nsg)  # more text follows: acknowledge with an empty answer
-        pairs = decode_text(self.pending_text)
+        text = bytes(self.pending_text)
+        pairs = decode_text(text)
         self.pending_text = bytearray()
         keys = dict(pairs)
         if len(keys) != len(pairs):
             raise LoginFailed(INITIATOR_ERROR, "a key appears twice in one login request")
         out: list = []
         if self.first:
-            self._first_request(keys, out)
+            self._first_request(keys, text, out)
             self.first = False
+        else:
+            self._same_identity(keys, text)
         self.stage = csg
 
         if csg == STAGE_SECURITY:
@@ -198,20 +237,21 @@ class LoginMachine:
         return LoginStep(keys=out, csg=csg, nsg=nsg)
 
     # ------------------------------------------------------------------ stages
-    def _first_request(self, keys: dict, out: list) -> None:
-        initiator = keys.get("InitiatorName")
-        if not initiator:
+    def _first_request(self, keys: dict, text: bytes, out: list) -> None:
+        raw = raw_value(text, b"InitiatorName")
+        if not raw:
             raise LoginFailed(MISSING_PARAMETER, "InitiatorName is missing")
-        self.initiator = initiator.lower()
+        self.initiator = checked_name(raw, "InitiatorName")
         session_type = keys.get("SessionType", "Normal")
         if session_type not in ("Normal", "Discovery"):
             raise LoginFailed(SESSION_TYPE_UNSUPPORTED, f"SessionType {session_type} is not supported")
         self.session_type = session_type
         if session_type == "Normal":
-            name = keys.get("TargetName")
-            if not name:
+            raw = raw_value(text, b"TargetName")
+            if not raw:
                 raise LoginFailed(MISSING_PARAMETER, "TargetName is missing for a normal session")
-            self.target_name = name.lower()
+            name = checked_name(raw, "TargetName")
+            self.target_name = name
             if self.registry.target(self.target_name) is None:
                 raise LoginFailed(NOT_FOUND, f"target {name} does not exist")
             # One process owns a target (owners.py); the hand-over normally made us its owner already.
@@ -223,6 +263,8 @@ class LoginMachine:
             self.policy = self.entry.policy
         else:
             self.policy = self.registry.discovery_policy()
+        if self.tsih:
+            self._existing_session()
         denied = self.policy.admit(self.initiator, self.peer_ip)
         if denied:
             raise LoginFailed(AUTHZ_FAILURE, denied)
@@ -231,6 +273,28 @@ class LoginMachine:
             out.append(("TargetPortalGroupTag", str(TPGT)))
             if self.entry.alias:
                 out.append(("TargetAlias", self.entry.alias))
+
+    def _existing_session(self) -> None:
+        """A non-zero TSIH: a connection for an existing session (§6.3.1, §11.12.6). It must be a session of
+        this initiator, ISID and target; with MaxConnections 1 only its own connection (same CID) may log
+        in again (connection reinstatement: the old connection is closed)."""
+        session = self.sessions.by_tsih(self.tsih) if self.sessions is not None else None
+        target = self.target_name if self.session_type == "Normal" else ""
+        if session is None or (session.initiator, session.isid, session.target) != (self.initiator, self.isid, target):
+            raise LoginFailed(SESSION_DOES_NOT_EXIST, f"session TSIH {self.tsih} does not exist for this "
+                                                      f"initiator, ISID 0x{self.isid:012x} and target")
+        if session.cid != self.cid:
+            raise LoginFailed(TOO_MANY_CONNECTIONS, f"session TSIH {self.tsih} already has its one connection "
+                                                    f"(CID {session.cid}; MaxConnections=1)")
+
+    def _same_identity(self, keys: dict, text: bytes) -> None:
+        """Keys that name the session may be repeated in later requests, but not changed."""
+        for key, now in (("InitiatorName", self.initiator), ("TargetName", self.target_name)):
+            raw = raw_value(text, key.encode())
+            if raw is not None and checked_name(raw, key) != now:
+                raise LoginFailed(INITIATOR_ERROR, f"{key} changed during the login")
+        if keys.get("SessionType", self.session_type) != self.session_type:
+            raise LoginFailed(INITIATOR_ERROR, "SessionType changed during the login")
 
     def _security(self, keys: dict, out: list) -> bool:
         """Run the security exchange; True once the initiator is authenticated."""

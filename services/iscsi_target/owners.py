@@ -25,7 +25,9 @@ from __future__ import annotations
 import hashlib
 import struct
 
-from services.iscsi_target.pdu import BHS_LEN, F_CONTINUE, OP_LOGIN_REQ, decode_text
+from services.iscsi_target import names
+from services.iscsi_target.login import raw_value
+from services.iscsi_target.pdu import BHS_LEN, F_CONTINUE, OP_LOGIN_REQ
 
 MAX_HOPS = 2  # a hand-over may be forwarded to the lock's holder this many times (a race), then served here
 _DSL = struct.Struct(">I")
@@ -51,22 +53,24 @@ def first_pdu_length(bhs) -> int:
 
 
 def login_target(pdu) -> str | None:
-    """The TargetName (lower-cased, as the registry keys it) a first Login Request asks for; None for a
-    discovery session, a login without one, text continued in a later PDU, or anything malformed."""
+    """The TargetName (in the canonical form the registry keys it by) a first Login Request asks for; None
+    for a discovery session, a login without one or with an invalid one, text continued in a later PDU, or
+    anything malformed (any process answers, and refuses, those)."""
     pdu = bytes(pdu)
     if len(pdu) < BHS_LEN or pdu[0] & 0x3F != OP_LOGIN_REQ or pdu[1] & F_CONTINUE:
         return None
     ahs = pdu[4] * 4
     dsl = _DSL.unpack_from(pdu, 4)[0] & 0xFFFFFF
     data = pdu[BHS_LEN + ahs: BHS_LEN + ahs + dsl]
+    if raw_value(data, b"SessionType") not in (None, b"Normal"):
+        return None
+    raw = raw_value(data, b"TargetName")
+    if not raw:
+        return None
     try:
-        keys = dict(decode_text(data))
-    except (ValueError, UnicodeDecodeError):
+        return names.canonical(raw)
+    except names.NameError_:
         return None
-    if keys.get("SessionType", "Normal") != "Normal":
-        return None
-    name = keys.get("TargetName")
-    return name.lower() if name else None
 
 
 def plan(name: str, me: int, instances: int, holder: int | None, handed: bool, hops: int) -> list[int]:

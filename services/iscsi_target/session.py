@@ -54,6 +54,7 @@ class Session:
     session_type: str  # Normal | Discovery
     ip: str
     tsih: int = 0
+    cid: int = 0  # its one connection's CID (MaxConnections 1)
     exp_cmdsn: int = 0
     window: int = 32
     handle: object = None  # the connection's owner: .abort(reason) closes it from another thread

@@ -225,3 +225,118 @@ def test_nonzero_tsih_for_unknown_session_fails():
     ini.tsih = 77
     rsp = ini.login()
     assert status(rsp) == L.SESSION_DOES_NOT_EXIST
+
+
+# ---------------------------------------------------------------- strict where RFC 7143 is strict (issue 12)
+def raw_login(ini, data: bytes, csg=1, nsg=3, transit=True, cont=False, vmax=0, vmin=0, cid=0, isid=None):
+    flags = (0x80 if transit else 0) | (0x40 if cont else 0) | (csg << 2) | (nsg if transit else 0)
+    isid = ini.isid if isid is None else isid
+    return P.encode_request(P.OP_LOGIN_REQ, immediate=True, flags=flags, b2=vmax, b3=vmin,
+                            lun=(isid << 16) | ini.tsih, itt=ini.next_itt(),
+                            words=(cid << 16, ini.cmdsn, ini.statsn, 0, 0, 0, 0), data=data)
+
+
+def first_keys(initiator=INITIATOR.encode(), target=TARGET.encode()) -> bytes:
+    return b"InitiatorName=" + initiator + b"\0TargetName=" + target + b"\0"
+
+
+def one(ini, raw):
+    (rsp,) = ini.send(raw)
+    return status(rsp)
+
+
+def fresh():
+    return Initiator(AccessPolicy(AuthConfig()))
+
+
+@pytest.mark.parametrize("name", [
+    b"iqn.2026-11.org.test:\xff\xfe",          # not UTF-8
+    b"iqn.2026-11.org.test:a b",                # space
+    b"iqn.2026-11.org.test:a_b",                # '_' is not in RFC 3722's ASCII set
+    b"iqn.2026-11.org.test:a\x01",              # control
+    "iqn.2026-11.org.test:\ue000".encode(),     # private use (C.3)
+    b"iqn.2026-11.org.test:" + b"a" * 210,      # 231 bytes > 223
+    b"iqn.26-11.org.test:a",                    # not iqn.yyyy-mm.
+    b"eui.0123",                                # eui. needs 16 hex digits
+    b"naa.0123456789abcdefg",                   # naa. 16 or 32 hex digits
+    b"host1",                                   # no type prefix
+])
+def test_invalid_initiator_or_target_name_is_refused_0207(name):
+    assert one(fresh(), raw_login(fresh(), first_keys(initiator=name))) == L.MISSING_PARAMETER
+    assert one(fresh(), raw_login(fresh(), first_keys(target=name))) == L.MISSING_PARAMETER
+
+
+def test_names_are_prepared_before_they_are_compared():
+    # RFC 3722 maps upper case (and NFKC-normalizes): the same initiator and target, still admitted by the ACL
+    policy = AccessPolicy(AuthConfig(), acls=[INITIATOR])
+    ini = Initiator(policy)
+    assert one(ini, raw_login(ini, first_keys(INITIATOR.upper().encode(), TARGET.upper().encode()))) == 0
+    assert ini.conn.session.initiator == INITIATOR
+
+
+def test_empty_names_are_missing():
+    assert one(fresh(), raw_login(fresh(), b"InitiatorName=\0TargetName=" + TARGET.encode() + b"\0")) == 0x0207
+    assert one(fresh(), raw_login(fresh(), b"InitiatorName=" + INITIATOR.encode() + b"\0TargetName=\0")) == 0x0207
+
+
+def test_versions():
+    assert one(fresh(), raw_login(fresh(), first_keys(), vmin=1, vmax=1)) == L.UNSUPPORTED_VERSION
+    assert one(fresh(), raw_login(fresh(), first_keys(), vmax=3)) == 0  # max above ours: version 0 it is
+    ini = fresh()
+    assert one(ini, raw_login(ini, first_keys() + b"AuthMethod=None\0", csg=0, nsg=1, vmax=2)) == 0
+    assert one(ini, raw_login(ini, b"", csg=1, nsg=3, vmax=1)) == L.INITIATOR_ERROR  # changed mid-login
+
+
+def test_stage_rules():
+    assert one(fresh(), raw_login(fresh(), first_keys(), csg=3, transit=False)) == L.INITIATOR_ERROR  # CSG 3
+    assert one(fresh(), raw_login(fresh(), first_keys(), csg=2, transit=False)) == L.INITIATOR_ERROR  # CSG 2
+    assert one(fresh(), raw_login(fresh(), first_keys(), csg=0, nsg=2)) == L.INITIATOR_ERROR  # NSG 2
+    assert one(fresh(), raw_login(fresh(), first_keys(), csg=0, nsg=0)) == L.INITIATOR_ERROR  # not forward
+    assert one(fresh(), raw_login(fresh(), first_keys(), transit=True, cont=True)) == L.INITIATOR_ERROR  # T+C
+    # Leaving the security stage needs the target's T=1 for it: here it answered T=0 (no transit asked).
+    ini = fresh()
+    assert one(ini, raw_login(ini, first_keys() + b"AuthMethod=None\0", csg=0, transit=False)) == 0
+    assert one(ini, raw_login(ini, b"", csg=1, nsg=3)) == L.INITIATOR_ERROR
+    # ... and with it, the operational stage follows.
+    ini = fresh()
+    assert one(ini, raw_login(ini, first_keys() + b"AuthMethod=None\0", csg=0, nsg=1)) == 0
+    assert one(ini, raw_login(ini, b"", csg=1, nsg=3)) == 0 and ini.conn.state == "full"
+
+
+def test_identity_may_not_change_during_the_login():
+    ini = fresh()
+    assert one(ini, raw_login(ini, first_keys() + b"AuthMethod=None\0", csg=0, nsg=1)) == 0
+    assert one(ini, raw_login(ini, b"InitiatorName=iqn.2026-11.org.test:someone-else\0", csg=1)) == 0x0200
+    ini = fresh()
+    assert one(ini, raw_login(ini, first_keys() + b"AuthMethod=None\0", csg=0, nsg=1)) == 0
+    assert one(ini, raw_login(ini, first_keys(), csg=1)) == 0  # repeated unchanged: fine
+    ini = fresh()
+    assert one(ini, raw_login(ini, first_keys() + b"AuthMethod=None\0", csg=0, nsg=1)) == 0
+    assert one(ini, raw_login(ini, b"", csg=1, cid=5)) == L.INITIATOR_ERROR  # CID changed
+
+
+def test_reserved_isid_type_is_refused():
+    assert one(fresh(), raw_login(fresh(), first_keys(), isid=0xC00000000001)) == L.INITIATOR_ERROR
+    for isid in (0x000000000001, 0x400000000001, 0x800000000001):  # OUI, EN, random
+        assert one(fresh(), raw_login(fresh(), first_keys(), isid=isid)) == 0
+
+
+def test_tsih_rules():
+    from services.iscsi_target.session import SessionTable
+
+    table = SessionTable()
+    first = Initiator(AccessPolicy(AuthConfig()), sessions=table)
+    assert one(first, raw_login(first, first_keys(), cid=1)) == 0
+    tsih = first.conn.session.tsih
+
+    def attempt(isid=first.isid, cid=1, tsih=tsih, initiator=INITIATOR.encode()):
+        ini = Initiator(AccessPolicy(AuthConfig()), sessions=table, scsi=first.registry.entries[TARGET].scsi)
+        ini.tsih = tsih
+        return one(ini, raw_login(ini, first_keys(initiator=initiator), cid=cid, isid=isid)), ini
+
+    assert attempt(tsih=tsih + 1)[0] == L.SESSION_DOES_NOT_EXIST  # no such session
+    assert attempt(isid=first.isid + 1)[0] == L.SESSION_DOES_NOT_EXIST  # a TSIH of another ISID
+    assert attempt(initiator=b"iqn.2026-11.org.test:other")[0] == L.SESSION_DOES_NOT_EXIST
+    assert attempt(cid=2)[0] == L.TOO_MANY_CONNECTIONS  # a second connection: MaxConnections 1
+    code, again = attempt()  # the same CID: connection reinstatement, the session goes on
+    assert code == 0 and again.conn.session.tsih == tsih and len(table) == 1

@@ -125,8 +125,11 @@ iscsi:
     # The kernel spreads connections over the two listeners by a hash of the addresses: log in until the
     # non-owner has accepted one and handed it over (2 ** -40 odds that 40 logins all land on the owner).
     support.wait_for(one_login, timeout=30, interval=0.0, what="a login accepted by the non-owner")
-    served = ["iscsi.login ip=127.0.0.1" in log.read_text() for log in logs]
-    assert served.count(True) == 1, served  # every login was answered by the owner alone
+    def served():
+        return ["iscsi.login ip=127.0.0.1" in log.read_text() for log in logs]
+
+    support.wait_for(lambda: any(served()), what="the logins in the owner's log")
+    assert served().count(True) == 1, served()  # every login was answered by the owner alone
 
 
 def test_session_reinstatement_closes_the_old_connection(tmp_path):
