@@ -6,7 +6,9 @@ revision is turned into the typed model and applied in the asyncio loop, cached 
 (`service.applied` event and the revision in every heartbeat). A revision that changes none of the service's
 `sections` is not passed to its `apply` but is reported applied all the same. A revision that fails to apply
 is reported and the previous one stays; its reason (`shared/failures.py`: a sentence, not a repr) rides in
-every heartbeat as `failed: {revision, reason}` until a revision applies, so `bootfleet status` shows it.
+every heartbeat as `failed: {revision, reason}` until a revision applies, so `bootfleet status` shows it. A
+revision that applied but cannot be served in full (`BaseService.problems()`: a DHCP interface whose socket
+is refused, retried each second) is reported the same way while it lasts.
 """
 
 from __future__ import annotations
@@ -84,7 +86,18 @@ class ManagedRuntime:
 
     def _beat_info(self) -> dict[str, Any]:
         counters = self.service.counters() if self.service else {}
-        return {"revision": self.revision, "counters": counters, "controller": self.client.present, "failed": self.failed}
+        return {"revision": self.revision, "counters": counters, "controller": self.client.present, "failed": self._failure()}
+
+    def _failure(self) -> dict[str, Any] | None:
+        """The last revision that failed to apply; else what keeps the applied one from serving (problems())."""
+        if self.failed or self.service is None:
+            return self.failed
+        try:
+            problems = self.service.problems()
+        except Exception:
+            log.exception("problems() failed")
+            return None
+        return {"revision": self.revision, "reason": "; ".join(problems)} if problems else None
 
     # Callbacks from the bus thread: hand over to the asyncio loop.
     def _on_snapshot(self, store: dict[str, Any]) -> None:

@@ -82,6 +82,12 @@ class BaseService:
         """Key counters shown by `bootfleet status` (requests, bytes, sessions...)."""
         return {}
 
+    def problems(self) -> list[str]:
+        """What keeps this process from serving its applied configuration right now, one sentence each
+        (a socket it cannot open and keeps retrying). Heartbeats carry them as `failed` until the list is
+        empty again, so `bootfleet status` and `make up` say them. Called from the heartbeat thread."""
+        return []
+
     async def command(self, name: str, args: dict[str, Any]) -> None:
         """An operation the controller asks of this service (e.g. the DHCP service's `lease-release`).
         Runs at most once per request in each process; report the outcome with an event."""

@@ -71,6 +71,7 @@ class DhcpIoLoop:
         self.unicast = "arp"
         self._bad_requests = LogLimiter(log, "messages about bad requests")
         self._open_failed: set = set()  # what is said once until it recovers (missing interface, address)
+        self.trouble: dict = {}  # interface (or ("pxe", interface)) -> why its socket is refused, for heartbeats
         self._next_sweep = time.monotonic() + GC_SWEEP
         self._dest_cache: dict[tuple[int, int], tuple[str, int]] = {}
 
@@ -114,6 +115,9 @@ class DhcpIoLoop:
         """Open the configured interfaces that are not open yet, close those no longer configured."""
         self.unicast = config.dhcp.unicast
         wanted = {i.name: i for i in config.dhcp.interfaces}
+        proxy_on = self.core.mode == "proxy"
+        self.trouble = {k: v for k, v in self.trouble.items()
+                        if (k in wanted) or (isinstance(k, tuple) and k[1] in wanted and proxy_on)}
         for name in list(self.sockets):
             if name not in wanted:
                 sock = self.sockets.pop(name)
@@ -129,7 +133,9 @@ class DhcpIoLoop:
                     if name not in self._open_failed:  # retried each second; said once
                         self.log.error("interface %s: cannot serve DHCP (retrying): %s", name, exc)
                         self._open_failed.add(name)
+                    self.trouble[name] = str(exc)
                     continue
+                self.trouble.pop(name, None)
                 if name in self._open_failed:
                     self._open_failed.discard(name)
                     self.log.warning("interface %s: serving DHCP now", name)
@@ -152,7 +158,9 @@ class DhcpIoLoop:
                     if ("pxe", name) not in self._open_failed:
                         self.log.error("interface %s: cannot serve ProxyDHCP on port %d (retrying): %s", name, PXE_PORT, exc)
                         self._open_failed.add(("pxe", name))
+                    self.trouble[("pxe", name)] = str(exc)
                     continue
+                self.trouble.pop(("pxe", name), None)
                 self._open_failed.discard(("pxe", name))
                 self.pxe_sockets[name] = sock
                 self.fd_map[sock.fileno()] = ("pxe", name)

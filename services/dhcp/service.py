@@ -88,6 +88,10 @@ class DhcpService(BaseService):
                    commits=store.commits if store else 0, router_advertisements=loop.ras_sent if loop else 0)
         return out
 
+    def problems(self) -> list[str]:
+        """Interfaces whose socket is refused (retried each second): `cannot listen on 0.0.0.0:67 on eth1: ...`."""
+        return list(dict(self.loop.trouble).values()) if self.loop else []  # dict(): one copy under the GIL
+
     # -- commands --------------------------------------------------------------------------------------------
 
     async def command(self, name: str, args: dict) -> None:
