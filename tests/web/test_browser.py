@@ -145,3 +145,21 @@ def test_dashboard_in_a_real_browser(procs, tmp_path, browser, artifacts):
     browser.find_element(By.ID, "confirm-ok").click()
     wait.until(lambda d: "client-reset" in d.find_element(By.ID, "flash").text and "…" not in d.find_element(By.ID, "flash").text)
     assert "error" in browser.find_element(By.ID, "flash").get_attribute("class")
+
+    # an image: created and assigned over the API; the images page lists it with its PC, the fleet its columns
+    auth = {"Authorization": f"Bearer {stack.token}"}
+    assert stack.post("/api/image-create", {"name": "lab", "size": "1M"}, auth)[1]["result"] == 0
+    assert stack.post("/api/client-assign", {"mac": MAC, "image": "lab", "mode": "persistent"}, auth)[1]["result"] == 0
+    browser.get(stack.url + "/images")
+    assert "1 (current)" in wait.until(EC.presence_of_element_located((By.CSS_SELECTOR, "table.versions"))).text
+    browser.find_element(By.CSS_SELECTOR, 'button[data-command="image-publish"]').click()
+    wait.until(EC.visibility_of_element_located((By.ID, "confirm")))
+    browser.find_element(By.ID, "confirm-ok").click()
+    wait.until(lambda d: "publish" in d.find_element(By.ID, "flash").text and "…" not in d.find_element(By.ID, "flash").text)
+    shot(browser, artifacts, "images-lab")
+    browser.get(stack.url + "/")
+    row = wait.until(EC.presence_of_element_located((By.CSS_SELECTOR, f'#fleet tr[data-mac="{MAC}"]')))
+    cells = [td.text for td in row.find_elements(By.TAG_NAME, "td")]
+    cli = next(c for c in stack.cli_json("clients")["clients"] if c["mac"] == MAC)
+    assert (cells[4], cells[6]) == (cli["image"], cli["mode"]) == ("lab", "persistent"), cells
+    shot(browser, artifacts, "fleet-lab")

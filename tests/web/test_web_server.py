@@ -158,3 +158,23 @@ def test_tls_when_a_certificate_is_configured(stack, tmp_path):
         assert "Secure" in exc.value.headers["Set-Cookie"]
     finally:
         web.stop()
+
+
+def test_images_page_and_fleet_columns_from_the_image_commands(stack):
+    auth = {"Authorization": f"Bearer {stack.token}"}
+    status, answer = stack.post("/api/image-create", {"name": "lab", "size": "1M"}, auth)
+    assert status == 200 and answer["result"] == 0, answer
+    status, answer = stack.post("/api/client-assign", {"mac": MAC, "image": "lab", "mode": "persistent"}, auth)
+    assert status == 200 and answer["result"] == 0, answer
+    cli_row = next(c for c in stack.cli_json("clients")["clients"] if c["mac"] == MAC)
+    assert (cli_row["image"], cli_row["mode"]) == ("lab", "persistent")
+    status, body = stack.get("/images")
+    assert status == 200 and b"<h2>lab</h2>" in body and b"1 (current)" in body and b'data-command="image-publish"' in body
+    status, body = stack.get("/")
+    row = body[body.index(f'data-mac="{MAC}"'.encode()):].split(b"</tr>")[0]
+    assert b">lab<" in row and b">persistent<" in row
+    # the controller's refusals come back as its own answers
+    status, answer = stack.post("/api/image-rollback", {"name": "lab", "version": 7}, auth)
+    assert status == 400 and answer["result"] == 1 and "7" in answer["text"]
+    status, body = stack.get("/metrics")
+    assert b'bootfleet_image_versions{image="lab"} 1.0' in body
