@@ -85,3 +85,18 @@ def test_waterfall_of_a_boot_still_under_way_and_of_none():
     # HTTP boot: no TFTP step, the script over HTTP
     http = [STEPS[0], STEPS[1], {"t": 0.8, "step": "HTTP file", "detail": "boot.ipxe"}, STEPS[4]]
     assert [p.name for p in waterfall.phases(http)] == ["DHCP", "TFTP/HTTP", "iSCSI login"]
+
+
+def test_the_hash_helper_prints_a_hash_the_config_takes(monkeypatch, capsys):
+    import io
+
+    from services.controller.web import auth
+
+    monkeypatch.setattr("sys.stdin", io.StringIO("a long passphrase\n"))
+    assert auth.main(["hash"]) == 0
+    encoded = capsys.readouterr().out.strip()
+    assert check_password("a long passphrase", encoded)
+    assert config_from_dict({"web": {"password_hash": encoded}}).web.password_hash == encoded
+    monkeypatch.setattr("sys.stdin", io.StringIO("short\n"))
+    assert auth.main(["hash"]) == 1
+    assert auth.main([]) == 2

@@ -10,6 +10,7 @@ import urllib.request
 
 import pytest
 
+from services.controller.web.auth import hash_password
 from services.controller.web.server import WebServer
 from shared.config.web import WebConfig
 from support import free_port, wait_for
@@ -87,7 +88,7 @@ def test_stream_pushes_new_events(stack):
 
 def test_other_addresses_need_a_login_for_every_request(stack, tmp_path):
     """As on a non-loopback address: reads too need the token (or a session); the login page and assets do not."""
-    web = WebServer(stack.state, WebConfig(port=free_port()))
+    web = WebServer(stack.state, WebConfig(port=free_port(), password_hash=hash_password("a long passphrase", iterations=1000)))
     web.open_reads = False
     web.start()
     try:
@@ -119,6 +120,12 @@ def test_other_addresses_need_a_login_for_every_request(stack, tmp_path):
         session = {"Cookie": cookie.split(";")[0]}
         status, body, _ = get("/", session)
         assert status == 200 and b"log out" in body
+        # the configured password logs in too, and works as a bearer secret
+        req = urllib.request.Request(base + "/login", data=b"secret=a+long+passphrase", method="POST")
+        with pytest.raises(urllib.error.HTTPError) as exc:
+            urllib.request.build_opener(NoRedirect).open(req, timeout=30)
+        assert exc.value.code == 303 and "bootfleet_session=" in exc.value.headers["Set-Cookie"]
+        assert get("/api/status-get", {"Authorization": "Bearer a long passphrase"})[0] == 200
         bad = urllib.request.Request(base + "/login", data=b"secret=wrong", method="POST")
         with pytest.raises(urllib.error.HTTPError) as exc:
             urllib.request.urlopen(bad, timeout=30)

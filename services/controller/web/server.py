@@ -339,4 +339,7 @@ def start(state_dir: Path, config: WebConfig) -> WebServer | None:
         log.error("web: cannot serve on %s:%d: %s (the dashboard and /metrics are off)", config.address, config.port, exc)
         return None
     log.info("web: dashboard at %s (actions need the token in %s)", server.url, Path(state_dir) / "web-token")
+    if not config.loopback and not config.tls:
+        log.warning("web: %s is not a loopback address and no web.certificate is set: the token or password "
+                    "crosses the network in clear", config.address)
     return server
