@@ -84,6 +84,11 @@ def test_stream_pushes_new_events(stack):
     stack.feeder.events(booted_pc()[:2])
     t.join(30)
     assert [e["type"] for e in got] == ["dhcp.discover", "dhcp.lease.granted"]
+    # a browser reconnecting with Last-Event-ID gets what it missed
+    req = urllib.request.Request(stack.url + "/events/stream", headers={"Last-Event-ID": str(got[0]["id"])})
+    with urllib.request.urlopen(req, timeout=30) as r:
+        line = next(line for line in r if line.startswith(b"data: "))
+    assert json.loads(line[6:])["id"] == got[1]["id"]
 
 
 def test_other_addresses_need_a_login_for_every_request(stack, tmp_path):

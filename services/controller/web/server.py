@@ -260,7 +260,9 @@ class _Handler(BaseHTTPRequestHandler):
         self.end_headers()
         self.close_connection = True
         newest = self.web.call("events-list", limit=1).get("arguments", {}).get("events") or []
-        after = int(params.get("after_id") or (newest[-1]["id"] if newest else 0))
+        # a browser that reconnects says where it stopped (Last-Event-ID): it misses nothing in between
+        resume = self.headers.get("Last-Event-ID") or params.get("after_id")
+        after = int(resume) if resume and resume.isdigit() else (newest[-1]["id"] if newest else 0)
         filters = {k: params[k] for k in ("type", "mac") if params.get(k)}
         push = True
         try:

@@ -122,9 +122,10 @@ async function refresh() {
   }
 }
 
+// At most one refresh per half second however fast events come (a debounce would starve under a steady flow).
 function refreshSoon() {
-  clearTimeout(refreshTimer);
-  refreshTimer = setTimeout(refresh, 300);
+  if (refreshTimer) return;
+  refreshTimer = setTimeout(() => { refreshTimer = null; refresh(); }, 500);
 }
 
 function live() {
