@@ -13,7 +13,10 @@ running?)`.
 from __future__ import annotations
 
 import errno
-import socket
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # no socket import at run time: sans-IO cores may use Failure
+    import socket
 
 
 class Failure(Exception):

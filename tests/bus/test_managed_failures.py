@@ -98,6 +98,10 @@ def test_the_bus_checks_the_failed_field():
 
 
 def test_reasons_are_sentences():
+    from services.iscsi_target.scsi.backstore import BackstoreError
+
+    assert reason(BackstoreError("images/demo.img: image does not exist and no size is given to create it")) == (
+        "images/demo.img: image does not exist and no size is given to create it")
     assert reason(FileNotFoundError(errno.ENOENT, "No such file or directory", "images/demo.img")) == "images/demo.img: no such file or directory"
     assert reason(ListenError(errno.EACCES, "cannot listen on 0.0.0.0:69: permission refused")) == "cannot listen on 0.0.0.0:69: permission refused"
     from shared.failures import listen_reason

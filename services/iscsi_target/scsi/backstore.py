@@ -21,6 +21,8 @@ import mmap
 import os
 import threading
 
+from shared.failures import Failure
+
 ZERO_CHUNK = 1 << 20
 POPULATE_LIMIT = 1 << 30  # prefault mappings up to this size; larger ones fault in as they are read
 _ZEROS = bytes(ZERO_CHUNK)
@@ -41,7 +43,7 @@ SEEK_DATA = getattr(os, "SEEK_DATA", 3)
 SEEK_HOLE = getattr(os, "SEEK_HOLE", 4)
 
 
-class BackstoreError(Exception):
+class BackstoreError(Failure):  # its message is the sentence `bootfleet status` shows (shared/failures.py)
     """The backing store cannot be opened or used as configured (the message names the path and why)."""
 
 
