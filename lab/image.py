@@ -35,6 +35,7 @@ PARTITION_START = 2048  # sectors: 1 MiB, the usual alignment
 SECTOR = 512
 TOKEN_SECTOR = 1024  # in the gap between the MBR and the partition: no filesystem owns it
 NONCE_SECTOR = 1025
+MARK_SECTOR = 1026  # the one-image lab's super PC writes a marker here (lab/golden.py)
 MARKER = "BOOTFLEET-MARKER"
 
 # Debian's cloud kernel: LZ4-compressed (the generic one is XZ, which takes ~4 s more to unpack under TCG) and
@@ -83,13 +84,37 @@ done
 [ -n "$disk" ] || fail "no disk appeared after the iSCSI login"
 token=$(dd if=/dev/$disk bs=512 skip=@TOKEN_SECTOR@ count=1 2>/dev/null | tr -dc 'A-Za-z0-9-' | head -c 64)
 echo "BOOTFLEET-TOKEN $token"
+# a sector's "BOOTFLEET-<WORD> <32 hex>" line, read past the page cache (what the target serves now)
+sector() { echo 3 >/proc/sys/vm/drop_caches; dd if=/dev/$disk bs=512 skip=$1 count=1 2>/dev/null | head -c 64 | tr -d '\000' | head -n 1 \
+    | sed -n "s/^BOOTFLEET-$2 \([0-9a-f]\{32\}\).*/\1/p"; }
+# PCs booting one image: the initiator name DHCP option 203 gave iPXE (iBFT) names the PC; what the disk held
+# before this boot wrote anything (a discard PC: nothing of its last boot; a persistent one: its last nonce),
+# and the marker a super PC wrote into a version published since
+initiator=$(cat /sys/firmware/ibft/initiator/initiator-name 2>/dev/null)
+echo "BOOTFLEET-INITIATOR ${initiator:-none}"
+prev=$(sector @NONCE_SECTOR@ NONCE)
+echo "BOOTFLEET-PREV ${prev:-none}"
+mark=$(sector @MARK_SECTOR@ MARK)
+echo "BOOTFLEET-SEEMARK ${mark:-none}"
 # /dev/urandom would wait ~1 s under TCG for the entropy jitter dance (crng not ready this early); the kernel's
 # random UUIDs do not wait, and a nonce needs no more than that
 nonce=$(cat /proc/sys/kernel/random/uuid /proc/sys/kernel/random/uuid | tr -d '\n-' | head -c 32)
 printf 'BOOTFLEET-NONCE %s\n' "$nonce" | dd of=/dev/$disk bs=512 seek=@NONCE_SECTOR@ count=1 conv=sync,fsync 2>/dev/null \
     || fail "write of the nonce to /dev/$disk"
 echo "BOOTFLEET-NONCE $nonce uptime=$(up)"
+back=$(sector @NONCE_SECTOR@ NONCE)
+echo "BOOTFLEET-READBACK ${back:-none}"
+case "$initiator" in
+    *:pc.super*)  # the super PC of the one-image lab writes a marker for the next version
+        printf 'BOOTFLEET-MARK %s\n' "$nonce" | dd of=/dev/$disk bs=512 seek=@MARK_SECTOR@ count=1 conv=sync,fsync 2>/dev/null \
+            || fail "write of the marker to /dev/$disk"
+        echo "BOOTFLEET-MARKED $nonce" ;;
+esac
 echo "BOOTFLEET-DONE"
+case "$initiator" in
+    *:pc.watch*)  # keeps running: what its disk shows at the marker's sector, every second, until stopped
+        while true; do m=$(sector @MARK_SECTOR@ MARK); echo "BOOTFLEET-WATCH ${m:-none} uptime=$(up)"; sleep 1; done ;;
+esac
 poweroff -f
 sleep 30
 """
@@ -290,6 +315,7 @@ def build_initramfs(busybox_root: Path, iscsi_root: Path, kernel_root: Path) -> 
     add("bin/busybox", busybox.read_bytes(), 0o755)
     cpio.symlink("bin/sh", "busybox")
     init = INIT.replace("@MARKER@", MARKER).replace("@TOKEN_SECTOR@", str(TOKEN_SECTOR))
+    init = init.replace("@MARK_SECTOR@", str(MARK_SECTOR))
     add("init", init.replace("@NONCE_SECTOR@", str(NONCE_SECTOR)).encode(), 0o755)
 
     iscsistart = next((p for p in (iscsi_root / "sbin/iscsistart", iscsi_root / "usr/sbin/iscsistart") if p.exists()), None)
