@@ -102,8 +102,8 @@ class Progress:
             unit = "bytes"
         frac = done / total if total else 0.0
         now = time.monotonic()
-        if now - self._sent_at < PROGRESS_EVERY and frac - self._sent < 0.01:
-            return
+        if frac < 1.0 and now - self._sent_at < PROGRESS_EVERY and frac - self._sent < 0.01:
+            return  # the end is always sent
         self._sent_at, self._sent = now, frac
         self.ctl.post(ev.OperationProgress(op=self.op, name=self.name, done=int(done), total=int(total), unit=unit))
 
@@ -204,7 +204,8 @@ def image_info(ctl, envelope, args):
              "versions": versions, "pcs": _pcs(ctl, name),
              "overlays": [o.__dict__ for o in info.overlays],
              "verified": VERIFIED.get(name)}
-    return ok(f"image {name}: version {info.current} of {', '.join(str(v.n) for v in info.versions)}", image=image)
+    return ok(f"image {name}: current version {info.current} (versions {', '.join(str(v.n) for v in info.versions)})",
+              image=image)
 
 
 VERIFIED: dict[str, dict[str, Any]] = {}  # image -> the last image-verify's results (image-info shows them)

@@ -151,8 +151,8 @@ class Controller:
                 self._take_events()
             if self.control in ready:
                 self._take_requests()
+            self._file_posted()  # first: a finished operation's last progress is filed before its end
             self._finish_pending()
-            self._file_posted()
             self.pcboot.flush()
             now = time.monotonic()
             if now >= next_beat:

@@ -48,8 +48,8 @@ class Harness:
             assert time.monotonic() < deadline, "the image lane did not finish"
             for _, future, _ in list(self.c.pending):
                 future.exception(timeout=max(0.0, deadline - time.monotonic()))
+            self.c._file_posted()  # as the loop: progress first, then the end
             self.c._finish_pending()
-        self.c._file_posted()
 
     def event(self, type, fields, dt=0.5, instance=0, service="x"):
         self.t += dt
@@ -183,7 +183,9 @@ def test_reset_publish_rollback_prune_verify(h):
     assert answer["result"] == SUCCESS and answer["arguments"]["op"] == "op-pub", answer
     [finished] = h.events("operation.finished")
     assert finished["fields"]["ok"] and finished["fields"]["op"] == "op-pub", finished
-    assert h.events("operation.progress"), "no progress events"
+    progress = h.events("operation.progress")
+    assert progress and progress[0]["fields"]["done"] == 0 and progress[-1]["id"] < finished["id"], progress
+    assert progress[-1]["fields"] == {"op": "op-pub", "name": "image-publish", "done": 100, "total": 100, "unit": "%"}
     [published] = h.events("image.version.published")
     assert published["fields"]["version"] == 2 and published["fields"]["pc"] == "teacher"
     info = h.call("image-info", name="win10")["arguments"]["image"]
