@@ -80,7 +80,7 @@ class VirtualPC:
             "-fw_cfg", f"name=etc/sercon-port,file={SERCON_PORT_FILE}",
             "-netdev", f"tap,id=n0,ifname={self.tap},script=no,downscript=no",
             "-device", f"{NIC_MODEL},disable-legacy=on,netdev=n0,mac={self.mac},romfile={NIC_ROM},bootindex=0",
-            "-boot", "n", "-name", self.name,
+            "-boot", "n", "-name", self.name, "-uuid", self.uuid,
         ]
         return ["ip", "netns", "exec", self.netns, *cmd] if self.netns else cmd
 
@@ -95,9 +95,14 @@ class VirtualPC:
             "-display", "none", "-vga", "none", "-monitor", "none", "-serial", "stdio", "-no-reboot",
             "-netdev", f"tap,id=n0,ifname={self.tap},script=no,downscript=no",
             "-device", f"{NIC_MODEL},netdev=n0,mac={self.mac},romfile=,bootindex=0",
-            "-name", self.name,
+            "-name", self.name, "-uuid", self.uuid,
         ]
         return ["ip", "netns", "exec", self.netns, *cmd] if self.netns else cmd
+
+    @property
+    def uuid(self) -> str:
+        """The PC's SMBIOS system UUID (QEMU -uuid), from its MAC: what DHCP option 97 reports."""
+        return f"5eb00f1e-0000-4000-8000-{self.mac.replace(':', '')}"
 
     def start(self) -> None:
         missing = check_tools() + (check_uefi_tools() if self.firmware == "uefi" else [])

@@ -354,7 +354,7 @@ class DhcpCore:
             o = msg.options
             self._events.append(ev.Discover(
                 mac=mac, client_class=cls.label, arch=cls.arch, uuid=identity.client_uuid(o), nic=identity.client_nic(o),
-                firmware=identity.firmware(cls.arch) if cls.kind == "pxe" else cls.kind,
+                firmware=identity.firmware(cls.arch),
             ))
         ip = self._choose(scope, msg, mac, now)
         if ip is None:

@@ -87,7 +87,7 @@ class Discover(Event):
     arch: int | None
     uuid: str | None = None  # option 97 (identity.py)
     nic: str | None = None  # option 94, e.g. undi-3.16
-    firmware: str | None = None  # bios, uefi, ipxe (from option 93, or 77/175 for iPXE)
+    firmware: str | None = None  # bios, uefi, uefi-http (from option 93; iPXE sends it too)
     mode: str = "server"  # dhcp.mode of the server that saw it
 
 

@@ -1,9 +1,10 @@
 """What a booting PC says about itself: options 97 (client machine UUID), 94 (network interface), 93 (arch).
 
 Sans-IO, bytes in, text out, for events and `bootfleet client MAC`:
-- 97 (RFC 4578 2.3, PXE spec): type 0 then 16 bytes. Shown as 8-4-4-4-12 hex of the bytes in the order they
-  came (the firmware's own order: SMBIOS 2.6+ stores the first three fields little-endian, and PXE ROMs and
-  iPXE copy those bytes as they are, so this is what another DHCP server's log of the same PC shows).
+- 97 (RFC 4578 2.3, PXE spec): type 0 then a 16-byte GUID, which firmware copies from SMBIOS as it is stored:
+  the first three fields little-endian (SMBIOS 2.6+, EFI's GUID layout). Shown in the usual text form, those
+  fields swapped back, so it reads as dmidecode, the firmware's setup screen and QEMU's `-uuid` write it
+  (measured in the lab: the iPXE ROM and OVMF both send `1e0fb05e-0000-0040-...` for `-uuid 5eb00f1e-0000-4000-...`).
 - 94 (RFC 4578 2.2): type 1 (UNDI) then major and minor: `undi-3.16`.
 A malformed option is left out (None), never an error: it is the client's to send wrong.
 """
@@ -20,8 +21,8 @@ def client_uuid(options: dict[int, bytes]) -> str | None:
     raw = options.get(CLIENT_UUID)
     if raw is None or len(raw) != 17 or raw[0] != 0:
         return None
-    h = raw[1:].hex()
-    return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
+    g = raw[1:]
+    return f"{g[3::-1].hex()}-{g[5:3:-1].hex()}-{g[7:5:-1].hex()}-{g[8:10].hex()}-{g[10:].hex()}"
 
 
 def client_nic(options: dict[int, bytes]) -> str | None:

@@ -178,7 +178,7 @@ class ProxyCore:
         o = msg.options
         client = self._client(msg, mac, now, cls.arch)
         uuid, nic = client.uuid, identity.client_nic(o)
-        fw = identity.firmware(cls.arch) if cls.kind == "pxe" else "ipxe"
+        fw = identity.firmware(cls.arch)  # iPXE sends 93 too: bios or uefi, whichever stage asks
         self._events.append(ev.Discover(mac=mac, client_class=cls.label, arch=cls.arch, uuid=uuid, nic=nic,
                                         firmware=fw, mode="proxy"))
         if self._turned_away(mac):

@@ -52,7 +52,7 @@ def test_client_assign_refuses_what_the_config_refuses_and_changes_nothing(contr
 def test_proxy_boot_timeline_maps_the_address_from_the_site_server(controller):
     clients = controller.fleet.clients
     events = [
-        ("dhcp.discover", {"mac": MAC, "client_class": "ipxe", "arch": 0, "firmware": "ipxe", "mode": "proxy"}),
+        ("dhcp.discover", {"mac": MAC, "client_class": "ipxe", "arch": 0, "firmware": "bios", "mode": "proxy"}),
         ("dhcp.proxy.offered", {"mac": MAC, "client_class": "ipxe", "bootfile": "boot.ipxe-52-54-00-00-00-42",
                                 "root_path": None, "confirm_on_4011": False}),
         ("dhcp.proxy.address", {"mac": MAC, "ip": "10.77.0.150"}),

@@ -389,7 +389,7 @@ def test_boot_unknown_ignore_is_known_clients_only_on_every_scope():
     uuid = bytes(range(16))
     assert send(server, pk.DISCOVER, mac_of(1), options={93: b"\0\x07", 97: b"\0" + uuid})[0] is None
     assert events(server, "dhcp.unknown_client") == [{"mac": "02:00:00:00:00:01", "scope": "lan", "firmware": "uefi",
-                                                      "uuid": "00010203-0405-0607-0809-0a0b0c0d0e0f"}]
+                                                      "uuid": "03020100-0504-0706-0809-0a0b0c0d0e0f"}]
     assert send(server, pk.DISCOVER, bytes.fromhex("0200000000bb"))[1] is not None  # clients[]
 
 
@@ -397,7 +397,7 @@ def test_discover_event_carries_uuid_nic_and_firmware(srv):
     send(srv, pk.DISCOVER, mac_of(1), options={93: b"\0\0", 94: b"\x01\x02\x01", 97: b"\0" + bytes(range(16)),
                                                   60: b"PXEClient:Arch:00000:UNDI:002001"})
     (d,) = events(srv, "dhcp.discover")
-    assert d["uuid"] == "00010203-0405-0607-0809-0a0b0c0d0e0f" and d["nic"] == "undi-2.1" and d["firmware"] == "bios"
+    assert d["uuid"] == "03020100-0504-0706-0809-0a0b0c0d0e0f" and d["nic"] == "undi-2.1" and d["firmware"] == "bios"
     assert d["mode"] == "server"
 
 

@@ -160,11 +160,11 @@ def test_discover_event_carries_identity_and_the_pc_is_remembered_by_mac(proxy):
     got = proxy.take_events()
     (d,) = [e.fields() for e in got if e.type == "dhcp.discover"]
     assert d == {"mac": "02:00:00:00:00:08", "client_class": "pxe-bios", "arch": 0, "mode": "proxy",
-                 "uuid": "00112233-4455-6677-8899-aabbccddeeff", "nic": "undi-2.1", "firmware": "bios"}
+                 "uuid": "33221100-5544-7766-8899-aabbccddeeff", "nic": "undi-2.1", "firmware": "bios"}
     (o,) = [e.fields() for e in got if e.type == "dhcp.proxy.offered"]
     assert o["bootfile"] == "undionly.kpxe" and o["confirm_on_4011"] is False
     row = proxy.clients["02:00:00:00:00:08"]
-    assert row.uuid == "00112233-4455-6677-8899-aabbccddeeff" and row.arch == 0
+    assert row.uuid == "33221100-5544-7766-8899-aabbccddeeff" and row.arch == 0
     assert proxy.expire(2000.0) == 0 and proxy.release("02:00:00:00:00:08", 2000.0) == []
 
 

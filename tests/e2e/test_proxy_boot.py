@@ -11,6 +11,7 @@ import json
 import pytest
 
 from lab.netns import SITE_IP
+from lab.qemu import VirtualPC
 from lab.scenario import BootfleetLab
 
 pytestmark = [pytest.mark.integration, pytest.mark.netns]
@@ -20,6 +21,10 @@ pytestmark = [pytest.mark.integration, pytest.mark.netns]
 DHCP_BUDGET_S = 1.5
 PROXY_STEPS = ["DHCP discover", "ProxyDHCP offer", "DHCP address (site server)", "TFTP file",
                "iSCSI login (firmware)", "first READ", "iSCSI login (OS)"]
+
+
+def pc_uuid(mac: str) -> str:
+    return VirtualPC("x", mac, "tap").uuid
 
 
 def _explain(results, lab) -> str:
@@ -53,7 +58,8 @@ def test_bios_ipxe_pc_boots_beside_the_sites_dhcp_server(workdir, boot_disk):
         clients = {c["mac"]: c for c in bl.stack.cli_json("clients")["clients"]}
         assert clients[r.mac]["ip"] == pc_ip and r.iqn in (clients[r.mac].get("target") or ""), clients
         answer = bl.stack.cli_json("client", r.mac)
-        assert answer["client"]["firmware"] == "ipxe", answer["client"]
+        assert answer["client"]["firmware"] == "bios", answer["client"]
+        assert answer["client"]["uuid"] == pc_uuid(r.mac), answer["client"]  # option 97 = QEMU's -uuid
         steps = [s["step"] for s in answer["timeline"]]
         for step in PROXY_STEPS:
             assert step in steps, f"timeline has {steps}, no {step!r}"
@@ -76,8 +82,9 @@ def test_uefi_pc_boots_with_the_firmwares_own_pxe_beside_the_sites_dhcp_server(w
         answer = bl.stack.cli_json("client", r.mac)
         steps = [s["step"] for s in answer["timeline"]]
         assert "ProxyDHCP ack (port 4011)" in steps, steps  # the firmware confirmed with the proxy
-        assert answer["client"]["firmware"] in ("uefi", "ipxe"), answer["client"]
+        assert answer["client"]["firmware"] == "uefi", answer["client"]
         assert answer["client"]["arch"] == 7, answer["client"]
+        assert answer["client"]["uuid"] == pc_uuid(r.mac), answer["client"]
         # shown with -s: where a UEFI boot's time goes (docs/lab.md)
         print("\n".join(f"[{line.t:6.2f}] {line.text}" for line in r.console))
         print("\n".join(f"{s['t']:8.3f} {s['step']} {s['detail']}" for s in answer["timeline"]))
