@@ -7,6 +7,7 @@ names it (`iscsi:<server>::::1:<iqn>` has the LUN in the fourth field).
 
 from __future__ import annotations
 
+import json
 import os
 import random
 import shutil
@@ -130,9 +131,11 @@ class SiteDhcp:
     namespace, SITE_IP), addresses only: a range, no boot options, no TFTP, no PXE (dnsmasq's PXE code is off
     unless pxe-service or a proxy range is configured), so every boot answer comes from Bootfleet's proxy."""
 
-    def __init__(self, lab: Lab, workdir: Path, ping: bool = False):
-        if shutil.which("dnsmasq") is None:
-            raise LabError("cannot start the site's DHCP server; missing: dnsmasq (Debian package dnsmasq-base)")
+    def __init__(self, lab: Lab, workdir: Path, ping: bool = False, server: str = "dnsmasq"):
+        self.server = server  # dnsmasq, or kea (ISC Kea's kea-dhcp4: a second server we did not write)
+        tool, package = ("kea-dhcp4", "kea-dhcp4-server") if server == "kea" else ("dnsmasq", "dnsmasq-base")
+        if shutil.which(tool) is None:
+            raise LabError(f"cannot start the site's DHCP server; missing: {tool} (Debian package {package})")
         # dnsmasq pings an address before it first offers it and stays silent meanwhile: the PC's first offer
         # then comes with its third DISCOVER, ~3 s after the first (measured here: iPXE "Configuring" 3.05 s
         # with the ping, against this proxy adding nothing). Off by default, so lab times measure the boot
@@ -144,6 +147,8 @@ class SiteDhcp:
 
     def start(self) -> None:
         self.ns = self.lab.add_host("site", SITE_IP)
+        if self.server == "kea":
+            return self._start_kea()
         args = [
             "dnsmasq", "-d", "--conf-file=/dev/null", "--interface=eth0", "--bind-interfaces", "--port=0",
             "--user=root", "--group=root", "--pid-file=", f"--dhcp-leasefile={self.workdir / 'site.leases'}",
@@ -158,8 +163,34 @@ class SiteDhcp:
                 raise LabError(f"the site's dnsmasq did not start: {self.log.read_text()[-800:]}")
             time.sleep(0.05)
 
+    def _start_kea(self) -> None:
+        """kea-dhcp4 with a subnet and a pool, nothing else (no option data, no client classes)."""
+        conf = {"Dhcp4": {
+            "interfaces-config": {"interfaces": ["eth0"]},
+            "lease-database": {"type": "memfile", "persist": True, "name": str(self.workdir / "site-kea.csv"),
+                               "lfc-interval": 0},
+            "valid-lifetime": 3600,
+            "subnet4": [{"id": 1, "subnet": "10.77.0.0/24", "pools": [{"pool": "10.77.0.100 - 10.77.0.199"}]}],
+            "loggers": [{"name": "kea-dhcp4", "severity": "INFO", "output_options": [{"output": str(self.log)}]}],
+        }}
+        path = self.workdir / "site-kea.json"
+        path.write_text(json.dumps(conf))
+        env = dict(os.environ, KEA_LOCKFILE_DIR=str(self.workdir), KEA_PIDFILE_DIR=str(self.workdir))
+        self.proc = self.lab.popen(["kea-dhcp4", "-c", str(path)], log=self.workdir / "site-kea.stdout", env=env,
+                                   ns=self.ns)
+        deadline = time.monotonic() + 10
+        while "DHCP4_STARTED" not in (self.log.read_text() if self.log.exists() else ""):
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                out = (self.workdir / "site-kea.stdout").read_text(errors="replace")[-800:]
+                raise LabError(f"the site's kea-dhcp4 did not start: {out}")
+            time.sleep(0.05)
+
     def leases(self) -> dict[str, str]:
-        """mac -> address, from dnsmasq's lease file."""
+        """mac -> address, from the server's lease file."""
+        if self.server == "kea":
+            path = self.workdir / "site-kea.csv"
+            rows = [line.split(",") for line in (path.read_text().splitlines()[1:] if path.exists() else [])]
+            return {r[1].lower(): r[0] for r in rows if len(r) > 1}
         path = self.workdir / "site.leases"
         out = {}
         for line in (path.read_text().splitlines() if path.exists() else []):

@@ -182,17 +182,18 @@ class BootfleetLab(_LabRun):
     """The PCs boot through Bootfleet (supervisord, controller, DHCP, TFTP, iSCSI) in the namespace."""
 
     def __init__(self, workdir: Path, pcs: int = 1, ipv6_ra: bool = True, proxy: bool = False, site_ping: bool = False,
-                 **kwargs):
+                 site_server: str = "dnsmasq", **kwargs):
         super().__init__(workdir, pcs, **kwargs)
         self.ipv6_ra = ipv6_ra
         self.proxy = proxy  # beside the site's own DHCP server (dnsmasq, addresses only), in dhcp.mode: proxy
         self.site_ping = site_ping  # the site's dnsmasq with its ping-before-offer check (off by default)
+        self.site_server = site_server  # the site's DHCP server: dnsmasq or kea
         self.site: SiteDhcp | None = None
         self.stack: BootfleetStack | None = None
 
     def start_servers(self) -> None:
         if self.proxy:
-            self.site = SiteDhcp(self.lab, self.workdir, ping=self.site_ping)
+            self.site = SiteDhcp(self.lab, self.workdir, ping=self.site_ping, server=self.site_server)
             self.site.start()
         clients = [LabClient(r.name, r.mac, r.iqn, img) for r, img in zip(self.results, self.images)]
         if "uefi" in self.firmware:  # the firmware's PXE loads iPXE first: Debian's ipxe package has it
