@@ -94,4 +94,5 @@ def test_pcs_boot_one_image_with_overlays_and_a_published_version(workdir, boot_
         info = gl.stack.cli_json("image", "info", "lab")["image"]
         assert info["versions"][0]["digest"] == v1_digest and info["current"] == 2
         assert info["verified"]["ok"], info["verified"]
-    print(f"one-image lab: {time.monotonic() - started:.0f} s")
+    markers = ", ".join(f"{b.name} {b.marker_s:.1f}" for b in [*boots.values(), *again.values()])
+    print(f"one-image lab: {time.monotonic() - started:.0f} s; marker s after power-on: {markers}")
