@@ -277,3 +277,22 @@ def test_import_and_export_through_qemu_img(h, tmp_path):
 
 def test_no_images_is_empty(h):
     assert h.call("image-list")["result"] == EMPTY
+
+
+def test_a_change_for_a_logged_in_pc_waits_for_its_next_power_on(h):
+    h.call("image-create", name="win10", size="1M")
+    h.call("client-assign", mac=A, image="win10", name="pc-a", mode="persistent")
+    h.discover(A, dt=BOOT_GAP + 1)
+    h.login(A, 1)
+    key = h.key(A)
+    answer = h.call("client-assign", mac=A, mode="discard")
+    assert answer["result"] == SUCCESS and "next power-on" in answer["text"], answer
+    assert h.key(A) == key  # its disk is not switched under its session
+    h.discover(A)  # it reboots
+    assert h.key(A) == {**key, "mode": "discard", "boot": key["boot"] + 1}
+    # off: a revision changes its key at once; off the image: no key
+    h.logout(A, 1)
+    h.call("config-set", path="clients[0].mode", value="readonly")
+    assert h.key(A)["mode"] == "readonly" and h.key(A)["boot"] == key["boot"] + 2
+    h.call("config-set", path="clients", value=[])
+    assert h.key(A) is None
