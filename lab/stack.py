@@ -42,13 +42,17 @@ class LabConfig:
     ipv6_ra: bool = True  # end iPXE's IPv6 wait at once (dhcp.interfaces[].ipv6_ra); the bench turns it off to compare
     log_level: str = "info"
     dhcp_mode: str = "server"  # proxy: ProxyDHCP beside the site's own DHCP server (lab/reference.SiteDhcp)
+    unknown: str = "default"  # boot.unknown: what a PC in no clients[] entry gets
+    unassigned: tuple[str, ...] = ()  # names of PCs left out of clients[] (their targets still exist): `new` PCs
 
     def document(self) -> dict:
         doc = {
             "version": 1,
             "logging": {"level": self.log_level},
-            "boot": {"server": SERVER_IP, "default_target": self.clients[0].iqn, "keep_san": True},
-            "clients": [{"mac": c.mac, "name": c.name, "target": c.iqn, "lun": 0} for c in self.clients],
+            "boot": {"server": SERVER_IP, "default_target": self.clients[0].iqn, "keep_san": True,
+                     "unknown": self.unknown},
+            "clients": [{"mac": c.mac, "name": c.name, "target": c.iqn, "lun": 0} for c in self.clients
+                        if c.name not in self.unassigned],
             "iscsi": {
                 "portals": [{"ip": SERVER_IP, "port": 3260}],
                 "targets": [

@@ -127,7 +127,8 @@ def menu_script(config: BootfleetConfig, server_ip: str, who: str | None) -> str
     """`boot.unknown: menu`: what a PC nobody configured sees: its MAC and UUID, and the targets it could boot
     (each target's first LUN); `bootfleet client assign MAC --target IQN` adopts it for good."""
     who = who or "${net0/mac}"
-    lines = ["#!ipxe", f"menu Bootfleet: new PC {who} (uuid ${{uuid}})",
+    lines = ["#!ipxe", f"echo Bootfleet: new PC {who}: no target is assigned to it",
+             f"menu Bootfleet: new PC {who} (uuid ${{uuid}})",
              f"item --gap Adopt it with: bootfleet client assign {who} --target IQN"]
     targets = [(t.name, t.luns[0].id) for t in getattr(config.iscsi, "targets", []) if t.luns]
     for n, (iqn, lun) in enumerate(targets):

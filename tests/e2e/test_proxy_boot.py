@@ -92,3 +92,30 @@ def test_uefi_pc_boots_with_the_firmwares_own_pxe_beside_the_sites_dhcp_server(w
         # shown with -s: where a UEFI boot's time goes (docs/lab.md)
         print("\n".join(f"[{line.t:6.2f}] {line.text}" for line in r.console))
         print("\n".join(f"{s['t']:8.3f} {s['step']} {s['detail']}" for s in answer["timeline"]))
+
+
+def test_a_new_pc_gets_the_menu_shows_up_as_new_and_boots_once_assigned(workdir, boot_disk):
+    """boot.unknown: menu. A PC nobody configured: its iPXE script is the menu (no root-path), `bootfleet clients`
+    lists it as `new` with its UUID and firmware; `bootfleet client assign` adopts it and it boots its target."""
+    with BootfleetLab(workdir, pcs=1, disk=boot_disk, proxy=True, unknown="menu", unassigned=("pc0",)) as bl:
+        r = bl.results[0]
+        pc = VirtualPC(r.name, r.mac, bl.lab.add_tap(), bl.lab.name)
+        try:
+            pc.start()
+            pc.wait_for(f"Bootfleet: new PC {r.mac}", 90)
+        finally:
+            pc.stop()
+        assert pc.line("Root path") is None, pc.tail()
+        clients = {c["mac"]: c for c in bl.stack.cli_json("clients")["clients"]}
+        new = clients[r.mac]
+        assert (new["state"], new["uuid"], new["firmware"], new["name"]) == ("new", pc_uuid(r.mac), "bios", None), new
+        shown = bl.stack.cli("clients")
+        assert r.mac in shown.stdout and " new " in shown.stdout and pc_uuid(r.mac) in shown.stdout, shown.stdout
+
+        done = bl.stack.cli("client", "assign", r.mac, "--target", r.iqn, "--name", "adopted")
+        assert done.returncode == 0, done.stderr
+        bl.stack.wait_ready(30)
+        results = bl.boot()
+        assert all(x.ok for x in results), _explain(results, bl)
+        row = {c["mac"]: c for c in bl.stack.cli_json("clients")["clients"]}[r.mac]
+        assert row["state"] != "new" and row["name"] == "adopted" and r.iqn in row["target"], row
