@@ -178,7 +178,8 @@ class ConnectionRunner:
         to the target's owner (False: the socket is gone from this process)."""
         server, router = self.server, self.server.router
         name = owners.login_target(pdu)
-        if name is None or server.registry.target(name) is None or len(pdu) > MAX_PREFIX:
+        if (name is None or server.registry.target(name) is None or len(pdu) < BHS_LEN
+                or owners.first_pdu_length(pdu[:BHS_LEN]) != len(pdu)):  # cut short, or longer than a hand-over
             return True  # discovery, unknown target, malformed: any process answers (and refuses) it
         if router.locks.owns(name):
             return True
@@ -208,20 +209,23 @@ class ConnectionRunner:
     def run(self) -> None:
         sock = self.sock
         conn = self.conn
-        buf = bytearray(RECV_BUFFER)
-        view = memoryview(buf)
         start = end = 0
         self._flowing = False
         last_timer = time.monotonic()
         reason = "connection closed by the initiator"
         try:
+            first = self.prefix
             if self.server.router is not None:
-                end = self._read_first_pdu(view)
-                if not self._route(view[:end]):
+                small = bytearray(MAX_PREFIX)  # not the 1 MiB buffer: most connections routed here leave
+                end = self._read_first_pdu(memoryview(small))
+                if not self._route(memoryview(small)[:end]):
                     return  # the owner has the connection now; `finally` closes our copy of the socket
-            elif self.prefix:
-                end = len(self.prefix)
-                view[:end] = self.prefix
+                first = memoryview(small)[:end]
+            buf = bytearray(RECV_BUFFER)
+            view = memoryview(buf)
+            if first:
+                end = len(first)
+                view[:end] = first
             if end:
                 with self.lock:
                     start = conn.receive(view[:end], time.monotonic())
