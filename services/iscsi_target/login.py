@@ -255,7 +255,11 @@ class LoginMachine:
             if self.registry.target(self.target_name) is None:
                 raise LoginFailed(NOT_FOUND, f"target {name} does not exist")
             # One process owns a target (owners.py); the hand-over normally made us its owner already.
-            if not self.registry.claim(self.target_name):
+            try:
+                owned = self.registry.claim(self.target_name)
+            except Exception as exc:  # noqa: BLE001 - its LUNs could not be opened (a file gone, a device busy)
+                raise LoginFailed(TARGET_ERROR, f"target {name} could not be opened: {exc}") from None
+            if not owned:
                 raise LoginFailed(SERVICE_UNAVAILABLE, f"target {name} is owned by another process")
             self.entry = self.registry.target(self.target_name)
             if self.entry is None:

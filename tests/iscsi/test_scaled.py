@@ -184,3 +184,39 @@ def test_owner_killed_under_load_is_replaced_and_loses_no_acknowledged_write(clu
         assert r.returncode == 0 and "Pattern verification failed" not in r.stdout + r.stderr, r.stdout[-2000:]
     cluster.start(owner)  # back for the other tests; it does not take the target back
     assert cluster.owner(target) == new_owner
+
+
+def test_discovery_anywhere_and_reinstatement_finds_the_first_session(cluster):
+    """SendTargets is answered by whichever process accepts; a second login with the same ISID reaches the
+    owner like the first, so it reinstates it (the first connection is closed) wherever the kernel put it."""
+    import socket as so
+
+    from services.iscsi_target import pdu as P
+
+    for _ in range(6):
+        r = run([tool("iscsi-ls"), f"iscsi://127.0.0.1:{cluster.port}"])
+        assert r.returncode == 0 and all(t in r.stdout for t in TARGETS), r.stdout + r.stderr
+    target = TARGETS[2]
+
+    def login() -> tuple[so.socket, int]:
+        s = so.create_connection(("127.0.0.1", cluster.port), timeout=10)
+        data = P.encode_text([("InitiatorName", "iqn.2026-11.org.test:reinstater"), ("TargetName", target)])
+        s.sendall(P.encode_request(P.OP_LOGIN_REQ, immediate=True, flags=0x87, lun=0x800000ABCDEF << 16, itt=1,
+                                   words=(0, 1, 0, 0, 0, 0, 0), data=data))
+        head = s.recv(48, so.MSG_WAITALL)
+        s.recv(P.padded(P.parse_header(head).dsl), so.MSG_WAITALL)
+        return s, P.parse_header(head).login_status
+
+    first, status = login()
+    assert status == 0
+    for _ in range(5):  # 5 more logins with the same ISID, landing on any of the 3 processes
+        second, status = login()
+        assert status == 0
+        first.settimeout(10)
+        assert first.recv(100) == b""  # closed by the owner: reinstated
+        first.close()
+        first = second
+    first.close()
+    owner = cluster.owner(target)
+    support.wait_for(lambda: cluster.log(owner).read_text().count("reinstated=True") >= 5,
+                     what="five reinstatements in the owner's log")

@@ -9,6 +9,7 @@ import pytest
 
 import support
 from services.iscsi_target import events as ev
+from services.iscsi_target import owners
 from services.iscsi_target import pdu as P
 from services.iscsi_target.login import NOT_FOUND
 from services.iscsi_target.service import IscsiTargetService
@@ -200,3 +201,31 @@ def test_aptpl_reservations_survive_a_restart_of_the_service(tmp_path):
     asyncio.run(run(take))
     assert list((tmp_path / "iscsi" / "pr").glob("*-0.json"))
     assert asyncio.run(run(look)) == (0xABC, 1)
+
+
+def test_a_target_whose_luns_cannot_open_when_claimed_is_refused_0300(tmp_path):
+    from services.iscsi_target.login import TARGET_ERROR
+
+    image = tmp_path / "gone.img"
+    image.write_bytes(bytes(1 << 20))
+    svc, events, port = new_service(tmp_path)
+    svc.ctx.instance, svc.ctx.instances = 1, 2  # instance 0 never runs: its hand-overs are refused
+    cfg = config(port, [{"name": n, "luns": [{"id": 0, "backstore": {"type": "file", "path": str(image),
+                                                                     "create": False}}]}
+                        for n in (A, B)])
+    # the target this instance does not prefer is opened only when claimed: remove its image before that
+    name = next(n for n in (A, B) if owners.hrw_order(n, 2)[0] != 1)
+
+    async def scenario():
+        await svc.start(cfg)
+        try:
+            assert not svc.registry.targets[name].owned and svc.registry.targets[name].scsi.luns == {}
+            image.unlink()
+            sock, rsp = await asyncio.to_thread(login, port, name)
+            sock.close()
+            return rsp.login_status
+        finally:
+            await svc.stop()
+
+    assert asyncio.run(scenario()) == TARGET_ERROR
+    assert any(t == "iscsi.login.failed" and "could not be opened" in f["reason"] for t, f in events)
