@@ -1,0 +1,335 @@
+"""A boot storm from one golden image (issue 13): 20 PCs at once, ours against tgtd; then an overlay LUN
+against a plain file LUN of ours, both through the real target.
+
+    .venv/bin/python bench/boot_storm.py [--pcs 20] [--rounds 3]
+
+Boot storm. Each of `--pcs` initiators (one `qemu-img bench` process each, all started together, as PCs
+powered on at once) reads the same 13 MiB of the image as 64 KiB READs at queue depth 1 (what a boot reads
+is the same on every PC) and then writes 1 MiB of its own at queue depth 1. The time is the wall clock from
+the first start to the last exit. Three servers, rounds interleaved:
+- ours: one image version, each PC its own target (pc_target_iqn) and discard overlay; the writes go
+  to the overlays;
+- tgtd, shared: the same raw image as LUN 1 of every PC's target, read-only (the best tgtd can do: it has
+  no overlays), plus a 2 MiB scratch file per PC as LUN 2 that takes its 1 MiB;
+- tgtd, copies: every PC its own full copy of the image (the lab's way today), writes into it.
+Speed ratio = tgtd's time / ours (goal: ours >= 1.2x). Then the page-cache check: `fincore` of the version
+file (cached bytes against its size: one copy for all PCs), the overlays' allocated bytes, and the cached
+bytes of tgtd's 20 copies.
+
+Overlay against a plain file LUN (ours, one target process, one initiator): 4 KiB writes at queue depth 32
+into untouched granules of a fresh overlay (qemu-img bench -w -d 32 -s 4k, step 1028 KiB: every write a
+granule not written before, scattered over the disk) against the same writes into a plain file LUN with
+the same content; 4 KiB reads at queue depth 1 of untouched granules against the plain LUN. Goals: >= 0.8x
+and >= 0.9x. The machine is shared (2 cores, other jobs): figures move from run to run; medians of rounds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from bench.iscsi import free_port, need, stop, wait_port  # noqa: E402
+from shared.images.store import ImageStore  # noqa: E402
+
+MB = 1 << 20
+IMAGE_SIZE = 16 * MB       # the golden image: 16 MiB of data (a boot's reads and each PC's writes fit)
+READ = 13 * MB             # what every PC reads
+WRITE = 1 * MB             # what every PC writes of its own
+WRITE_AT = 14 * MB
+PREFIX = "iqn.2026-12.org.bootfleet"
+TGT_PREFIX = "iqn.2026-12.org.bootfleet.bench"
+
+
+def pc(n: int) -> str:
+    return f"pc{n:02d}"
+
+
+def ours_url(port: int, n: int) -> str:
+    """qemu's json: filename, so the initiator can present the PC's own name (DHCP's option 203)."""
+    return "json:" + json.dumps({"driver": "raw", "file": {
+        "driver": "iscsi", "transport": "tcp", "portal": f"127.0.0.1:{port}", "target": f"{PREFIX}:win10.{pc(n)}",
+        "lun": 0, "initiator-name": f"{PREFIX}:pc.{pc(n)}"}})
+
+
+def bench_cmd(url: str, count: int, size: str, offset: int, write: bool = False, depth: int = 1, step: str = "") -> list:
+    cmd = [need("qemu-img"), "bench", "-c", str(count), "-d", str(depth), "-s", size, "-o", str(offset)]
+    if step:
+        cmd += ["-S", step]
+    if write:
+        cmd.append("-w")
+    if not url.startswith("json:"):
+        cmd += ["-f", "raw"]
+    return cmd + [url]
+
+
+def storm(urls: list[tuple[str, str]]) -> float:
+    """Every PC at once: (read url, write url) each; one shell per PC runs its reads then its writes."""
+    started = time.perf_counter()
+    procs = []
+    for read_url, write_url in urls:
+        reads = bench_cmd(read_url, READ // 65536, "64k", 0)
+        writes = bench_cmd(write_url[0], WRITE // 65536, "64k", write_url[1], write=True)
+        script = " && ".join(" ".join(_q(a) for a in c) for c in (reads, writes))
+        procs.append(subprocess.Popen(["sh", "-c", f"( {script} ) >/dev/null"], stderr=subprocess.PIPE, text=True))
+    for p in procs:
+        _, err = p.communicate(timeout=300)
+        if p.returncode:
+            raise SystemExit(f"a PC's qemu-img bench failed: {err[-800:]}")
+    return time.perf_counter() - started
+
+
+def _q(arg: str) -> str:
+    return "'" + arg.replace("'", "'\\''") + "'"
+
+
+def fincore(path: Path) -> int:
+    r = subprocess.run([need("fincore"), "--bytes", "--noheadings", "--output", "RES", str(path)],
+                       capture_output=True, text=True, timeout=30)
+    return int(r.stdout.split()[0]) if r.returncode == 0 and r.stdout.split() else -1
+
+
+def warm(path: Path) -> None:
+    with open(path, "rb") as f:
+        while f.read(4 * MB):
+            pass
+
+
+def evict(path: Path) -> None:
+    """Drop this file's pages from the page cache (our own files only: nothing of the host's)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fdatasync(fd) if os.access(path, os.W_OK) else None
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(fd)
+
+
+# ---------------------------------------------------------------------------------------------- servers
+def start_ours(tmp: Path, port: int, pcs: int, extra_targets: str = "", scale: int = 1) -> list:
+    clients = "\n".join(f"  - {{mac: '52:54:00:00:01:{n:02x}', name: {pc(n)}, image: win10}}" for n in range(pcs))
+    cfg = tmp / f"ours-{scale}.yaml"
+    cfg.write_text(f"""version: 1
+logging: {{level: warning}}
+scale: {{iscsi_target: {scale}}}
+iscsi:
+  portals: [{{ip: 127.0.0.1, port: {port}}}]
+  io_stats_interval: 0
+{extra_targets}
+images: [{{name: win10}}]
+clients:
+{clients}
+""")
+    out = []
+    for i in range(scale):  # processes sharing the port: each PC's target served by its owner (owners.py)
+        log = open(tmp / f"ours-{scale}-{i}.log", "ab")
+        out.append(subprocess.Popen([sys.executable, "-m", "services.iscsi_target", "--config", str(cfg),
+                                     "--state-dir", str(tmp), "--instance", str(i)], cwd=ROOT, stdout=log,
+                                    stderr=subprocess.STDOUT))
+    for proc in out:
+        wait_port(port, proc, "our target")
+    return out
+
+
+class Tgtd:
+    def __init__(self, tmp: Path, port: int):
+        self.ctl = str(100 + (os.getpid() + port) % 30000)
+        self.env = dict(os.environ, TGT_IPC_SOCKET=str(tmp / f"tgtd-{port}.sock"))  # ours alone, not the host's
+        self.log = open(tmp / f"tgtd-{port}.log", "wb")
+        self.proc = subprocess.Popen([need("tgtd"), "-f", "-C", self.ctl, "--iscsi", f"portal=127.0.0.1:{port}"],
+                                     stdout=self.log, stderr=subprocess.STDOUT, env=self.env)
+        wait_port(port, self.proc, "tgtd")
+
+    def adm(self, *args: str) -> None:
+        subprocess.run([need("tgtadm"), "-C", self.ctl, "--lld", "iscsi", *args], check=True, capture_output=True,
+                       timeout=10, env=self.env)
+
+    def target(self, tid: int, luns: list[tuple[Path, bool]]) -> str:
+        name = f"{TGT_PREFIX}:{pc(tid - 1)}"
+        self.adm("--mode", "target", "--op", "new", "--tid", str(tid), "--targetname", name)
+        for lun, (path, readonly) in enumerate(luns, start=1):
+            self.adm("--mode", "logicalunit", "--op", "new", "--tid", str(tid), "--lun", str(lun), "--backing-store", str(path))
+            if readonly:
+                self.adm("--mode", "logicalunit", "--op", "update", "--tid", str(tid), "--lun", str(lun),
+                         "--params", "readonly=1")
+        self.adm("--mode", "target", "--op", "bind", "--tid", str(tid), "--initiator-address", "ALL")
+        return name
+
+
+def median(xs):
+    return statistics.median(xs)
+
+
+# ---------------------------------------------------------------------------------------------- main
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--pcs", type=int, default=20)
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--skip-overlay", action="store_true", help="the boot storm only")
+    args = ap.parse_args()
+    need("qemu-img"), need("tgtd"), need("tgtadm"), need("fincore")
+    tmp = Path(tempfile.mkdtemp(prefix="bootfleet-storm-"))
+    procs: list = []
+    try:
+        boot_storm(tmp, args, procs)
+        if not args.skip_overlay:
+            overlay_vs_plain(tmp, args, procs)
+    finally:
+        for p in procs:
+            stop(p)
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def boot_storm(tmp: Path, args, procs: list) -> None:
+    n = args.pcs
+    store = ImageStore.for_state_dir(tmp)
+    raw = tmp / "golden.raw"
+    raw.write_bytes(os.urandom(IMAGE_SIZE))
+    store.import_file("win10", raw)
+    version = store.version_path("win10", 1)
+    copies, scratch = [], []
+    for i in range(n):
+        c = tmp / f"copy-{i:02d}.raw"
+        shutil.copyfile(raw, c)  # a full copy, as the lab makes one per PC today
+        copies.append(c)
+        s = tmp / f"scratch-{i:02d}.raw"
+        s.write_bytes(bytes(2 * MB))
+        scratch.append(s)
+    oport, o2port, sport, cport = free_port(), free_port(), free_port(), free_port()
+    ours = start_ours(tmp, oport, n)
+    (tmp / "s2").mkdir()
+    (tmp / "s2/images").symlink_to(tmp / "images")  # the same store; owner locks of its own (runs take turns)
+    ours2 = start_ours(tmp / "s2", o2port, n, scale=2)
+    procs += ours + ours2
+    shared = Tgtd(tmp, sport)
+    copied = Tgtd(tmp, cport)
+    procs += [shared.proc, copied.proc]
+    shared_urls, copies_urls = [], []
+    for i in range(n):
+        name = shared.target(i + 1, [(raw, True), (scratch[i], False)])
+        shared_urls.append((f"iscsi://127.0.0.1:{sport}/{name}/1", (f"iscsi://127.0.0.1:{sport}/{name}/2", 0)))
+        name = copied.target(i + 1, [(copies[i], False)])
+        copies_urls.append((f"iscsi://127.0.0.1:{cport}/{name}/1", (f"iscsi://127.0.0.1:{cport}/{name}/1", WRITE_AT)))
+    variants = {
+        "ours": [(ours_url(oport, i), (ours_url(oport, i), WRITE_AT)) for i in range(n)],
+        "ours, scale 2": [(ours_url(o2port, i), (ours_url(o2port, i), WRITE_AT)) for i in range(n)],
+        "tgtd shared read-only": shared_urls,
+        f"tgtd {n} copies": copies_urls,
+    }
+    files = [version, raw, *copies]
+
+    def fresh_overlays() -> None:
+        """Each round's PCs power on clean: their overlays emptied (the target closed them at logout)."""
+        for i in range(n):
+            deadline = time.monotonic() + 10
+            while store.overlay_in_use("win10", pc(i)):
+                if time.monotonic() > deadline:
+                    raise SystemExit(f"{pc(i)}'s overlay stayed open after its sessions ended")
+                time.sleep(0.02)
+            store.overlay_reset("win10", pc(i))
+
+    print(f"boot storm: {n} PCs at once, each 13 MiB of 64 KiB READs at QD1 then 1 MiB of 64 KiB WRITEs at QD1; "
+          f"{args.rounds} rounds; load average {os.getloadavg()[0]:.1f} at the start")
+    results = {}
+    for cache in ("warm", "cold"):
+        times = {label: [] for label in variants}
+        for r in range(args.rounds):
+            for label, urls in variants.items():
+                fresh_overlays()
+                for path in files:
+                    warm(path) if cache == "warm" else evict(path)
+                times[label].append(storm(urls))
+                if label == "ours" and cache == "warm" and r == 0:
+                    overlays = sorted((tmp / "images/win10/overlays").glob("*.overlay"))
+                    allocated = sum(os.stat(p).st_blocks * 512 for p in overlays)
+                    cached = (fincore(version), len(overlays), allocated)
+            print(f"  {cache} page cache, round {r + 1}: " +
+                  ", ".join(f"{label} {t[-1]:.2f} s" for label, t in times.items()))
+        results[cache] = {label: median(t) for label, t in times.items()}
+    for cache, med in results.items():
+        print(f"median, {cache} page cache" + (" (every file evicted before each storm)" if cache == "cold" else "") + ":")
+        for mine in ("ours", "ours, scale 2"):
+            line = f"  {mine:14s} {med[mine]:5.2f} s ({n * (READ + WRITE) / med[mine] / 1e6:4.0f} MB/s over all PCs)"
+            for label in ("tgtd shared read-only", f"tgtd {n} copies"):
+                line += f"; vs {label} {med[label]:5.2f} s: {med[label] / med[mine]:.2f}x its speed"
+            print(line + " (goal >= 1.2x)")
+    in_cache, count, allocated = cached
+    print(f"page cache right after our first warm storm: version file {in_cache / MB:.1f} MiB cached of "
+          f"{version.stat().st_size / MB:.0f} MiB: one copy for {n} PCs; {count} overlays hold "
+          f"{allocated / MB:.1f} MiB on disk ({allocated / max(1, count) / MB:.2f} MiB each); tgtd's {n} copies: "
+          f"{sum(fincore(c) for c in copies) / MB:.0f} MiB cached of {n * IMAGE_SIZE / MB:.0f} MiB after its last storm")
+    for p in ours + ours2 + [shared.proc, copied.proc]:
+        stop(p)
+        procs.remove(p)
+
+
+def overlay_vs_plain(tmp: Path, args, procs: list) -> None:
+    size = 64 * MB
+    store = ImageStore.for_state_dir(tmp / "ov")
+    raw = tmp / "ov.raw"
+    raw.write_bytes(os.urandom(size))
+    store.import_file("win10", raw)
+    plain = tmp / "plain.raw"
+    shutil.copyfile(raw, plain)
+    port = free_port()
+    extra = f"""  targets:
+    - name: {PREFIX}.bench:plain
+      luns: [{{id: 0, backstore: {{type: file, path: {plain}, create: false}}}}]"""
+    (tmp / "ov").mkdir(exist_ok=True)
+    (ours,) = start_ours(tmp / "ov", port, 1, extra)
+    procs.append(ours)
+    plain_url = f"iscsi://127.0.0.1:{port}/{PREFIX}.bench:plain/0"
+    pc_url = ours_url(port, 0)
+    warm(raw), warm(plain), warm(store.version_path("win10", 1))
+    writes, reads = 8000, 15000
+    res = {k: [] for k in ("w plain", "w overlay", "r plain", "r overlay")}
+
+    def run(cmd) -> float:
+        r = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+        m = re.search(r"Run completed in ([\d.]+) seconds", r.stdout)
+        if r.returncode or not m:
+            raise SystemExit(f"qemu-img bench failed: {r.stdout}{r.stderr}")
+        return float(m.group(1))
+
+    def fresh_overlay() -> None:
+        deadline = time.monotonic() + 10
+        while store.overlay_in_use("win10", pc(0)):  # the target closes it when the session has ended
+            if time.monotonic() > deadline:
+                raise SystemExit("the PC's overlay stayed open after its session ended")
+            time.sleep(0.02)
+        store.overlay_reset("win10", pc(0))
+
+    print(f"overlay vs plain file LUN (ours, one initiator, {args.rounds} rounds; load average "
+          f"{os.getloadavg()[0]:.1f}):")
+    for r in range(args.rounds):
+        fresh_overlay()
+        res["w overlay"].append(writes / run(bench_cmd(pc_url, writes, "4k", 0, True, 32, "1028k")))
+        res["w plain"].append(writes / run(bench_cmd(plain_url, writes, "4k", 0, True, 32, "1028k")))
+        fresh_overlay()
+        res["r overlay"].append(reads / run(bench_cmd(pc_url, reads, "4k", 0, False, 1, "1028k")))
+        res["r plain"].append(reads / run(bench_cmd(plain_url, reads, "4k", 0, False, 1, "1028k")))
+        print(f"  round {r + 1}: 4 KiB QD32 writes {res['w overlay'][-1]:8.0f} vs {res['w plain'][-1]:8.0f} IOPS; "
+              f"4 KiB QD1 reads {res['r overlay'][-1]:8.0f} vs {res['r plain'][-1]:8.0f} IOPS (overlay vs plain)")
+    w = median(res["w overlay"]) / median(res["w plain"])
+    rd = median(res["r overlay"]) / median(res["r plain"])
+    print(f"median: 4 KiB QD32 writes into untouched granules {median(res['w overlay']):.0f} IOPS vs plain "
+          f"{median(res['w plain']):.0f}: {w:.2f}x (goal >= 0.8x)")
+    print(f"median: 4 KiB QD1 reads of untouched granules {median(res['r overlay']):.0f} IOPS vs plain "
+          f"{median(res['r plain']):.0f}: {rd:.2f}x (goal >= 0.9x)")
+    stop(ours)
+    procs.remove(ours)
+
+
+if __name__ == "__main__":
+    main()
