@@ -87,6 +87,9 @@ class ProxyCore:
 
     def apply(self, config) -> None:
         self.config = config
+        if config.dhcp.scopes:
+            log.info("dhcp.mode is proxy: dhcp.scopes (%s) are not used; the site's DHCP server leases the addresses",
+                     ", ".join(sc.name for sc in config.dhcp.scopes))
         self.classes = {c.name: c for c in config.dhcp.classes}
         self.matcher = ClassMatcher(config.dhcp.classes)
         self._answers: dict[tuple, tuple[bytes, bytes, int, str | None, str | None]] = {}
