@@ -88,6 +88,14 @@ def test_pcs_boot_one_image_with_overlays_and_a_published_version(workdir, boot_
         assert any(r["mac"] == d1.mac and r["reason"] == "power-on" for r in resets), resets  # the iSCSI target's
         assert not any(r["mac"] == p1.mac and r["reason"] == "power-on" for r in resets), resets
 
+        # client reset: p1 starts over on the current version (once its last session is gone)
+        deadline = time.monotonic() + 30
+        while (reset := gl.stack.cli("client", "reset", p1.mac)).returncode != 0:
+            assert "logged in" in reset.stderr and time.monotonic() < deadline, reset.stderr
+            time.sleep(0.5)
+        assert gl.stack.cli_json("client", p1.mac)["client"]["version"] == 2
+        assert gl.parse(gl.read_sector("p1", image.NONCE_SECTOR), "NONCE") == first["super"]  # version 2's sector
+
         # the base version is what was imported
         verified = gl.stack.cli("--json", "image", "verify", "lab", timeout=120)
         assert verified.returncode == 0, verified.stderr
