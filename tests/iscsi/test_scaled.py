@@ -10,6 +10,8 @@ from __future__ import annotations
 import re
 import shutil
 import signal
+import socket
+import struct
 import subprocess
 import sys
 import time
@@ -189,10 +191,9 @@ def test_owner_killed_under_load_is_replaced_and_loses_no_acknowledged_write(clu
 def test_discovery_anywhere_and_reinstatement_finds_the_first_session(cluster):
     """SendTargets is answered by whichever process accepts; a second login with the same ISID reaches the
     owner like the first, so it reinstates it (the first connection is closed) wherever the kernel put it."""
-    import socket as so
-
     from services.iscsi_target import pdu as P
 
+    so = socket
     for _ in range(6):
         r = run([tool("iscsi-ls"), f"iscsi://127.0.0.1:{cluster.port}"])
         assert r.returncode == 0 and all(t in r.stdout for t in TARGETS), r.stdout + r.stderr
@@ -220,3 +221,78 @@ def test_discovery_anywhere_and_reinstatement_finds_the_first_session(cluster):
     owner = cluster.owner(target)
     support.wait_for(lambda: cluster.log(owner).read_text().count("reinstated=True") >= 5,
                      what="five reinstatements in the owner's log")
+
+
+class RawSession:
+    """A bare initiator session (one connection) for the few commands a test sends by hand."""
+
+    def __init__(self, port: int, target: str, isid: int, initiator: str = "iqn.2026-11.org.test:pr"):
+        from services.iscsi_target import pdu as P
+
+        self.P = P
+        self.s = socket.create_connection(("127.0.0.1", port), timeout=10)
+        data = P.encode_text([("InitiatorName", initiator), ("TargetName", target), ("ImmediateData", "Yes"),
+                              ("InitialR2T", "No")])
+        self.s.sendall(P.encode_request(P.OP_LOGIN_REQ, immediate=True, flags=0x87, lun=isid << 16, itt=1,
+                                        words=(0, 1, 0, 0, 0, 0, 0), data=data))
+        rsp, _ = self.read()
+        assert rsp.login_status == 0, hex(rsp.login_status)
+        self.cmdsn, self.itt, self.statsn = 1, 10, rsp.w[1]  # w[1]: StatSN
+
+    def read(self):
+        head = self.s.recv(48, socket.MSG_WAITALL)
+        pdu = self.P.parse_header(head)
+        data = self.s.recv(self.P.padded(pdu.dsl), socket.MSG_WAITALL)[: pdu.dsl] if pdu.dsl else b""
+        return pdu, data
+
+    def command(self, cdb: bytes, out: bytes = b"", read: int = 0):
+        """Run one command until it is not a unit attention; (status, data in)."""
+        P = self.P
+        for _ in range(5):
+            self.itt += 1
+            flags = 0x80 | (0x20 if out else 0) | (0x40 if read else 0) | 1  # F, W/R, SIMPLE
+            words = (read or len(out), self.cmdsn, self.statsn + 1, *struct.unpack(">IIII", cdb.ljust(16, b"\0")))
+            self.s.sendall(P.encode_request(P.OP_SCSI_CMD, flags=flags, lun=0, itt=self.itt, words=words, data=out))
+            self.cmdsn += 1
+            data = b""
+            while True:
+                pdu, chunk = self.read()
+                data += chunk
+                if pdu.opcode == P.OP_SCSI_RSP or (pdu.opcode == P.OP_DATA_IN and pdu.flags & 0x01):
+                    break
+            self.statsn = pdu.w[1]
+            status = pdu.b3  # the SCSI status, in a SCSI Response and in a Data-In with S
+            if status == 0x02 and len(chunk) > 4 and chunk[4] & 0x0F == 6:  # UNIT ATTENTION: once more
+                continue
+            return status, data
+        raise AssertionError("unit attentions without end")
+
+    def close(self):
+        self.s.close()
+
+
+def test_aptpl_reservation_survives_its_owners_kill9(cluster):
+    """REGISTER with APTPL and RESERVE at the owner; the owner is killed; the next owner opens the LU from
+    disk and reports the same key and reservation, and enforces it against another initiator."""
+    target = TARGETS[3]  # a RAM LUN: the data is gone with the process, the APTPL reservation is not
+    owner = cluster.owner(target)
+    a = RawSession(cluster.port, target, 0x800000000A01)
+    register = struct.pack(">QQ4xB3x", 0, 0x1234, 0x01)  # SA key 0x1234, APTPL
+    assert a.command(bytes([0x5F, 0, 0, 0, 0, 0, 0, 0, 24, 0]), register)[0] == 0
+    assert a.command(bytes([0x5F, 1, 0x01, 0, 0, 0, 0, 0, 24, 0]), struct.pack(">QQ8x", 0x1234, 0))[0] == 0
+    a.close()
+    cluster.kill9(owner)
+    try:
+        b = RawSession(cluster.port, target, 0x800000000B02, initiator="iqn.2026-11.org.test:other")
+        status, data = b.command(bytes([0x5E, 1, 0, 0, 0, 0, 0, 0, 64, 0]), read=64)  # READ RESERVATION
+        assert status == 0 and struct.unpack_from(">Q", data, 8)[0] == 0x1234 and data[21] & 0x0F == 1
+        assert cluster.owner(target) not in (None, owner)
+        write = bytes([0x2A, 0, 0, 0, 0, 0, 0, 0, 1, 0])  # WRITE(10) one block: Write Exclusive refuses it
+        assert b.command(write, bytes(512))[0] == 0x18  # RESERVATION CONFLICT
+        b.close()
+        a = RawSession(cluster.port, target, 0x800000000A01)  # the holder, back: its nexus still holds it
+        assert a.command(write, bytes(512))[0] == 0
+        assert a.command(bytes([0x5F, 3, 0, 0, 0, 0, 0, 0, 24, 0]), struct.pack(">QQ8x", 0x1234, 0))[0] == 0  # CLEAR
+        a.close()
+    finally:
+        cluster.start(owner)
