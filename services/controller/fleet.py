@@ -209,6 +209,8 @@ class ClientTable:
             row = self.by_mac[mac] = ClientRow(mac)
         if type in (ev.DHCP_DISCOVER, ev.LEASE_OFFERED) and (
             row.last_boot is None or ts - row.last_event > BOOT_GAP or row.state in ("off", "never seen")
+            # the firmware DHCPing again once this boot logged in: a reboot, however quick (pcboot.py's rule)
+            or (type == ev.DHCP_DISCOVER and row.logins > 0)
         ):
             row.last_boot = ts
             row.logins = 0
@@ -263,16 +265,23 @@ _STEP = {
 def timeline(events: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """The last boot among `events` (one PC's, oldest first): steps with seconds since power-on.
 
-    Power-on is taken as the first DHCP discover after BOOT_GAP seconds of silence; the second iSCSI login
-    of a boot is the OS's own initiator taking over from the firmware's.
+    Power-on is taken as the first DHCP discover after BOOT_GAP seconds of silence, or a DHCP discover (only
+    booting clients' are reported) once the boot has logged in to iSCSI; the second iSCSI login of a boot is
+    the OS's own initiator taking over from the firmware's.
     """
     relevant = [e for e in events if e["type"] in _STEP]
     if not relevant:
         return []
     start_index = 0
+    logged_in = False  # this boot has logged in: a firmware discover now is a reboot, however soon
     for i, e in enumerate(relevant):
-        if e["type"] in (ev.DHCP_DISCOVER, ev.LEASE_OFFERED) and (i == 0 or e["ts"] - relevant[i - 1]["ts"] > BOOT_GAP):
+        if e["type"] in (ev.DHCP_DISCOVER, ev.LEASE_OFFERED) and (
+            i == 0 or e["ts"] - relevant[i - 1]["ts"] > BOOT_GAP or (e["type"] == ev.DHCP_DISCOVER and logged_in)
+        ):
             start_index = i
+            logged_in = False
+        elif e["type"] == ev.ISCSI_LOGIN and _normal_session(e["fields"]):
+            logged_in = True
     boot = relevant[start_index:]
     t0 = boot[0]["ts"]
     steps, logins = [], 0

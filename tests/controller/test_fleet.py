@@ -33,6 +33,18 @@ def test_timeline_of_the_last_boot():
     assert steps[-1]["detail"] == "iqn.1993-08.org.debian:01 (digests: header CRC32C)"
 
 
+def test_a_quick_reboot_is_a_new_boot_once_the_last_one_logged_in():
+    again = [event(110.0 + e["ts"] - 100.0, e["type"], **e["fields"]) for e in BOOT]  # 6 s after the OS login
+    steps = timeline(BOOT + again)
+    assert steps[0]["ts"] == 110.0 and [s["step"] for s in steps].count("iSCSI login (OS)") == 1
+    table = ClientTable()
+    for e in BOOT + again:
+        table.observe(e["type"], e["fields"], e["ts"])
+    assert table.by_mac[MAC].last_boot == 110.0 and table.by_mac[MAC].boots == 2
+    retransmit = [event(100.0, ev.DHCP_DISCOVER, mac=MAC), event(101.0, ev.DHCP_DISCOVER, mac=MAC)]
+    assert len(timeline(retransmit)) == 2 and timeline(retransmit)[0]["ts"] == 100.0  # one boot
+
+
 def test_client_table_links_addresses_to_macs():
     table = ClientTable()
     for e in BOOT:
