@@ -3,9 +3,9 @@ against a plain file LUN of ours, both through the real target.
 
     .venv/bin/python bench/boot_storm.py [--pcs 20] [--rounds 3]
 
-Boot storm. Each of `--pcs` initiators (one `qemu-img bench` process each, all started together, as PCs
-powered on at once) reads the same 13 MiB of the image as 64 KiB READs at queue depth 1 (what a boot reads
-is the same on every PC) and then writes 1 MiB of its own at queue depth 1. The time is the wall clock from
+Boot storm. Each of `--pcs` initiators (one `qemu-io` process each, all started together, as PCs powered on
+at once) reads the same 13 MiB of the image as 64 KiB READs at queue depth 1 (what a boot reads is the same
+on every PC) and then writes 1 MiB of its own at queue depth 1, one command at a time. The time is the wall clock from
 the first start to the last exit. Three servers, rounds interleaved:
 - ours: one image version, each PC its own target (pc_target_iqn) and discard overlay; the writes go
   to the overlays;
@@ -60,7 +60,7 @@ def ours_url(port: int, n: int) -> str:
     """qemu's json: filename, so the initiator can present the PC's own name (DHCP's option 203)."""
     return "json:" + json.dumps({"driver": "raw", "file": {
         "driver": "iscsi", "transport": "tcp", "portal": f"127.0.0.1:{port}", "target": f"{PREFIX}:win10.{pc(n)}",
-        "lun": 0, "initiator-name": f"{PREFIX}:pc.{pc(n)}"}})
+        "lun": 0, "initiator-name": f"{PREFIX}:pc.{pc(n)}"}}, separators=(",", ":"))  # no spaces: a qemu-io command
 
 
 def bench_cmd(url: str, count: int, size: str, offset: int, write: bool = False, depth: int = 1, step: str = "") -> list:
@@ -75,18 +75,28 @@ def bench_cmd(url: str, count: int, size: str, offset: int, write: bool = False,
 
 
 def storm(urls: list[tuple[str, str]]) -> float:
-    """Every PC at once: (read url, write url) each; one shell per PC runs its reads then its writes."""
+    """Every PC at once, each one qemu-io process (one session, as a booting PC has): its READs, then its
+    WRITEs, one command at a time (queue depth 1). (read url, (write url, write offset)) per PC."""
     started = time.perf_counter()
     procs = []
-    for read_url, write_url in urls:
-        reads = bench_cmd(read_url, READ // 65536, "64k", 0)
-        writes = bench_cmd(write_url[0], WRITE // 65536, "64k", write_url[1], write=True)
-        script = " && ".join(" ".join(_q(a) for a in c) for c in (reads, writes))
-        procs.append(subprocess.Popen(["sh", "-c", f"( {script} ) >/dev/null"], stderr=subprocess.PIPE, text=True))
+    for n, (read_url, (write_url, write_at)) in enumerate(urls):
+        cmds = []
+        for off in range(0, READ, 65536):
+            cmds += ["-c", f"read {off} 64k"]
+        for off in range(write_at, write_at + WRITE, 65536):
+            cmds += ["-c", f"write -P {n + 1} {off} 64k"]
+        def opened(url, readonly=False):
+            return ["-c", "open " + ("-r " if readonly else "") + ("" if url.startswith("json:") else "-o driver=raw ") + url]
+        reads, writes = cmds[:2 * (READ // 65536)], cmds[2 * (READ // 65536):]
+        if read_url == write_url:
+            args = [need("qemu-io")] + opened(read_url) + reads + writes
+        else:  # tgtd's shared read-only LUN, then the PC's scratch LUN for its writes (one process)
+            args = [need("qemu-io")] + opened(read_url, True) + reads + ["-c", "close"] + opened(write_url) + writes
+        procs.append(subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True))
     for p in procs:
         _, err = p.communicate(timeout=300)
         if p.returncode:
-            raise SystemExit(f"a PC's qemu-img bench failed: {err[-800:]}")
+            raise SystemExit(f"a PC's qemu-io failed: {err[-800:]}")
     return time.perf_counter() - started
 
 
