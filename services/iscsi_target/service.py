@@ -21,6 +21,8 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import threading
+import time
+import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -32,6 +34,7 @@ from services.iscsi_target.handoff import Handoff
 from services.iscsi_target.io_loop import Router, Server
 from services.iscsi_target.owner_locks import OwnerLocks
 from services.iscsi_target.pc_disks import PcDisks
+from shared.events import OperationFinished, OperationProgress
 from shared.paths import state_path
 from shared.service import BaseService
 
@@ -69,7 +72,7 @@ class Registry:
         entry = self.targets.get(name)
         if entry is None:
             return False
-        if entry.owned:
+        if entry.owned or self.owners is None:
             return True
         with self.lock:
             entry = self.targets.get(name)
@@ -126,6 +129,8 @@ def build_lun(spec, lun_id: int, state_dir: Path, target: str = ""):
         lu = media.build_cdrom(spec, lun_id, state_dir)
     else:
         lu = LogicalUnit(build_backstore(spec, state_dir), lun_id, readonly=spec.readonly)
+        if spec.type == "mirror":
+            media.mirror_luns[lu.store.ident] = (target, lun_id)  # its leg drops name the LUN
     if target:
         lu.res.persist_to(pr_state_path(state_dir, target, lun_id), Nexus)
     return lu
@@ -158,6 +163,7 @@ class IscsiTargetService(BaseService):
         self.registry.open_luns = self._open_luns
         from shared.images.store import ImageStore
 
+        media.mirror_events.leg_failed = self._leg_failed
         self.pcs = PcDisks(ImageStore.for_state_dir(ctx.state_dir, config.image_store.reserve), ctx.state_dir,
                            lambda: ctx.pcboot, ctx.emit, ctx.mac_for_ip)
         self._build(config)
@@ -182,35 +188,66 @@ class IscsiTargetService(BaseService):
         self.log.info("applied: %d target(s), removed %s", len(self.registry.targets), ", ".join(removed) or "none")
 
     async def command(self, name: str, args: dict) -> None:
-        """`lun-resync {target, lun}` (for `bootfleet lun resync TARGET LUN`): rebuild a mirror LUN's dropped
-        leg while it serves; progress goes to media.mirror_events (logged every 10% here)."""
+        """`lun-resync {target, lun, op}` (for `bootfleet lun resync TARGET LUN`): rebuild a mirror LUN's dropped
+        leg while it serves, reporting as operation `op` (operation.progress at 0, every 1 % or second and at
+        the end; then operation.finished, and iscsi.mirror.resynced when the mirror is whole again)."""
         if name != "lun-resync":
             self.log.warning("command %s is not supported by iscsi_target", name)
             return
-        entry = self.registry.target(str(args.get("target", "")).lower())
-        lu = entry.scsi.luns.get(int(args.get("lun", -1))) if entry else None
+        op = str(args.get("op") or uuid.uuid4().hex[:12])
+        target = str(args.get("target", "")).lower()
+
+        def finished(ok: bool, text: str) -> None:
+            (self.log.info if ok else self.log.warning)("lun-resync %s: %s", op, text)
+            self.ctx.emit(OperationFinished(op=op, name="lun-resync", ok=ok, text=text))
+
+        entry = self.registry.target(target)
+        if entry is not None and not entry.owned:
+            return  # another process owns it and answers
+        try:
+            lun = int(args.get("lun", -1))
+        except (TypeError, ValueError):
+            return finished(False, f"lun {args.get('lun')!r} is not a number")
+        if entry is None:
+            return finished(False, f"no target {target} is served")
+        lu = entry.scsi.luns.get(lun)
         mirror = getattr(lu, "store", None)
         if mirror is None or not hasattr(mirror, "resync"):
-            self.log.warning("lun-resync: %s LUN %s is not a mirror LUN here", args.get("target"), args.get("lun"))
-            return
+            return finished(False, f"{target} LUN {lun} is not a mirror LUN" if lu else f"{target} has no LUN {lun}")
         stale = [i for i, state in enumerate(mirror.state) if state != "in_sync"]
         if not stale:
-            self.log.info("lun-resync: %s LUN %s: both legs are in sync", args.get("target"), args.get("lun"))
-            return
-        shown = [0]
+            return finished(True, f"{target} LUN {lun}: both legs are in sync, nothing to do")
+        leg, started, sent = stale[0], time.monotonic(), [-1, 0.0]
 
-        def progress(done: int, total: int) -> None:
-            if done * 10 // total > shown[0] or done == total:
-                shown[0] = done * 10 // total
-                self.log.info("lun-resync %s LUN %s: leg %d %d%%", entry.name, lu.lun_id, stale[0], done * 100 // total)
+        def progress(done: int, total: int) -> None:  # on the executor's thread; ctx.emit is thread-safe
+            now = time.monotonic()
+            if done in (0, total) or done * 100 // total > sent[0] or now - sent[1] >= 1.0:
+                sent[0], sent[1] = done * 100 // total, now
+                self.ctx.emit(OperationProgress(op=op, name="lun-resync", done=done, total=total))
 
+        progress(0, mirror.size)
         try:
             await asyncio.get_running_loop().run_in_executor(
-                None, media.resync, mirror, stale[0], self.ctx.state_dir, progress)
+                None, media.resync, mirror, leg, self.ctx.state_dir, progress)
         except Exception as exc:  # noqa: BLE001 - a failed resync leaves the leg out; say why
-            self.log.error("lun-resync %s LUN %s: %s", entry.name, lu.lun_id, exc)
+            return finished(False, f"{target} LUN {lun}: leg {leg} ({mirror.names[leg]}) not resynced: {exc}")
+        seconds = round(time.monotonic() - started, 3)
+        self.ctx.emit(ev.MirrorResynced(target=target, lun=lun, leg=leg, name=mirror.names[leg],
+                                        mirror=getattr(mirror, "ident", ""), bytes=mirror.size, seconds=seconds,
+                                        op=op))
+        finished(True, f"{target} LUN {lun}: leg {leg} ({mirror.names[leg]}) in sync again "
+                       f"({mirror.size >> 20} MiB copied in {seconds:.1f} s)")
+
+    def _leg_failed(self, ident: str, index: int, name: str, reason: str) -> None:
+        """A mirror dropped a leg (called on the I/O thread that saw the failure): say it on the bus."""
+        target, lun = media.mirror_luns.get(ident, ("", -1))
+        self.log.warning("mirror %s (%s LUN %s): leg %d (%s) dropped: %s; serving from the other leg",
+                         ident, target, lun, index, name, reason)
+        self.ctx.emit(ev.MirrorLegDropped(target=target, lun=lun, leg=index, name=name, reason=reason, mirror=ident))
 
     async def stop(self) -> None:
+        if media.mirror_events.__dict__.get("leg_failed") == self._leg_failed:
+            del media.mirror_events.leg_failed  # back to logging only
         if self._stats_task:
             self._stats_task.cancel()
         if self.server:
