@@ -31,7 +31,7 @@ from collections import deque
 from dataclasses import dataclass
 
 from services.iscsi_target import events as ev
-from services.iscsi_target.login import SESSION_DOES_NOT_EXIST, LoginStep, LoginMachine
+from services.iscsi_target.login import INVALID_DURING_LOGIN, SESSION_DOES_NOT_EXIST, LoginStep, LoginMachine
 from services.iscsi_target.params import TARGET_MAX_RECV_DATA, Negotiation
 from services.iscsi_target.pdu import (
     F_WRITE, OP_DATA_OUT, OP_LOGIN_REQ, OP_LOGOUT_REQ, OP_NOP_OUT, OP_SCSI_CMD, OP_SNACK, OP_TEXT_REQ,
@@ -248,7 +248,13 @@ class Connection(WriteTasks, Responses, TaskManagement, TextRequests):
         op = pdu.opcode
         if self.state == LOGIN:
             if op != OP_LOGIN_REQ:
-                self._close(f"{pdu.name} during login")
+                if self.login.first:  # before the login started: terminate at once (RFC 7143 §6.1.x, 3720 §5.3)
+                    self._close(f"{pdu.name} during login")
+                    return
+                # once it started: a Login reject "invalid during login", then the connection closes
+                step = LoginStep(status=INVALID_DURING_LOGIN, reason=f"{pdu.name} during login", csg=self.login.stage)
+                self._login_response(pdu, step, tsih=0)
+                self._login_failed(self.login.target_name or "(discovery)", step)
                 return
             self._login(pdu)
             return

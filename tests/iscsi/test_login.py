@@ -340,3 +340,11 @@ def test_tsih_rules():
     assert attempt(cid=2)[0] == L.TOO_MANY_CONNECTIONS  # a second connection: MaxConnections 1
     code, again = attempt()  # the same CID: connection reinstatement, the session goes on
     assert code == 0 and again.conn.session.tsih == tsih and len(table) == 1
+
+
+def test_non_login_pdu_after_the_login_started_gets_invalid_during_login():
+    ini = fresh()
+    assert one(ini, raw_login(ini, first_keys() + b"AuthMethod=None\0", csg=0, transit=False)) == 0
+    (rsp,) = ini.send(P.encode_request(P.OP_NOP_OUT, immediate=True, flags=0x80, itt=7))
+    assert rsp.opcode == P.OP_LOGIN_RSP and status(rsp) == L.INVALID_DURING_LOGIN and rsp.itt == 7
+    assert ini.conn.closing
