@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Protocol
 
+from services.controller.fleet import BOOT_GAP  # silence after which a firmware discover is a power-on
 from shared import events as ev
 from shared.atomic_file import write_atomic
 from shared.boot import pc_target_iqn
@@ -37,7 +38,6 @@ from shared.config.model import BootfleetConfig
 
 log = logging.getLogger("bootfleet.controller")
 
-BOOT_GAP = 60.0  # seconds of silence after which a firmware DHCP discover is a power-on (as fleet.py's timeline)
 # modes whose overlay is kept at power-on: they boot the version their overlay sits on
 KEEPS_OVERLAY = ("persistent", "super")
 
