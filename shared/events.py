@@ -46,17 +46,14 @@ ISCSI_LOGOUT = "iscsi.logout"
 ISCSI_LOGIN_FAILED = "iscsi.login.failed"
 ISCSI_FIRST_READ = "iscsi.first_read"
 ISCSI_IO_STATS = "iscsi.io_stats"
+ISCSI_MIRROR_LEG_DROPPED = "iscsi.mirror.leg_dropped"  # a RAID-1 leg failed and is out (docs/iscsi.md, "Mirrors")
+ISCSI_MIRROR_RESYNCED = "iscsi.mirror.resynced"  # a dropped leg rebuilt by lun-resync: the mirror is whole again
 
 # Service lifecycle: sent by shared/managed.py (a managed process; standalone, nothing is sent)
 SERVICE_STARTED = "service.started"
 SERVICE_APPLIED = "service.applied"
 SERVICE_APPLY_FAILED = "service.apply_failed"
 SERVICE_STOPPING = "service.stopping"
-
-# Long operations (image import/export, LUN resync...): progress and the end, tied by `op`, an id the requester
-# chose; `bootfleet` follows them with events-wait (docs/control.md, "Long operations")
-OPERATION_PROGRESS = "operation.progress"
-OPERATION_FINISHED = "operation.finished"
 
 # Images (issue 13, docs/images.md): the iSCSI target's overlay reset at power-on and quota events, the
 # controller's publish, rollback and operator resets
@@ -116,29 +113,6 @@ class ServiceApplyFailed(Event):
 class ServiceStopping(Event):
     type: ClassVar[str] = SERVICE_STOPPING
     pid: int
-
-
-@event
-class OperationProgress(Event):
-    """`done` of `total` `unit`s (total None: not known); sent at most every 1 % or every second."""
-
-    type: ClassVar[str] = OPERATION_PROGRESS
-    op: str
-    name: str  # the command that started it: image-import, lun-resync
-    done: int
-    total: int | None = None
-    unit: str = "bytes"
-
-
-@event
-class OperationFinished(Event):
-    """The end of an operation: `ok`, and one line saying what happened (the error, when not ok)."""
-
-    type: ClassVar[str] = OPERATION_FINISHED
-    op: str
-    name: str
-    ok: bool
-    text: str = ""
 
 
 @event

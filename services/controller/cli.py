@@ -25,7 +25,7 @@ import msgpack
 import yaml
 import zmq
 
-from services.controller import cli_images
+from services.controller import cli_images, cli_media
 from services.controller.cli_progress import follow_operation
 from services.controller.commands import COMMANDS, summary
 from shared.bus.endpoints import control_endpoint
@@ -520,6 +520,9 @@ def build_parser() -> argparse.ArgumentParser:
     cli_images.add_parsers(sub, add)
     sub.choices["image"].set_defaults(fn=lambda ctl, args: cli_images.cmd_image(
         ctl, args, table=_table, answer_of=_answer, error=CliError))
+
+    cli_media.add_parsers(sub, add)
+    sub.choices["lun"].set_defaults(fn=lambda ctl, args: cli_media.cmd_lun(ctl, args, error=CliError))
 
     le = add(sub, "leases", summary("lease-list"))
     le.add_argument("--all", action="store_true", help="include released and expired leases")

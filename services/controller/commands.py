@@ -449,3 +449,4 @@ def version_get(ctl, envelope, args):
 
 
 from services.controller import image_commands  # noqa: E402  (registers image-* and client-reset in COMMANDS)
+from services.controller import media_commands  # noqa: E402  (registers lun-resync)

@@ -158,3 +158,33 @@ class QuotaReached(Event):
     used: int
     quota: int | None
     reason: str  # quota | reserve | enospc
+
+
+# ---------------------------------------------------------------------------------------------- mirrors (RAID-1)
+@event
+class MirrorLegDropped(Event):
+    """A mirror LUN's leg failed (I/O error, file gone, disk full) and is out; the LUN serves from the other.
+    `bootfleet lun resync TARGET LUN` rebuilds it."""
+
+    type: ClassVar[str] = bus.ISCSI_MIRROR_LEG_DROPPED
+    target: str
+    lun: int
+    leg: int  # 0 or 1, as listed in backstore.legs
+    name: str  # the leg's file or device
+    reason: str
+    mirror: str  # the mirror's id (its state file <state>/mirrors/<id>.json)
+
+
+@event
+class MirrorResynced(Event):
+    """A dropped leg rebuilt by a resync (operation `op`): both legs in sync again."""
+
+    type: ClassVar[str] = bus.ISCSI_MIRROR_RESYNCED
+    target: str
+    lun: int
+    leg: int
+    name: str
+    mirror: str
+    bytes: int  # copied
+    seconds: float
+    op: str

@@ -35,6 +35,7 @@ class MirrorEvents:
 
 
 mirror_events = MirrorEvents()
+mirror_luns: dict[str, tuple[str, int]] = {}  # mirror id -> (target, LUN), filled by the service's build_lun
 
 
 def _block(spec, readonly: bool | None = None):

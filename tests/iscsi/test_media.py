@@ -72,7 +72,8 @@ def test_the_service_resyncs_a_mirror_lun_on_command(tmp_path):
     target = "iqn.2026-11.org.test:m"
     config = BootfleetConfig(iscsi={"portals": [{"ip": "127.0.0.1", "port": port}], "io_stats_interval": 0,
                                     "targets": [{"name": target, "luns": [{"id": 3, "backstore": mirror_spec().model_dump()}]}]})
-    svc = IscsiTargetService(ServiceContext("iscsi_target", 0, tmp_path, lambda t, f: None))
+    sent = []
+    svc = IscsiTargetService(ServiceContext("iscsi_target", 0, tmp_path, lambda t, f: sent.append((t, f))))
 
     async def scenario():
         await svc.start(config)
@@ -82,8 +83,19 @@ def test_the_service_resyncs_a_mirror_lun_on_command(tmp_path):
             (tmp_path / "legs" / "b.img").unlink()
             m.sync()
             assert m.state == [IN_SYNC, FAILED]
-            await svc.command("lun-resync", {"target": target, "lun": 3})
+            dropped = [f for t, f in sent if t == "iscsi.mirror.leg_dropped"]
+            assert dropped == [{"target": target, "lun": 3, "leg": 1, "name": str(tmp_path / "legs" / "b.img"),
+                                "reason": "the file was removed (errno 0)", "mirror": m.ident}]
+            await svc.command("lun-resync", {"target": target, "lun": 3, "op": "0123456789ab"})
             assert m.state == [IN_SYNC, IN_SYNC]
+            progress = [f["done"] for t, f in sent if t == "operation.progress"]
+            assert progress[0] == 0 and progress[-1] == 4 * MiB and progress == sorted(progress)
+            done = [f for t, f in sent if t == "operation.finished"]
+            assert len(done) == 1 and done[0]["ok"] and done[0]["op"] == "0123456789ab", done
+            assert [f["leg"] for t, f in sent if t == "iscsi.mirror.resynced"] == [1]
+            await svc.command("lun-resync", {"target": target, "lun": 2, "op": "x"})
+            assert sent[-1] == ("operation.finished", {"op": "x", "name": "lun-resync", "ok": False,
+                                                       "text": f"{target} has no LUN 2"})
             assert (tmp_path / "legs" / "b.img").read_bytes()[:4096] == b"s" * 4096
         finally:
             await svc.stop()
