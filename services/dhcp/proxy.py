@@ -42,7 +42,8 @@ from services.dhcp.core import BROADCAST, CLIENT_PORT, Interface, Reply
 from services.dhcp.packet import ip_int, ip_str
 from services.dhcp.scopes import merge_options
 from services.dhcp.allocator import serves
-from shared.boot import assignment_for, chap_for, file_url, root_path, target_for
+from services.dhcp.boot_answer import ISCSI_INITIATOR_IQN
+from shared.boot import assignment_for, chap_for, file_url, pc_initiator_iqn, root_path, target_for
 from shared.events import Event
 
 log = logging.getLogger("bootfleet.dhcp.proxy")
@@ -258,6 +259,9 @@ class ProxyCore:
             rpath = root_path(config, server_ip, mac)
             if rpath:
                 merged[opt.ROOT_PATH] = rpath.encode()
+            client = assignment_for(config, mac)
+            if client is not None and client.image:  # its own initiator name, as the DHCP server's answer
+                merged[ISCSI_INITIATOR_IQN] = pc_initiator_iqn(config, client).encode()
             subs = {opt.IPXE_KEEP_SAN: b"\x01" if config.boot.keep_san else b"\x00"}
             target = target_for(config, mac)
             creds = chap_for(config, target[0]) if target else None

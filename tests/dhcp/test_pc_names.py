@@ -50,3 +50,19 @@ def test_the_prefix_is_configurable_and_others_get_no_203():
     for mac, options in ((bytes.fromhex("0200000000bb"), IPXE), (bytes.fromhex("020000000099"), IPXE), (PC1, PXE_BIOS)):
         _, msg = send(srv, pk.DISCOVER, mac, options=options)
         assert ISCSI_INITIATOR_IQN not in msg.options
+
+
+def test_proxy_dhcp_gives_a_pc_on_an_image_its_names_too():
+    from services.dhcp.proxy import ProxyCore
+    from tests.dhcp.test_proxy import IFACE, IPXE as PROXY_IPXE, request
+
+    proxy = ProxyCore(config_from_dict({
+        "boot": {"server": "10.0.0.2"}, "images": [{"name": "win10"}],
+        "clients": [{"mac": "52:54:00:00:00:01", "name": "pc1", "image": "win10"}],
+        "dhcp": {"mode": "proxy", "interfaces": [{"name": "eth0"}]}}))
+    reply = proxy.handle(request(pk.DISCOVER, PC1, PROXY_IPXE), IFACE, 1000.0)
+    msg = pk.parse(reply.data)
+    assert msg.options[ISCSI_INITIATOR_IQN] == b"iqn.2026-12.org.bootfleet:pc.pc1"
+    assert boot_of(msg)[2] == "iscsi:10.0.0.2::::iqn.2026-12.org.bootfleet:win10.pc1"
+    reply = proxy.handle(request(pk.DISCOVER, bytes.fromhex("020000000077"), PROXY_IPXE), IFACE, 1000.0)
+    assert reply is None or ISCSI_INITIATOR_IQN not in pk.parse(reply.data).options
