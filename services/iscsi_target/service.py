@@ -368,6 +368,9 @@ class IscsiTargetService(BaseService):
             return
         if event.mac is None and event.ip:
             mac = self.ctx.mac_for_ip(event.ip)
+            if mac is None and self.pcs is not None and not isinstance(event, ev.LoginFailed):
+                disk = self.pcs.find(getattr(event, "target", ""))  # a session of a PC's own target is that PC's
+                mac = disk.spec.mac if disk else None
             if mac:
                 event = event.with_mac(mac)
         self.ctx.emit(event)

@@ -114,6 +114,9 @@ def test_only_the_pc_itself_may_log_in(running):
     s.logout()
     failed = support.wait_for(lambda: r.of(bus.ISCSI_LOGIN_FAILED), 5)
     assert "is not PC pc1" in failed[0]["reason"]
+    # the PC's sessions are filed under its MAC (no DHCP lease here); a stranger's refusal is not
+    logins = support.wait_for(lambda: [f for f in r.of(bus.ISCSI_LOGIN) if f["target"] == target("pc1")], 5)
+    assert logins[0]["mac"] == MAC["pc1"] and "mac" not in failed[0]
 
 
 def test_refuse_mode_refuses_the_login(running):
