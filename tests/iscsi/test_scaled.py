@@ -296,3 +296,35 @@ def test_aptpl_reservation_survives_its_owners_kill9(cluster):
         a.close()
     finally:
         cluster.start(owner)
+
+
+def test_a_hand_over_to_a_non_owner_is_forwarded_to_the_owner(cluster):
+    """The race the forwarding covers: a connection handed to an instance that does not own the target (it
+    was chosen before someone else took the lock) goes on to the lock's holder, which answers the login."""
+    from services.iscsi_target import pdu as P
+    from services.iscsi_target.handoff import Handoff
+
+    target = TARGETS[5]
+    owner = cluster.owner(target)
+    other = next(i for i in range(3) if i != owner)
+    sender = Handoff(cluster.tmp / "iscsi", 7, lambda *a: None)  # a fourth "instance": this test
+    server = socket.create_server(("127.0.0.1", 0))
+    try:
+        client = socket.create_connection(server.getsockname(), timeout=10)
+        accepted, _ = server.accept()
+        data = P.encode_text([("InitiatorName", "iqn.2026-11.org.test:forwarded"), ("TargetName", target)])
+        login = P.encode_request(P.OP_LOGIN_REQ, immediate=True, flags=0x87, lun=0x800000000F0F << 16, itt=1,
+                                 words=(0, 1, 0, 0, 0, 0, 0), data=data)
+        forwarded_before = cluster.log(other).read_text().count(f"for {target} handed to instance {owner}")
+        assert sender.send(other, accepted, login)
+        accepted.close()
+        head = client.recv(48, socket.MSG_WAITALL)
+        assert P.parse_header(head).opcode == P.OP_LOGIN_RSP and P.parse_header(head).login_status == 0
+        client.close()
+        support.wait_for(lambda: cluster.log(other).read_text().count(f"for {target} handed to instance {owner}")
+                         == forwarded_before + 1, what="the forward in the non-owner's log")
+        support.wait_for(lambda: "initiator=iqn.2026-11.org.test:forwarded" in cluster.log(owner).read_text(),
+                         what="the login in the owner's log")
+    finally:
+        sender.close()
+        server.close()
