@@ -12,7 +12,7 @@ PACKAGES=(
   qemu-system-x86 ipxe-qemu ipxe
   ovmf grub-efi-amd64-bin grub-common
   syslinux extlinux syslinux-common mtools dosfstools fdisk busybox-static cpio lz4
-  xorriso e2fsprogs util-linux
+  xorriso isolinux e2fsprogs util-linux
   nginx
   chromium chromium-driver prometheus openssl  # tests/web: a browser, a real Prometheus (its daemon kept stopped too)
 )

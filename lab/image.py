@@ -49,6 +49,7 @@ MODULES = [
     "iscsi_tcp",  # open-iscsi's transport
     "iscsi_ibft",  # /sys/firmware/ibft: what iPXE left for the OS
     "crc32c_generic",  # libiscsi_tcp asks the crypto API for crc32c (digests) when a session starts
+    "sr_mod", "cdrom", "isofs",  # a CD/DVD LUN as /dev/sr0 and its ISO 9660 file system (lab/installer.py)
 ]
 
 # /init of the guest. It runs under busybox sh; its output goes to the serial console (console=ttyS0).
@@ -82,6 +83,31 @@ while [ -z "$disk" ] && [ $i -lt 200 ]; do
     [ -z "$disk" ] && { sleep 0.1; i=$((i + 1)); }
 done
 [ -n "$disk" ] || fail "no disk appeared after the iSCSI login"
+# a CD/DVD LUN (Linux's sr driver over iSCSI): its ISO 9660 file system mounted, a known file read; expected on a
+# target named *-cd* (lab/installer.py) and always by the installer (bootfleet.install on the kernel line)
+cdrom() {
+    i=0
+    while [ ! -b /dev/sr0 ] && [ $i -lt 150 ]; do sleep 0.1; i=$((i + 1)); done
+    [ -b /dev/sr0 ] || fail "no /dev/sr0 after the iSCSI login (the CD/DVD LUN)"
+    mkdir -p /cdrom
+    mount -t iso9660 -o ro /dev/sr0 /cdrom 2>/tmp/mount.log || { cat /tmp/mount.log; fail "mount -t iso9660 /dev/sr0"; }
+    echo "BOOTFLEET-CDROM $(head -c 64 /cdrom/BOOTFLEET.TXT 2>/dev/null | tr -dc 'A-Za-z0-9-') uptime=$(up)"
+}
+if grep -q bootfleet.install /proc/cmdline; then
+    # the installer (lab/installer.py): the network disk the iBFT names gets the system the disc carries
+    cdrom
+    [ -f /cdrom/install/disk.img ] || fail "the installer disc has no /install/disk.img"
+    echo "BOOTFLEET-INSTALLING onto /dev/$disk ($(cat /sys/block/$disk/size) sectors) uptime=$(up)"
+    dd if=/cdrom/install/disk.img of=/dev/$disk bs=1M conv=fsync 2>/tmp/dd.log || { cat /tmp/dd.log; fail "dd onto /dev/$disk"; }
+    sync
+    echo "BOOTFLEET-INSTALLED $(dd if=/dev/$disk bs=512 skip=@TOKEN_SECTOR@ count=1 2>/dev/null | tr -dc 'A-Za-z0-9-' | head -c 64) uptime=$(up)"
+    umount /cdrom
+    poweroff -f
+    sleep 30
+fi
+case "$(cat /sys/firmware/ibft/target0/target-name /sys/firmware/ibft/target1/target-name 2>/dev/null)" in
+    *-cd*) cdrom; umount /cdrom ;;
+esac
 token=$(dd if=/dev/$disk bs=512 skip=@TOKEN_SECTOR@ count=1 2>/dev/null | tr -dc 'A-Za-z0-9-' | head -c 64)
 echo "BOOTFLEET-TOKEN $token"
 # a sector's "BOOTFLEET-<WORD> <32 hex>" line, read past the page cache (what the target serves now)

@@ -127,7 +127,8 @@ class Backstore(StrictModel):
                              + {"block": "device", "cdrom": "ISO image", "mirror": "legs"}[kind])
         if kind == "block" and not self.path.startswith("/dev/"):
             raise ValueError(f"path: a block backstore is a device under /dev/, not {self.path}")
-        if kind == "cdrom" and "block_size" in self.model_fields_set:
+        # 512 is the default a normalized config (the controller's published revision) carries for every LUN
+        if kind == "cdrom" and "block_size" in self.model_fields_set and self.block_size not in (512, 2048):
             raise ValueError("block_size: a cdrom has 2048-byte blocks")
         if self.direct and kind != "block":
             raise ValueError("direct: only a block backstore opens its device O_DIRECT")

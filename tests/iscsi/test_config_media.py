@@ -34,7 +34,7 @@ def test_accepted_forms():
     ({"type": "file", "path": "a.img", "size": 512, "direct": True}, "direct: only a block backstore"),
     ({"type": "cdrom"}, "path: a cdrom backstore needs a path"),
     ({"type": "cdrom", "path": "x.iso", "size": 4096}, "size: a cdrom backstore takes its size from the ISO image"),
-    ({"type": "cdrom", "path": "x.iso", "block_size": 512}, "block_size: a cdrom has 2048-byte blocks"),
+    ({"type": "cdrom", "path": "x.iso", "block_size": 4096}, "block_size: a cdrom has 2048-byte blocks"),
     ({"type": "mirror"}, "legs: a mirror needs exactly two legs, got 0"),
     ({"type": "mirror", "legs": [leg("a.img")]}, "legs: a mirror needs exactly two legs, got 1"),
     ({"type": "mirror", "legs": [leg("a.img"), {"type": "cdrom", "path": "x.iso"}]},
