@@ -269,3 +269,32 @@ def test_quota_threshold_then_data_protect_while_another_pc_goes_on(running):
                         "reason": "quota"}]
     full.logout()
     other.logout()
+
+
+def test_the_stores_free_space_reserve_refuses_writes_with_the_same_sense(running, tmp_path):
+    r = running({"pc1": {}})
+    st = os.statvfs(tmp_path)
+    free = st.f_bavail * st.f_frsize
+    config = r.config({"pc1": {}})
+    r.call(r.svc.apply(config.model_copy(update={"image_store": config.image_store.model_copy(
+        update={"reserve": free + (1 << 30)})})))  # more than is free: no overlay may grow
+    s = r.session("pc1")
+    assert s.write(0, b"r" * 4096) == (2, (0x07, 0x27, 0x07))
+    assert s.read(0, 8) == r.base[:4096]
+    s.logout()
+    reached = support.wait_for(lambda: r.of(bus.IMAGE_QUOTA_REACHED), 5)
+    assert reached[0]["reason"] == "reserve" and reached[0]["quota"] is None
+
+
+def test_a_new_mode_applies_when_the_disk_next_opens(running):
+    r = running({"pc1": {"mode": "persistent"}})
+    s = r.session("pc1")
+    assert s.write(0, b"m" * 4096) == (0, None)
+    r.call(r.svc.apply(r.config({"pc1": {"mode": "readonly"}})))
+    assert s.write(8, b"m" * 4096) == (0, None)  # the open disk keeps its mode while logged in
+    s.logout()
+    assert support.wait_for(closed(r, "pc1"), 5)
+    s = r.session("pc1")
+    assert s.write(0, b"x" * 4096) == (2, (0x07, 0x27, 0x00))
+    assert s.read(0, 8) == r.base[:4096]  # readonly: the version itself, not the overlay
+    s.logout()
