@@ -184,3 +184,58 @@ def test_kill_9_under_write_and_flush_keeps_every_flushed_write(pc_target):
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 0 and "Pattern verification failed" not in r.stdout + r.stderr, (r.stdout + r.stderr)[-2000:]
     assert r.stdout.count("read 65536/65536") == flushed
+
+
+def test_two_processes_one_owner_per_pc_and_a_new_owner_after_kill_9(tmp_path):
+    """scale.iscsi_target 2: every PC's disk is opened by one process only (its target's owner), whichever
+    process the kernel hands the connection to; the owner killed with SIGKILL, the other serves the PC's
+    persistent overlay with every flushed write."""
+    t = PcTarget(tmp_path, "persistent")
+    pcs = [f"p{n}" for n in range(4)]
+    clients = ", ".join(f"{{mac: '52:54:00:00:02:0{n}', name: {p}, image: win10, mode: persistent}}"
+                        for n, p in enumerate(pcs))
+    text = t.cfg.read_text().replace("version: 1\n", "version: 1\nscale: {iscsi_target: 2}\n")
+    t.cfg.write_text(re.sub(r"clients: \[.*\]", f"clients: [{clients}]", text))
+    procs, logs = {}, {i: tmp_path / f"target-{i}.log" for i in (0, 1)}
+
+    def start(i):
+        with open(logs[i], "ab") as logf:
+            procs[i] = subprocess.Popen([sys.executable, "-m", "services.iscsi_target", "--config", str(t.cfg),
+                                         "--state-dir", str(tmp_path), "--instance", str(i)], cwd=support.ROOT,
+                                        stdout=logf, stderr=subprocess.STDOUT)
+        support.wait_for(lambda: "listening on" in logs[i].read_text(), 15, what=f"instance {i} listening")
+
+    def opts(p):
+        return (f"driver=iscsi,transport=tcp,portal=127.0.0.1:{t.port},target=iqn.2026-12.org.bootfleet:win10.{p},"
+                f"lun=0,initiator-name=iqn.2026-12.org.bootfleet:pc.{p}")
+
+    def qio(p, *cmds):
+        args = [tool("qemu-io"), "--image-opts", opts(p)]
+        for c in cmds:
+            args += ["-c", c]
+        r = subprocess.run(args, capture_output=True, text=True, timeout=60)
+        assert r.returncode == 0 and "Pattern verification failed" not in r.stdout + r.stderr, r.stdout + r.stderr
+        return r
+
+    def openers(p):
+        return [i for i in (0, 1) if f"PC {p}: disk open" in logs[i].read_text()]
+
+    try:
+        start(0)
+        start(1)
+        for n, p in enumerate(pcs):
+            for _ in range(3):  # three sessions each: the kernel spreads connections over both processes
+                qio(p, f"write -P {n + 1} 0 64k", "flush")
+            qio(p, f"read -P {n + 1} 0 64k")
+            assert len(openers(p)) == 1, (p, openers(p))
+        assert {openers(p)[0] for p in pcs} == {0, 1}  # the PCs' owners are spread over both (owners.hrw_order)
+        owner = openers(pcs[0])[0]
+        os.kill(procs[owner].pid, signal.SIGKILL)  # by PID: a process this test started
+        procs[owner].wait(10)
+        qio(pcs[0], "read -P 1 0 64k")  # the other process owns it now and finds every flushed write
+        assert f"PC {pcs[0]}: disk open" in logs[1 - owner].read_text()
+    finally:
+        for proc in procs.values():
+            if proc.poll() is None:
+                proc.terminate()
+                proc.wait(12)
