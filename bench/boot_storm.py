@@ -11,7 +11,8 @@ the first start to the last exit. Three servers, rounds interleaved:
   to the overlays;
 - tgtd, shared: the same raw image as LUN 1 of every PC's target, read-only (the best tgtd can do: it has
   no overlays), plus a 2 MiB scratch file per PC as LUN 2 that takes its 1 MiB;
-- tgtd, copies: every PC its own full copy of the image (the lab's way today), writes into it.
+- tgtd, copies: every PC its own full copy of the image (the lab's way today), writes into it;
+- ours, copies: our target serving those copies as plain file LUNs (what the overlays cost in the storm).
 Speed ratio = tgtd's time / ours (goal: ours >= 1.2x). Then the page-cache check: `fincore` of the version
 file (cached bytes against its size: one copy for all PCs), the overlays' allocated bytes, and the cached
 bytes of tgtd's 20 copies.
@@ -139,7 +140,7 @@ iscsi:
 {extra_targets}
 images: [{{name: win10}}]
 clients:
-{clients}
+{clients or "  []"}
 """)
     out = []
     for i in range(scale):  # processes sharing the port: each PC's target served by its owner (owners.py)
@@ -216,12 +217,17 @@ def boot_storm(tmp: Path, args, procs: list) -> None:
         s = tmp / f"scratch-{i:02d}.raw"
         s.write_bytes(bytes(2 * MB))
         scratch.append(s)
-    oport, o2port, sport, cport = free_port(), free_port(), free_port(), free_port()
+    oport, o2port, sport, cport, fport = free_port(), free_port(), free_port(), free_port(), free_port()
     ours = start_ours(tmp, oport, n)
     (tmp / "s2").mkdir()
     (tmp / "s2/images").symlink_to(tmp / "images")  # the same store; owner locks of its own (runs take turns)
     ours2 = start_ours(tmp / "s2", o2port, n, scale=2)
-    procs += ours + ours2
+    (tmp / "files").mkdir()
+    files_targets = "  targets:\n" + "".join(
+        f"    - {{name: '{TGT_PREFIX}:{pc(i)}', luns: [{{id: 1, backstore: {{type: file, path: {copies[i]}, create: false}}}}]}}\n"
+        for i in range(n))
+    ours_files = start_ours(tmp / "files", fport, 0, files_targets)  # ours without overlays: file LUNs of the copies
+    procs += ours + ours2 + ours_files
     shared = Tgtd(tmp, sport)
     copied = Tgtd(tmp, cport)
     procs += [shared.proc, copied.proc]
@@ -236,6 +242,8 @@ def boot_storm(tmp: Path, args, procs: list) -> None:
         "ours, scale 2": [(ours_url(o2port, i), (ours_url(o2port, i), WRITE_AT)) for i in range(n)],
         "tgtd shared read-only": shared_urls,
         f"tgtd {n} copies": copies_urls,
+        f"ours, {n} copies": [(u.replace(f":{cport}/", f":{fport}/"), (w.replace(f":{cport}/", f":{fport}/"), o))
+                              for u, (w, o) in copies_urls],
     }
     files = [version, raw, *copies]
 
@@ -274,12 +282,15 @@ def boot_storm(tmp: Path, args, procs: list) -> None:
             for label in ("tgtd shared read-only", f"tgtd {n} copies"):
                 line += f"; vs {label} {med[label]:5.2f} s: {med[label] / med[mine]:.2f}x its speed"
             print(line + " (goal >= 1.2x)")
+        own = f"ours, {n} copies"
+        print(f"  {own:14s} {med[own]:5.2f} s: our target without overlays (file LUNs of the copies); the overlays' "
+              f"storm is {med[own] / med['ours']:.2f}x its speed")
     in_cache, count, allocated = cached
     print(f"page cache right after our first warm storm: version file {in_cache / MB:.1f} MiB cached of "
           f"{version.stat().st_size / MB:.0f} MiB: one copy for {n} PCs; {count} overlays hold "
           f"{allocated / MB:.1f} MiB on disk ({allocated / max(1, count) / MB:.2f} MiB each); tgtd's {n} copies: "
           f"{sum(fincore(c) for c in copies) / MB:.0f} MiB cached of {n * IMAGE_SIZE / MB:.0f} MiB after its last storm")
-    for p in ours + ours2 + [shared.proc, copied.proc]:
+    for p in ours + ours2 + ours_files + [shared.proc, copied.proc]:
         stop(p)
         procs.remove(p)
 
