@@ -87,6 +87,29 @@ def test_waterfall_of_a_boot_still_under_way_and_of_none():
     assert [p.name for p in waterfall.phases(http)] == ["DHCP", "TFTP/HTTP", "iSCSI login"]
 
 
+def test_waterfall_in_the_order_things_happened():
+    """iPXE given a root-path logs in and reads the disk (attaching it) before it fetches its script, as the lab's
+    PCs do (a real timeline of tests/e2e/test_boot.py)."""
+    steps = [
+        {"t": 0.0, "step": "DHCP discover", "detail": ""},
+        {"t": 0.0, "step": "DHCP offer", "detail": "10.77.0.101"},
+        {"t": 0.004, "step": "DHCP ack", "detail": "10.77.0.101"},
+        {"t": 0.118, "step": "iSCSI login (firmware)", "detail": "iqn.2010-04.org.ipxe:pc0"},
+        {"t": 0.121, "step": "first READ", "detail": "iqn.2026-11.org.bootfleet:lab-pc0 lun 0"},
+        {"t": 0.13, "step": "TFTP start", "detail": "boot.ipxe"},
+        {"t": 0.133, "step": "TFTP file", "detail": "boot.ipxe"},
+        {"t": 4.586, "step": "iSCSI logout", "detail": ""},
+        {"t": 5.048, "step": "iSCSI login (OS)", "detail": "iqn.2010-04.org.ipxe:pc0"},
+        {"t": 5.154, "step": "first READ", "detail": "iqn.2026-11.org.bootfleet:lab-pc0 lun 0"},
+        {"t": 6.0, "step": "TFTP file", "detail": "later.cfg"},  # after the OS's login: the OS's, not the firmware's
+    ]
+    found = waterfall.phases(steps)
+    assert [(p.name, p.start, p.end) for p in found] == [
+        ("DHCP", 0.0, 0.004), ("iSCSI login", 0.004, 0.118), ("first READ", 0.118, 0.121), ("TFTP/HTTP", 0.121, 0.133),
+        ("OS login", 0.133, 5.048)]
+    assert found[3].detail == "boot.ipxe"
+
+
 def test_the_hash_helper_prints_a_hash_the_config_takes(monkeypatch, capsys):
     import io
 

@@ -1,10 +1,13 @@
 """A PC's boot as a waterfall: the phases between the milestones of `client-get`'s timeline, drawn as SVG.
 
-The phases, each ending at its milestone and starting where the one before ended:
-DHCP (discover → ack), TFTP/HTTP (→ the last file loaded before the firmware's login), iSCSI login (→ the
-firmware's login), first READ (→ the first READ), OS login (→ the OS's own login). A milestone the timeline
-lacks (a PC still booting, or HTTP boot without TFTP) leaves its phase out; the next one starts at the last
-milestone reached. Pure: a list of timeline steps in, phases or SVG text out.
+The milestones: DHCP (the ack), TFTP/HTTP (the last file loaded before the OS's login), iSCSI login (the
+firmware's login), first READ (the first READ after that login), OS login (the OS's own login). Each phase ends
+at its milestone and starts where the one before ended, in the order they happened: an iPXE handed a root-path
+attaches the SAN disk (logging in, reading its first sectors) before it fetches its script, as the lab's PCs
+do, so its waterfall reads DHCP → iSCSI login → first READ → TFTP/HTTP → OS login (the last one the firmware
+loading and starting the OS from the disk); a chain-loading PXE ROM's reads DHCP → TFTP/HTTP → iSCSI login →
+.... A milestone the timeline lacks (a PC still booting, a boot with no file over TFTP or HTTP) leaves its
+phase out. Pure: a list of timeline steps in, phases or SVG text out.
 """
 
 from __future__ import annotations
@@ -36,28 +39,26 @@ def _first(steps, names, after: float = -1.0):
 def phases(steps: list[dict[str, Any]]) -> list[Phase]:
     if not steps:
         return []
-    out: list[Phase] = []
-    start = steps[0]["t"]
     discover = _first(steps, ("DHCP discover", "DHCP offer"))
-    ack = _first(steps, ("DHCP ack",))
-    if ack:
-        out.append(Phase("DHCP", discover["t"] if discover else start, ack["t"], ack.get("detail", "")))
-        start = ack["t"]
     fw = _first(steps, ("iSCSI login (firmware)",))
-    files = [s for s in steps if s["step"] in ("TFTP file", "HTTP file") and (fw is None or s["t"] <= fw["t"])]
-    if files:
-        out.append(Phase("TFTP/HTTP", start, files[-1]["t"], ", ".join(s.get("detail", "") for s in files)))
-        start = files[-1]["t"]
-    if fw:
-        out.append(Phase("iSCSI login", start, fw["t"], fw.get("detail", "")))
-        start = fw["t"]
-    read = _first(steps, ("first READ",), after=start)
-    if read:
-        out.append(Phase("first READ", start, read["t"], read.get("detail", "")))
-        start = read["t"]
-    os_login = _first(steps, ("iSCSI login (OS)",), after=start)
-    if os_login:
-        out.append(Phase("OS login", start, os_login["t"], os_login.get("detail", "")))
+    read = _first(steps, ("first READ",), after=fw["t"] if fw else -1.0)
+    os_login = _first(steps, ("iSCSI login (OS)",), after=(read or fw or {"t": -1.0})["t"])
+    # the files the firmware loaded (before or after it attached the disk); any after the OS's login are the OS's
+    files = [s for s in steps if s["step"] in ("TFTP file", "HTTP file") and (os_login is None or s["t"] <= os_login["t"])]
+    ack = _first(steps, ("DHCP ack",))
+    milestones = [
+        ("DHCP", ack, ack.get("detail", "") if ack else ""),
+        ("TFTP/HTTP", files[-1] if files else None, ", ".join(s.get("detail", "") for s in files)),
+        ("iSCSI login", fw, fw.get("detail", "") if fw else ""),
+        ("first READ", read, read.get("detail", "") if read else ""),
+        ("OS login", os_login, os_login.get("detail", "") if os_login else ""),
+    ]
+    out: list[Phase] = []
+    start = discover["t"] if discover else steps[0]["t"]
+    # in the order they happened; a tie keeps the usual order (sorted() is stable)
+    for name, step, detail in sorted((m for m in milestones if m[1] is not None), key=lambda m: m[1]["t"]):
+        out.append(Phase(name, start, step["t"], detail))
+        start = step["t"]
     return out
 
 
