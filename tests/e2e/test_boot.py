@@ -5,10 +5,13 @@ kernel and initramfs read from our target -> the OS logs in again from the iBFT,
 from __future__ import annotations
 
 import json
+import time
 
 import pytest
 
+from browser_support import chromium, in_netns, shot
 from lab.scenario import BootfleetLab, ReferenceLab
+from support import ROOT, wait_for
 
 pytestmark = [pytest.mark.integration, pytest.mark.netns]
 
@@ -16,6 +19,7 @@ pytestmark = [pytest.mark.integration, pytest.mark.netns]
 # 175.176 (no-pxedhcp) and answers the router solicitation, so it must be done in well under that.
 DHCP_BUDGET_S = 5.0
 
+ARTIFACTS = ROOT / "var" / "test-artifacts" / "web"
 TIMELINE_STEPS = ["DHCP discover", "DHCP ack", "TFTP file", "iSCSI login (firmware)", "first READ", "iSCSI login (OS)"]
 
 
@@ -79,6 +83,91 @@ def test_two_pcs_boot_two_targets_through_bootfleet(workdir, boot_disk):
         assert after[results[1].mac]["state"] == "released" and after[results[0].mac]["state"] == "bound", after
         unknown = bl.stack.cli("lease", "release", "52:54:00:99:99:99")
         assert unknown.returncode == 1 and "no DHCP process released" in unknown.stderr
+
+        # the dashboard of this stack, in chromium inside the lab's namespace (its web server is on the
+        # namespace's 127.0.0.1:8080): the PC that really booted, its real waterfall, an action the CLI then sees
+        started = time.monotonic()
+        in_netns(bl.lab.name, lambda: _dashboard_of_the_lab(bl, results[0], workdir))
+        print(f"\ndashboard in chromium: {time.monotonic() - started:.1f} s")
+
+
+def _milestones(timeline):
+    """Each waterfall phase's end in `bootfleet client MAC`'s timeline, in time order: the DHCP ack, the last file
+    before the OS's login, the firmware's login, the first READ after it, the OS's login after that. (These PCs
+    log in and read their disk before they fetch the script: iPXE attaches the root-path's disk first.)"""
+    def first(step, after=-1.0):
+        return next(s["t"] for s in timeline if s["step"] == step and s["t"] >= after)
+
+    fw = first("iSCSI login (firmware)")
+    read = first("first READ", fw)
+    os_login = first("iSCSI login (OS)", read)
+    ends = {"DHCP": first("DHCP ack"),
+            "TFTP/HTTP": max(s["t"] for s in timeline if s["step"] in ("TFTP file", "HTTP file") and s["t"] <= os_login),
+            "iSCSI login": fw, "first READ": read, "OS login": os_login}
+    return sorted(ends.items(), key=lambda kv: kv[1])  # stable: a tie keeps the usual order, as the page does
+
+
+def _dashboard_of_the_lab(bl, pc, workdir):
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support import expected_conditions as EC
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    url = "http://127.0.0.1:8080"  # web: the defaults, as the lab's config leaves them
+    token = (bl.stack.state_dir / "web-token").read_text().strip()
+    with chromium(workdir) as browser:
+        wait = WebDriverWait(browser, 30)
+        browser.get(url + "/login")
+        browser.find_element(By.ID, "secret").send_keys(token)
+        browser.find_element(By.ID, "login").click()
+        wait.until(EC.url_to_be(url + "/"))
+
+        # the fleet: the booted PC as the CLI lists it
+        row = wait.until(EC.presence_of_element_located((By.CSS_SELECTOR, f'#fleet tr[data-mac="{pc.mac}"]')))
+        cells = [td.text for td in row.find_elements(By.TAG_NAME, "td")]
+        cli = next(c for c in bl.stack.cli_json("clients")["clients"] if c["mac"] == pc.mac)
+        assert cells[:4] == [pc.name, pc.mac, cli["state"], cli["ip"]], (cells, cli)
+        assert cli["state"] in ("running", "off"), cli  # it booted its OS (and powered itself off since)
+        assert cells[10] != "-", cells  # its last boot
+        shot(browser, ARTIFACTS, "lab-fleet")
+
+        # its page: the real boot as a waterfall, each phase ending at its milestone in `bootfleet client MAC`
+        browser.get(f"{url}/pc/{pc.mac}")
+        phases = wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, "svg.waterfall g.phase"))
+        names = [p.get_attribute("data-phase") for p in phases]
+        durations = [float(p.get_attribute("data-duration")) for p in phases]
+        timeline = bl.stack.cli_json("client", pc.mac)["timeline"]
+        expected = _milestones(timeline)
+        why = json.dumps({"page": list(zip(names, durations)), "timeline": timeline})
+        assert names == [name for name, _ in expected], why
+        ends = [t for _, t in expected]
+        starts = [next(s["t"] for s in timeline if s["step"] == "DHCP discover"), *ends[:-1]]
+        assert durations == pytest.approx([end - start for start, end in zip(starts, ends)], abs=0.002), why
+        assert all(p.find_element(By.TAG_NAME, "rect").size["width"] > 0 for p in phases)
+        phase_table = browser.find_element(By.CSS_SELECTOR, "table.phases").text
+        for name, d in zip(names, durations):
+            assert f"{name} " in phase_table and f"{d:.3f}" in phase_table, phase_table
+        assert "iscsi.login" in browser.find_element(By.CSS_SELECTOR, "table.events").text
+        shot(browser, ARTIFACTS, "lab-pc")
+
+        # an action: restart the TFTP service through its confirmation; the CLI then reports a new tftp[0]
+        def tftp0():
+            return next(p for p in bl.stack.cli_json("status")["processes"] if (p["service"], p["instance"]) == ("tftp", 0))
+
+        before = tftp0()
+        browser.get(url + "/services")
+        browser.find_element(By.CSS_SELECTOR, '#scale tr[data-service="tftp"] button[data-command="service-restart"]').click()
+        dialog = wait.until(EC.visibility_of_element_located((By.ID, "confirm")))
+        assert "tftp" in dialog.text
+        shot(browser, ARTIFACTS, "lab-services-confirm")
+        browser.find_element(By.ID, "confirm-ok").click()
+        wait.until(lambda d: "restarted" in d.find_element(By.ID, "flash").text or "error" in d.find_element(By.ID, "flash").get_attribute("class"))
+        assert "error" not in browser.find_element(By.ID, "flash").get_attribute("class"), browser.find_element(By.ID, "flash").text
+        after = wait_for(lambda: (p := tftp0())["pid"] != before["pid"] and p.get("health") == "ok" and p,
+                         timeout=60, interval=0.3, what="a new tftp[0] in bootfleet status")
+        wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, '#processes tr[data-service="tftp"]')
+                   and str(after["pid"]) in d.find_element(By.CSS_SELECTOR, '#processes tr[data-service="tftp"]').text)
+        shot(browser, ARTIFACTS, "lab-services")
 
 
 def test_boot_disk_boots_through_reference_servers(workdir, boot_disk):

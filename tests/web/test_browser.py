@@ -4,46 +4,19 @@ a booted PC with its state and picks up a new one live, the PC page draws its wa
 the services page is what `bootfleet --json status` then reports. Screenshots of each page go to
 var/test-artifacts/web/."""
 
-import os
 import time
 
 import pytest
 
+from browser_support import chromium, shot
 from support import wait_for
 from web_support import MAC, WebStack, booted_pc
-
-CHROMIUM, CHROMEDRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"
-FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
-         "--disable-sync", "--no-first-run", "--disable-dev-shm-usage", "--window-size=1400,1000"]
 
 
 @pytest.fixture
 def browser(tmp_path):
-    for tool in (CHROMIUM, CHROMEDRIVER):
-        assert os.access(tool, os.X_OK), f"{tool} is missing: apt-get install chromium chromium-driver (deploy/system-deps.sh)"
-    from selenium import webdriver
-    from selenium.webdriver.chrome.service import Service
-
-    os.environ["SE_OFFLINE"] = "true"  # Selenium Manager must not look for drivers or browsers on the network
-    os.environ["SE_AVOID_STATS"] = "true"
-    options = webdriver.ChromeOptions()
-    options.binary_location = CHROMIUM
-    for flag in FLAGS:
-        options.add_argument(flag)
-    options.add_argument(f"--user-data-dir={tmp_path / 'chromium-profile'}")
-    driver = webdriver.Chrome(service=Service(CHROMEDRIVER, log_output=str(tmp_path / "chromedriver.log")), options=options)
-    driver.set_page_load_timeout(60)
-    try:
+    with chromium(tmp_path) as driver:
         yield driver
-    finally:
-        driver.quit()
-
-
-def shot(driver, artifacts, name):
-    path = artifacts / f"{name}.png"
-    driver.save_screenshot(str(path))
-    print(f"\nscreenshot: {path}")
-    return path
 
 
 @pytest.mark.integration
