@@ -186,6 +186,7 @@ def cmd_status(ctl: Control, args) -> int:
             f"controller  pid {c['pid']}  up {_ago(c['uptime'])}  revision {c['revision']}  "
             f"events {c['events_received']} received, {c['events_stored']} stored"
             + ("" if c["supervisord"] else "  (no supervisord)")
+            + _web_line(c.get("web"))
         )
         rows = []
         for p in a["processes"]:
@@ -213,6 +214,35 @@ def cmd_status(ctl: Control, args) -> int:
               f"{answer['arguments']['controller']['revision']}", file=sys.stderr)
         return 1
     return code
+
+
+def _web_line(web: dict[str, Any] | None) -> str:
+    """The dashboard on the controller's line: its URL, or why it is not served."""
+    if not web:
+        return ""
+    if web.get("state") == "running":
+        return f"  web: {web.get('url')}"
+    if web.get("state") == "failed":
+        return f"  web: failed: {web.get('reason')}"
+    return f"  web: {web.get('state')}"
+
+
+def cmd_web(ctl: Control, args) -> int:
+    """`web passwd`: a password's hash for web.password_hash (needs no controller)."""
+    from services.controller.web.auth import hash_password, read_password
+
+    try:
+        password = read_password()
+    except ValueError as exc:
+        raise CliError(str(exc)) from None
+    encoded = hash_password(password)
+    if args.json:
+        print(json.dumps({"password_hash": encoded}))
+    else:
+        print(encoded)
+        if sys.stdin.isatty():
+            print("put it in the configuration as web.password_hash; the controller reads it when it starts", file=sys.stderr)
+    return 0
 
 
 def _read_config(path: str) -> Any:
@@ -550,6 +580,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     co = add(sub, "completion", "print the shell completion script: source <(bootfleet completion bash)")
     co.add_argument("shell", nargs="?", default="bash", choices=("bash", "zsh", "fish", "tcsh", "powershell"))
+    w = add(sub, "web", "the web dashboard")
+    wsub = w.add_subparsers(dest="action", required=True)
+    add(wsub, "passwd", "print the hash of a password for web.password_hash (asked on a terminal, else one line of "
+        "standard input); no controller needed")
+    w.set_defaults(fn=cmd_web)
+
     co.set_defaults(fn=cmd_completion)
     return p
 

@@ -203,6 +203,7 @@ def status_get(ctl, envelope, args):
         "events_stored": ctl.events.count(),
         "bad_messages": ctl.stats.bad_messages,
         "supervisord": ctl.supervisor.available(),
+        "web": ctl.stats.web,
     }
     text = f"revision {ctl.config.revision}, {len(processes)} service processes"
     if warning:

@@ -30,6 +30,7 @@ class LoopStats:
     epoch: str
     events_received: int = 0
     bad_messages: int = 0
+    web: dict[str, Any] | None = None  # the web server: {state: running, url} / {state: failed, reason} / {state: off}
 
 
 @dataclass

@@ -344,9 +344,10 @@ def main(argv: list[str] | None = None) -> None:
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
     log.info("controller up: revision %d, epoch %s, bus %s", controller.store.revision, controller.clone.epoch, controller.endpoints.publish)
-    from services.controller.web.server import start as start_web  # here: a Controller built by a test serves no web
+    from services.controller.web.server import serve  # here: a Controller built by a test serves no web
 
-    web = start_web(controller.state_dir, controller.config.web)  # its own thread; it talks to us over the control socket
+    # its own thread; it talks to us over the control socket. status-get says whether it runs, where, or why not
+    web, controller.stats.web = serve(controller.state_dir, controller.config.web)
     try:
         controller.run()
     finally:

@@ -76,7 +76,7 @@ class WebStack:
     """A controller (alone, or under supervisord with the real DHCP service) whose web server listens on a free
     loopback port."""
 
-    def __init__(self, procs, tmp_path, config=None, supervised=False):
+    def __init__(self, procs, tmp_path, config=None, supervised=False, web_serves=True):
         self.procs, self.tmp = procs, tmp_path
         self.state = tmp_path / "state"
         (self.state / "log").mkdir(parents=True)
@@ -97,7 +97,7 @@ class WebStack:
             procs.start([PYTHON, "-m", "services.controller", "--config", str(self.config_file), "--state-dir", str(self.state)],
                         log=self.state / "log" / "controller.log")
         wait_for(lambda: self.cli("status").returncode == 0, timeout=60, interval=0.2, what="controller answering")
-        if scheme == "http":
+        if scheme == "http" and web_serves:
             wait_for(self.web_up, timeout=30, interval=0.1, what=f"web server on port {self.port}")
         self.feeder = Feeder(self.state)
 

@@ -132,14 +132,32 @@ def _cookie(header: str | None, name: str) -> str | None:
     return None
 
 
+MIN_PASSWORD = 8
+
+
+def read_password() -> str:
+    """A new password: asked twice on a terminal, else the first line of standard input. ValueError says why not."""
+    if sys.stdin.isatty():
+        password = getpass.getpass("password: ")
+        if len(password) >= MIN_PASSWORD and getpass.getpass("again: ") != password:
+            raise ValueError("the two passwords differ")
+    else:
+        password = sys.stdin.readline().rstrip("\n")
+    if len(password) < MIN_PASSWORD:
+        raise ValueError(f"a password of at least {MIN_PASSWORD} characters, please")
+    return password
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] != ["hash"]:
-        print("usage: python -m services.controller.web.auth hash   (prints web.password_hash for a password)", file=sys.stderr)
+        print("usage: python -m services.controller.web.auth hash   (prints web.password_hash for a password; "
+              "also `bootfleet web passwd`)", file=sys.stderr)
         return 2
-    password = getpass.getpass("password: ") if sys.stdin.isatty() else sys.stdin.readline().rstrip("\n")
-    if len(password) < 8:
-        print("a password of at least 8 characters, please", file=sys.stderr)
+    try:
+        password = read_password()
+    except ValueError as exc:
+        print(exc, file=sys.stderr)
         return 1
     print(hash_password(password))
     return 0

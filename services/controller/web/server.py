@@ -32,6 +32,7 @@ from services.controller.web import metrics, pages
 from services.controller.web.auth import COOKIE, Auth, ensure_token
 from shared.config.model import SERVICES
 from shared.config.web import WebConfig
+from shared.failures import listen_reason, reason
 from shared.paths import state_path
 
 log = logging.getLogger("bootfleet.web")
@@ -331,17 +332,27 @@ class _Handler(BaseHTTPRequestHandler):
         self.send(303, "", headers={"Location": "/", "Set-Cookie": cookie})
 
 
-def start(state_dir: Path, config: WebConfig) -> WebServer | None:
-    """The web server, started, or None when it is off or cannot listen (logged: the controller runs on)."""
+def serve(state_dir: Path, config: WebConfig) -> tuple[WebServer | None, dict[str, Any]]:
+    """The web server, started, or None when it is off or cannot serve (logged: the controller runs on); and
+    what `status-get` says of it: `{state: running, url}`, `{state: failed, reason}` or `{state: off}`."""
     if not config.enabled:
-        return None
+        return None, {"state": "off"}
     try:
         server = WebServer(state_dir, config).start()
-    except (OSError, ssl.SSLError) as exc:
-        log.error("web: cannot serve on %s:%d: %s (the dashboard and /metrics are off)", config.address, config.port, exc)
-        return None
-    log.info("web: dashboard at %s (actions need the token in %s)", server.url, Path(state_dir) / "web-token")
-    if not config.loopback and not config.tls:
-        log.warning("web: %s is not a loopback address and no web.certificate is set: the token or password "
-                    "crosses the network in clear", config.address)
-    return server
+    except ssl.SSLError as exc:
+        why = f"web.certificate/web.key: {exc.reason or exc}"
+    except OSError as exc:
+        # the bind is the one step that names no file; a certificate or key that cannot be read names its own
+        why = reason(exc) if exc.filename else listen_reason(config.address, config.port, exc, "web")
+    else:
+        log.info("web: dashboard at %s (actions need the token in %s)", server.url, Path(state_dir) / "web-token")
+        if not config.loopback and not config.tls:
+            log.warning("web: %s is not a loopback address and no web.certificate is set: the token or password "
+                        "crosses the network in clear", config.address)
+        return server, {"state": "running", "url": server.url}
+    log.error("web: %s (the dashboard and /metrics are off)", why)
+    return None, {"state": "failed", "reason": why}
+
+
+def start(state_dir: Path, config: WebConfig) -> WebServer | None:
+    return serve(state_dir, config)[0]
