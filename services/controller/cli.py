@@ -578,14 +578,14 @@ def build_parser() -> argparse.ArgumentParser:
     kg.add_argument("--force", action="store_true")
     k.set_defaults(fn=cmd_keys)
 
-    co = add(sub, "completion", "print the shell completion script: source <(bootfleet completion bash)")
-    co.add_argument("shell", nargs="?", default="bash", choices=("bash", "zsh", "fish", "tcsh", "powershell"))
     w = add(sub, "web", "the web dashboard")
     wsub = w.add_subparsers(dest="action", required=True)
     add(wsub, "passwd", "print the hash of a password for web.password_hash (asked on a terminal, else one line of "
         "standard input); no controller needed")
     w.set_defaults(fn=cmd_web)
 
+    co = add(sub, "completion", "print the shell completion script: source <(bootfleet completion bash)")
+    co.add_argument("shell", nargs="?", default="bash", choices=("bash", "zsh", "fish", "tcsh", "powershell"))
     co.set_defaults(fn=cmd_completion)
     return p
 
