@@ -114,6 +114,8 @@ def _dashboard_of_the_lab(bl, pc, workdir):
 
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
     url = "http://127.0.0.1:8080"  # web: the defaults, as the lab's config leaves them
+    status = bl.stack.cli("status")
+    assert f"web: {url}/" in status.stdout.splitlines()[0], status.stdout  # where `bootfleet status` says it is
     token = (bl.stack.state_dir / "web-token").read_text().strip()
     with chromium(workdir) as browser:
         wait = WebDriverWait(browser, 30)
