@@ -131,3 +131,43 @@ class CdromLab(BootfleetLab):
         state.mkdir(exist_ok=True)
         self.stack = BootfleetStack(self.lab, state, config)
         self.stack.start()
+
+
+class InstallLab(BootfleetLab):
+    """One PC with an EMPTY network disk (its target, LUN 0) and no other: `bootfleet client install MAC ISO`
+    makes its next boot the installer's (sanhook its disk, sanboot the disc); `install()` runs that boot to the
+    installer's power-off, then `boot()` is the installed system's ordinary boot from the network disk."""
+
+    DISK_MIB = 48
+
+    def __init__(self, workdir: Path, iso: Path, system_token: str, **kwargs):
+        super().__init__(workdir, 1, **kwargs)
+        self.iso = iso
+        self.system_token = system_token
+        self.install_answer = None
+
+    def start_servers(self) -> None:
+        for img, r in zip(self.images, self.results):
+            with open(img, "wb") as f:  # empty: whatever boots from it later, the installer put there
+                f.truncate(self.DISK_MIB << 20)
+            r.token = self.system_token
+        super().start_servers()
+        r = self.results[0]
+        self.install_answer = self.stack.cli("client", "install", r.mac, str(self.iso))
+        if self.install_answer.returncode != 0:
+            raise image.ImageError(f"bootfleet client install: {self.install_answer.stderr.strip()}")
+        self.stack.wait_ready(30)
+
+    def install(self, timeout: float = 240.0):
+        """The install boot: returns (the PC, with its console) once the installer powered it off."""
+        from lab.qemu import VirtualPC
+
+        r = self.results[0]
+        pc = VirtualPC(r.name, r.mac, self.lab.add_tap(), self.lab.name)
+        try:
+            pc.start()
+            pc.wait_for("BOOTFLEET-INSTALLED", timeout, fail=("BOOTFLEET-FAIL", "the install boot of .* failed"))
+            pc.wait_exit(30)
+        finally:
+            pc.stop()
+        return pc

@@ -119,6 +119,12 @@ def ipxe_script(config: BootfleetConfig, server_ip: str, mac: str | None = None,
     if creds:
         lines.append(f"set username {creds[0]}")
         lines.append(f"set password {creds[1]}")
+    if client and client.install:  # an installer disc, booted once: the PC's disk hooked as drive 0x80 (iBFT names both)
+        # iPXE's autoboot has already hooked DHCP's root-path (the same disk) as 0x80 when it came with the script
+        lines.append(f"iseq ${{root-path}} {path} || sanhook --drive 0x80 {path} || goto failed")
+        lines.append(f"sanboot --drive 0x81 {root_path_of(config, server_ip, client.install, 0)} || goto failed")
+        lines += ["exit", ":failed", "echo Bootfleet: the install boot of ${net0/mac} failed", "shell"]
+        return "\n".join(lines) + "\n"
     lines.append(f"sanboot {path}")
     return "\n".join(lines) + "\n"
 

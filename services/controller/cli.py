@@ -401,6 +401,8 @@ def cmd_client_assign(ctl: Control, args) -> int:
 def cmd_client(ctl: Control, args) -> int:
     if args.mac == "assign":
         return cmd_client_assign(ctl, args)
+    if args.mac == "install":
+        return cli_media.cmd_client_install(ctl, args, answer_of=_answer, error=CliError)
     if args.mac == "reset":
         return cli_images.cmd_client_reset(ctl, args, answer_of=_answer, error=CliError)
     if args.more:
@@ -540,7 +542,7 @@ def build_parser() -> argparse.ArgumentParser:
     cl = add(sub, "client", summary("client-get"))
     cl.add_argument("mac").completer = _mac_completer
     cl.add_argument("more", nargs="*", help="`client assign MAC [IMAGE]`: the PC to adopt (and its image); "
-                    "`client reset MAC`: " + summary("client-reset"))
+                    "`client reset MAC`: " + summary("client-reset") + "; `client install MAC ISO`: " + summary("client-install"))
     cl.add_argument("--mode", help="client assign MAC IMAGE: discard, persistent, super, readonly or refuse")
     cl.add_argument("--target", help="client assign: the IQN it boots")
     cl.add_argument("--name", help="client assign: a name for people")

@@ -35,3 +35,13 @@ def cmd_lun(ctl, args, *, error) -> int:
     else:
         print(fields.get("text", ""))
     return 0
+
+
+def cmd_client_install(ctl, args, *, answer_of, error) -> int:
+    """`bootfleet client install MAC ISO`: the ISO's path is made absolute here (the CLI's working directory)."""
+    import os
+
+    if len(args.more) != 2:
+        raise error("usage: bootfleet client install MAC ISO")
+    mac, iso = args.more
+    return answer_of(ctl.call("client-install", mac=mac, iso=os.path.abspath(iso)), args)

@@ -28,6 +28,7 @@ from shared.bus.keys import server_secure
 from shared.config.loader import ConfigError
 from shared.config.model import SERVICES, BootfleetConfig
 from shared.paths import state_path
+from services.controller import media_commands
 from services.controller.commands import dispatch, events_answer
 from services.controller.config_store import ConfigStore, digest
 from services.controller.event_store import EventStore
@@ -230,6 +231,7 @@ class Controller:
         self.pcboot.observe(msg["type"], msg["fields"], msg["ts"], msg.get("instance", 0), msg.get("service", ""))
         self.fleet.clients.observe(msg["type"], msg["fields"], msg["ts"])
         self.leases.observe(msg["type"], msg["fields"])
+        media_commands.observe(self.facade, msg)  # a PC's one-shot install boot seen: its `install` goes
 
     def _expire(self, now: float) -> None:
         for envelope, answer in self.waiters.expired(now):

@@ -54,3 +54,6 @@ class ClientAssignment(StrictModel):
     ip: IPv4 | None = Field(None, description="address this client is known by (TFTP matches by IP too)")
     image: str | None = Field(None, description="the image this PC boots (its current version plus its own overlay)")
     mode: Mode | None = Field(None, description="discard|persistent|super|readonly|refuse; default: the image's")
+    install: IscsiName | None = Field(
+        None, description="a CD/DVD target (an installer ISO) this PC boots once with its own disk hooked; set by "
+        "`bootfleet client install MAC ISO`, removed by the controller when the PC fetches that script")

@@ -106,6 +106,7 @@ class BootfleetConfig(StrictModel):
         known = {t.name for t in getattr(self.iscsi, "targets", [])}
         wanted = [("boot.default_target", self.boot.default_target)]
         wanted += [(f"clients[{i}].target", c.target) for i, c in enumerate(self.clients)]
+        wanted += [(f"clients[{i}].install", c.install) for i, c in enumerate(self.clients)]  # the installer's disc
         for path, name in wanted:
             if name and name not in known:
                 raise ValueError(
