@@ -115,6 +115,11 @@ def build_backstore(spec, state_dir: Path):
     if spec.type == "ram":
         return RamBackstore(spec.size, block_size=spec.block_size)
     path = state_path(state_dir, spec.path)
+    if spec.type == "vhd":
+        from services.iscsi_target.scsi.vhd_backstore import open_image
+
+        return open_image(str(path), block_size=spec.block_size, readonly=spec.readonly,
+                          write_through=spec.write_through)
     path.parent.mkdir(parents=True, exist_ok=True)
     return FileBackstore(str(path), spec.size, block_size=spec.block_size, readonly=spec.readonly,
                          sparse=spec.sparse, create=spec.create, write_through=spec.write_through)

@@ -91,21 +91,25 @@ class AuthConfig(StrictModel):
 
 
 class Backstore(StrictModel):
-    type: Literal["file", "ram", "block", "mirror", "cdrom"] = Field(
+    type: Literal["file", "ram", "block", "mirror", "cdrom", "vhd"] = Field(
         "ram", description="file: a raw image file; ram: memory, lost on exit; block: a block device or partition "
-        "(/dev/...); mirror: RAID-1 over two legs; cdrom: a CD/DVD-ROM drive with an ISO image as its disc")
+        "(/dev/...); mirror: RAID-1 over two legs; cdrom: a CD/DVD-ROM drive with an ISO image as its disc; "
+        "vhd: a VHD file (fixed, dynamic or differencing; read-write) or a VHDX file (served read-only)")
     path: str | None = Field(None, description="file: image path (relative to the state directory); block: the "
-                             "device (/dev/...); cdrom: the ISO image (relative to the state directory)")
+                             "device (/dev/...); cdrom: the ISO image (relative to the state directory); vhd: the "
+                             "VHD or VHDX file (relative to the state directory; a differencing VHD's parents are "
+                             "found through its own locators)")
     size: int | None = Field(
         None, description='bytes (accepts "64MiB"); file: required to create, else the file\'s size; ram: required; '
-        "block, cdrom, mirror: none (the device's, the image's, the legs')"
+        "block, cdrom, mirror, vhd: none (the device's, the image's, the legs', the VHD's)"
     )
     sparse: bool = Field(False, description="file: create a sparse file instead of preallocating it")
     create: bool = Field(True, description="file: create the image if it does not exist")
     block_size: Literal[512, 4096] = Field(
         512, description="logical block size in bytes; block: the device's unless given; cdrom: always 2048")
     readonly: bool = Field(False, description="refuse writes (WRITE PROTECT); a cdrom always is")
-    write_through: bool = Field(False, description="file, block, mirror: every write is durable when its response is sent")
+    write_through: bool = Field(False, description="file, block, mirror, vhd: every write is durable when its "
+                                "response is sent")
     direct: bool = Field(False, description="block: open the device O_DIRECT (the host's page cache keeps none of it)")
     legs: list["Backstore"] | None = Field(
         None, description="mirror: the two legs, file, block or ram backstores of the same size")
@@ -118,13 +122,13 @@ class Backstore(StrictModel):
     @model_validator(mode="after")
     def _check(self) -> "Backstore":
         kind = self.type
-        if kind in ("file", "block", "cdrom") and not self.path:
+        if kind in ("file", "block", "cdrom", "vhd") and not self.path:
             raise ValueError(f"path: a {kind} backstore needs a path")
         if kind == "ram" and not self.size:
             raise ValueError("size: a ram backstore needs a size")
-        if kind in ("block", "cdrom", "mirror") and self.size is not None:
+        if kind in ("block", "cdrom", "mirror", "vhd") and self.size is not None:
             raise ValueError(f"size: a {kind} backstore takes its size from the "
-                             + {"block": "device", "cdrom": "ISO image", "mirror": "legs"}[kind])
+                             + {"block": "device", "cdrom": "ISO image", "mirror": "legs", "vhd": "VHD"}[kind])
         if kind == "block" and not self.path.startswith("/dev/"):
             raise ValueError(f"path: a block backstore is a device under /dev/, not {self.path}")
         # 512 is the default a normalized config (the controller's published revision) carries for every LUN
