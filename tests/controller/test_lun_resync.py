@@ -74,6 +74,7 @@ def test_lun_resync_rebuilds_a_dropped_leg_with_progress(procs, tmp_path):
     assert lines[0].startswith(f"{title}: 10% ("), lines
     assert lines[-1].startswith(f"{title}: 100% (48.0 MiB): {TARGET} LUN 1: leg 1"), lines
     assert len(lines) >= 5, lines
+    print("\n" + out.stderr + out.stdout)
     assert legs[1].read_bytes() == legs[0].read_bytes()
     data = legs[1].read_bytes()
     assert data[:8 * MiB] == b"\x5a" * (8 * MiB) and data[16 * MiB:20 * MiB] == b"\xa5" * (4 * MiB)
