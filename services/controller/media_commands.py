@@ -124,9 +124,9 @@ def client_install(ctl, envelope, args):
 
 
 def observe(ctl, msg) -> None:
-    """Called by the loop for every event: a PC with `install` set that fetched its script has started the
-    install boot, so `install` goes (a new revision) and its next power-on boots its disk."""
-    if msg.get("type") != ev.TFTP_FINISHED:
+    """Called by the loop for every event: a PC with `install` set that fetched its script (TFTP, or HTTP) has
+    started the install boot, so `install` goes (a new revision) and its next power-on boots its disk."""
+    if msg.get("type") not in (ev.TFTP_FINISHED, ev.HTTP_FINISHED):  # the script over TFTP, or HTTP (boot.transport)
         return
     f = msg.get("fields") or {}
     config = ctl.config.config

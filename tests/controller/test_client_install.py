@@ -45,6 +45,7 @@ def test_client_install_then_the_script_fetch_clears_it(controller, tmp_path):
     controller._observe({"type": "tftp.transfer.finished", "fields": {"file": "boot.ipxe", "mac": "52:54:00:00:00:0b",
                                                                       "ip": "10.0.0.9"}, "ts": 1.0})
     controller._observe({"type": "tftp.transfer.finished", "fields": {"file": "undionly.kpxe", "mac": MAC}, "ts": 1.0})
+    controller._observe({"type": "http.transfer.finished", "fields": {"file": "/vmlinuz", "mac": MAC}, "ts": 1.0})
     assert next(c for c in controller.config.clients if c.mac == MAC).install == iqn
     controller._observe({"type": "tftp.transfer.finished", "fields": {"file": "boot.ipxe", "mac": MAC, "ip": "10.0.0.5"},
                          "ts": 2.0})
