@@ -89,3 +89,33 @@ class TransferFailed(Event):
     mac: str | None
     reason: str
     bytes: int  # sent before it failed
+
+
+@event
+class HttpTransferFinished(Event):
+    """A GET or HEAD answered: `bytes` of body sent (0 for HEAD and 304), in `duration` seconds."""
+
+    type: ClassVar[str] = bus.HTTP_FINISHED
+    ip: str
+    port: int
+    file: str
+    mac: str | None
+    method: str
+    status: int  # 200, 206 or 304
+    bytes: int
+    duration: float
+    range: str | None  # "first-last" of a 206
+
+
+@event
+class HttpTransferFailed(Event):
+    """A request refused (4xx, 5xx: `status`) or a body cut short (`status` of what was being sent)."""
+
+    type: ClassVar[str] = bus.HTTP_FAILED
+    ip: str
+    port: int
+    file: str
+    mac: str | None
+    status: int
+    reason: str
+    bytes: int

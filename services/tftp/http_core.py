@@ -32,16 +32,16 @@ import mimetypes
 import os
 import time
 from dataclasses import dataclass
-from typing import Callable, ClassVar
+from typing import Callable
 from urllib.parse import unquote, unquote_to_bytes
 
 import h11
 
 from services.tftp import packets as pk
 from services.tftp.dynamic import DynamicFiles
+from services.tftp.events import HttpTransferFailed, HttpTransferFinished
 from services.tftp.files import Jail, Refused
-from shared import events as bus
-from shared.events import Event, event
+from shared.events import Event
 
 SERVER = b"bootfleet"
 ALLOW = b"GET, HEAD"
@@ -55,38 +55,6 @@ REASONS = {200: "OK", 206: "Partial Content", 304: "Not Modified", 400: "Bad Req
            431: "Request Header Fields Too Large", 500: "Internal Server Error", 503: "Service Unavailable",
            505: "HTTP Version Not Supported"}
 UNSATISFIABLE = "unsatisfiable"  # parse_range's answer for a range that starts past the end
-
-
-# -- events ------------------------------------------------------------------------------------------------------
-
-@event
-class HttpTransferFinished(Event):
-    """A GET or HEAD answered: `bytes` of body sent (0 for HEAD and 304), in `duration` seconds."""
-
-    type: ClassVar[str] = bus.HTTP_FINISHED
-    ip: str
-    port: int
-    file: str
-    mac: str | None
-    method: str
-    status: int  # 200, 206 or 304
-    bytes: int
-    duration: float
-    range: str | None  # "first-last" of a 206
-
-
-@event
-class HttpTransferFailed(Event):
-    """A request refused (4xx, 5xx: `status`) or a body cut short (`status` of what was being sent)."""
-
-    type: ClassVar[str] = bus.HTTP_FAILED
-    ip: str
-    port: int
-    file: str
-    mac: str | None
-    status: int
-    reason: str
-    bytes: int
 
 
 # -- pure helpers --------------------------------------------------------------------------------------------------

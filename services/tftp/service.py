@@ -1,9 +1,12 @@
-"""The TFTP service process: the configuration in, the serving loops (io_loop.py), events out.
+"""The TFTP service process: the configuration in, the serving loops (io_loop.py), events out; and the HTTP
+listener (http_server.py, in this process's asyncio loop) when `http.enabled`, serving the same root and scripts.
 
 Each loop calls back from its own thread when its core has events; they go to `ctx.emit`, which is thread-safe.
 
 `apply` swaps the policy (root, limits, dynamic names) for new requests; transfers in flight keep the file and
 the options they negotiated. A new address or port opens a new request socket; transfers on the old address go on.
+HTTP follows the same policy from each connection's next request; a new HTTP address or port, or HTTP turned off,
+never cuts a reply in flight (docs/http.md).
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ import resource
 from shared.service import BaseService
 from services.tftp.files import FileCache
 from services.tftp.core import Policy
+from services.tftp.http_server import HttpListener
 from services.tftp.io_loop import TftpLoop
 
 
@@ -25,10 +29,12 @@ class TftpService(BaseService):
         super().__init__(ctx)
         self.servers: list[TftpLoop] = []
         self.cache: FileCache | None = None
+        self.http = HttpListener(ctx.emit)
 
     async def start(self, config) -> None:
         t = config.tftp
-        _raise_file_limit(t.max_transfers * 3 * t.threads + 64)  # two sockets and maybe a file per transfer
+        # two sockets and maybe a file per transfer; a socket and a file per HTTP connection
+        _raise_file_limit(t.max_transfers * 3 * t.threads + 2 * config.http.max_connections + 64)
         policy = Policy(config, self.ctx.mac_for_ip, self.ctx.state_dir)
         self.cache = FileCache(t.cache_mib << 20, t.cache_max_file_mib << 20)
         port = t.port
@@ -40,6 +46,7 @@ class TftpService(BaseService):
             self.servers.append(server)
         for server in self.servers:
             server.start()
+        self.http.apply(config, policy.jail, policy.dynamic)
         self.log.info("serving %s on %s:%d with %d thread(s) (%s)", policy.jail.root, t.address, port, t.threads,
                       f"uploads into {t.upload_dir}" if t.upload_dir else "read-only")
         self._check_root(policy)
@@ -62,6 +69,7 @@ class TftpService(BaseService):
                 server.bind(t.address, port)
                 port = server.port
             self.log.info("now listening on %s:%d", t.address, port)
+        self.http.apply(config, policy.jail, policy.dynamic)
         self._check_root(policy)
 
     def _emitter(self, server: TftpLoop):
@@ -75,6 +83,7 @@ class TftpService(BaseService):
             self.log.warning("tftp.root %s does not exist: every read will get 'File not found'", policy.jail.root)
 
     async def stop(self) -> None:
+        self.http.stop()
         for server in self.servers:
             server.stop()
 
@@ -83,6 +92,7 @@ class TftpService(BaseService):
         for server in self.servers:
             for key, value in server.counters().items():
                 total[key] = total.get(key, 0) + value
+        total.update(self.http.counters())
         if self.cache is not None:  # shared: counted once
             total.update(cache_bytes=self.cache.bytes, cache_hits=self.cache.hits, cache_misses=self.cache.misses)
         return total

@@ -7,16 +7,8 @@ import pytest
 
 from services.tftp.dynamic import DynamicFiles
 from services.tftp.files import Jail
-from services.tftp.http_core import (
-    CLOSE,
-    UNSATISFIABLE,
-    HttpConnection,
-    HttpTransferFailed,
-    HttpTransferFinished,
-    Site,
-    parse_range,
-    split_target,
-)
+from services.tftp.events import HttpTransferFailed, HttpTransferFinished
+from services.tftp.http_core import CLOSE, UNSATISFIABLE, HttpConnection, Site, parse_range, split_target
 from shared.config.model import BootfleetConfig
 
 MAC = "52:54:00:12:34:01"
