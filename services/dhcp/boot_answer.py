@@ -16,7 +16,7 @@ from services.dhcp import options as opt
 from services.dhcp.classify import Classification, loader_for
 from services.dhcp.packet import ip_int, ip_str
 from services.dhcp.scopes import ScopeRuntime, merge_options
-from shared.boot import assignment_for, chap_for, pc_initiator_iqn, root_path, target_for
+from shared.boot import assignment_for, chap_for, pc_initiator_iqn, root_path, script_bootfile, target_for
 from shared.config.boot import ClientAssignment
 
 ISCSI_INITIATOR_IQN = 203  # iPXE's initiator-iqn setting (it asks for 203 in its parameter request list)
@@ -43,7 +43,7 @@ def build_boot_answer(config, scope: ScopeRuntime, cls: Classification, res, mac
     if cls.kind == "pxe":
         bootfile = loader_for(cls.arch, config.boot.loaders)
     elif cls.kind == "ipxe":
-        bootfile = config.boot.script
+        bootfile = script_bootfile(config, ip_str(server_address))  # the name, or its http:// URL (boot.transport)
         if res is not None and res.target:
             boot_cfg = config.model_copy(update={"clients": [ClientAssignment(mac=mac, target=res.target, lun=res.lun)]})
         else:
