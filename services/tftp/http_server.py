@@ -208,9 +208,10 @@ class _Connection:
         self.timer = None
         if self.closed:
             return
-        if self.reply is not None:
+        stalled = self.reply is not None
+        if stalled:
             self._reply_done(f"the client took nothing for {self.server.keepalive_timeout:g} s")
-        self.close(abort=self.reply is not None)
+        self.close(abort=stalled)  # a reply cut short is reset, not ended as if it were whole
 
     # -- the work ----------------------------------------------------------------------------------------------
 

@@ -406,3 +406,26 @@ def test_a_port_taken_is_an_error_that_names_the_field(tree):
         finally:
             loop.call(listener.stop)
             loop.close()
+
+
+def test_a_client_that_stops_reading_is_cut_after_the_timeout(tree):
+    with open(tree / "huge.bin", "wb") as f:
+        f.truncate(64 << 20)
+    running = Running(make_site(tree), keepalive_timeout=0.5)
+    try:
+        with socket.socket() as s:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+            s.connect(("127.0.0.1", running.port))
+            s.sendall(b"GET /huge.bin HTTP/1.1\r\nHost: x\r\n\r\n")
+            s.recv(100)  # then reads nothing more
+            support.wait_for(running.failed, what="the failed event")
+            [event] = running.failed()
+            assert event.file == "huge.bin" and "took nothing for 0.5 s" in event.reason
+            assert 0 < event.bytes < 64 << 20
+            s.settimeout(5)
+            with pytest.raises(ConnectionResetError):  # reset: the client cannot take a cut reply for a whole one
+                while s.recv(1 << 16):
+                    pass
+        assert running.call(lambda: len(running.server.connections)) == 0
+    finally:
+        running.close()
