@@ -14,6 +14,7 @@ refuse a mismatch) before `execute`.
 
 from __future__ import annotations
 
+import errno
 import struct
 import threading
 
@@ -246,6 +247,8 @@ class ScsiTarget:
             return ScsiResponse(S.CHECK_CONDITION, S.fixed_sense(key, *exc.asc_ascq))
         except (struct.error, IndexError):  # a CDB shorter than its opcode needs
             return ScsiResponse(S.CHECK_CONDITION, S.fixed_sense(S.ILLEGAL_REQUEST, *S.INVALID_FIELD_IN_CDB))
+        except OSError as exc:
+            return ScsiResponse(S.CHECK_CONDITION, S.fixed_sense(*_os_error_sense(op, exc)))
 
     @staticmethod
     def _clear_luns_changed(lu, nexus) -> None:
@@ -318,3 +321,15 @@ class ScsiTarget:
         for other in list(self.luns.values()):
             other.add_ua_all(S.REPORTED_LUNS_DATA_CHANGED)
         lu.close()
+
+
+# Commands that store data: an I/O error in one is a WRITE ERROR, in any other an UNRECOVERED READ ERROR.
+_STORING = frozenset({0x0A, 0x2A, 0xAA, 0x8A, 0x2E, 0xAE, 0x8E, 0x41, 0x93, 0x89, 0x42, 0x35, 0x91})
+
+
+def _os_error_sense(op: int, exc: OSError) -> tuple[int, int, int]:
+    """The sense for a store's OSError: the command fails (never acknowledged) with what the initiator can act
+    on. A full file system is thin provisioning's SPACE ALLOCATION FAILED; anything else a medium error."""
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return (S.DATA_PROTECT, *S.SPACE_ALLOCATION_FAILED_WRITE_PROTECT)
+    return (S.MEDIUM_ERROR, *(S.WRITE_ERROR if op in _STORING else S.UNRECOVERED_READ_ERROR))

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from services.iscsi_target.scsi import LogicalUnit, RamBackstore
 
-from .helpers import MiB, cdb16, data, key_asc, nexus, ready_target, tur
+from .helpers import MiB, cdb16, data, key_asc, nexus, ready, ready_target, tur
 
 A, B = nexus(1), nexus(2)
 
@@ -63,3 +63,49 @@ def test_unit_attentions_come_oldest_first_and_do_not_repeat():
     assert key_asc(t.execute(A, 0, tur(), None))[1:] == (0x2A, 0x09)
     assert key_asc(t.execute(A, 0, tur(), None))[1:] == (0x3F, 0x0E)
     assert t.execute(A, 0, tur(), None).status == 0
+
+
+class _FailingStore(RamBackstore):
+    """A RAM store whose writes, reads or syncs raise the OSError a disk would."""
+
+    def __init__(self, errno_: int, on: str):
+        super().__init__(4 * MiB)
+        self.errno_, self.on = errno_, on
+
+    def _fail(self, what):
+        if self.on == what:
+            raise OSError(self.errno_, "injected")
+
+    def write(self, offset, data):
+        self._fail("write")
+        super().write(offset, data)
+
+    def read(self, offset, length):
+        self._fail("read")
+        return super().read(offset, length)
+
+    def sync(self):
+        self._fail("sync")
+
+
+def _execute(store, cdb, data_out=None):
+    from services.iscsi_target.scsi import ScsiTarget
+
+    t = ScsiTarget("iqn.2026-11.org.bootfleet.test:scsi", {0: LogicalUnit(store, 0)})
+    ready(t, A)
+    return t.execute(A, 0, cdb, data_out)
+
+
+def test_store_errors_fail_the_command_with_sense_never_good():
+    import errno
+
+    from .helpers import read10, write10
+
+    full = _execute(_FailingStore(errno.ENOSPC, "write"), write10(0, 1), memoryview(bytes(512)))
+    assert full.status == 2 and key_asc(full) == (0x7, 0x27, 0x07)  # SPACE ALLOCATION FAILED WRITE PROTECT
+    eio = _execute(_FailingStore(errno.EIO, "write"), write10(0, 1), memoryview(bytes(512)))
+    assert eio.status == 2 and key_asc(eio) == (0x3, 0x0C, 0x00)  # MEDIUM ERROR, WRITE ERROR
+    sync = _execute(_FailingStore(errno.EIO, "sync"), cdb16(0x35), None)
+    assert sync.status == 2 and key_asc(sync) == (0x3, 0x0C, 0x00)
+    rd = _execute(_FailingStore(errno.EIO, "read"), read10(0, 1))
+    assert rd.status == 2 and key_asc(rd) == (0x3, 0x11, 0x00)  # UNRECOVERED READ ERROR
