@@ -21,17 +21,18 @@ fsync'd, read-only and renamed into place, so a crash leaves either the old mani
 The controller owns the store (its commands change it); the iSCSI target only opens versions read-only
 and overlays read-write (`disk_for`). An open overlay holds an flock on its bitmap; publish and reset take
 the same lock and refuse while a target holds it, so neither happens under a running PC.
+
+This module holds the manifest and the versions' life (create, import, publish, rollback, prune, verify,
+export); the bytes of version files (copy, merge, checksum) are in version_files.py, an overlay's files
+as the store sees them (and the SpaceGuard) in overlays.py, qemu-img in qemu_img.py, the errors in errors.py.
 """
 
 from __future__ import annotations
 
 import fcntl
-import hashlib
 import json
 import os
 import re
-import subprocess
-import threading
 import time
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
@@ -39,31 +40,28 @@ from pathlib import Path
 
 from shared.atomic_file import write_atomic
 from shared.images import overlay_format as F
+from shared.images import overlays
+from shared.images import qemu_img as qemu
+from shared.images import version_files as vf
+from shared.images.errors import ImageStoreError, SpaceError
+from shared.images.overlays import SpaceGuard
+from shared.images.qemu_img import EXPORT_FORMATS, IMPORT_FORMATS
+from shared.images.version_files import CHUNK
+
+__all__ = ["ImageStore", "ImageStoreError", "SpaceError", "SpaceGuard", "Version", "OverlayInfo", "ImageInfo",
+           "VerifyResult", "DiskPlan", "IMPORT_FORMATS", "EXPORT_FORMATS", "DEFAULT_KEEP", "CHUNK"]
 
 NAME_RE = re.compile(r"^[a-z0-9][a-z0-9._-]{0,39}$")       # short enough for a base id in 64 bytes
 PC_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 MANIFEST = "image.json"
-CHUNK = 1 << 20
-IMPORT_FORMATS = ("raw", "qcow2", "vpc", "vhdx", "vmdk")
-EXPORT_FORMATS = ("raw", "qcow2", "vpc")
 DEFAULT_KEEP = 3
-_FICLONE = 0x40049409
-_PROGRESS = re.compile(rb"\((\d+(?:\.\d+)?)/100%\)")
-
-
-class ImageStoreError(Exception):
-    """An image command that cannot be done (the message names the image, version or file and why)."""
-
-
-class SpaceError(ImageStoreError):
-    """The change would leave less free space than the store's reserve."""
 
 
 @dataclass(frozen=True)
 class Version:
     n: int
     size: int
-    digest: str          # hex; see _digest: a sha256 over the sha256 of each MiB
+    digest: str          # hex; see version_files.digest: a sha256 over the sha256 of each MiB
     created: float
     parent: int | None
     source: str          # "create", "import <file>", "publish <pc>"
@@ -106,31 +104,6 @@ class DiskPlan:
     version_path: Path
     overlay_path: Path
     base_id: str
-
-
-class SpaceGuard:
-    """The store's free-space reserve as an overlay's `space_guard`: True while `nbytes` more leave at
-    least `reserve` bytes free. statvfs is asked again every second or when the cached budget runs out,
-    so the hot path is one subtraction; other writers in that second can make it late by what they wrote."""
-
-    def __init__(self, path: Path, reserve: int, interval: float = 1.0):
-        self.path, self.reserve, self.interval = path, reserve, interval
-        self._budget, self._at = 0, -interval
-        self._lock = threading.Lock()
-
-    def free(self) -> int:
-        st = os.statvfs(self.path)
-        return st.f_bavail * st.f_frsize
-
-    def __call__(self, nbytes: int) -> bool:
-        with self._lock:
-            now = time.monotonic()
-            if now - self._at >= self.interval or self._budget < nbytes:
-                self._budget, self._at = self.free() - self.reserve, now
-            if self._budget < nbytes:
-                return False
-            self._budget -= nbytes
-            return True
 
 
 def _progress_none(done: int, total: int, phase: str) -> None:
@@ -237,30 +210,13 @@ class ImageStore:
 
     def overlay_base(self, name: str, pc: str) -> int | None:
         """The version a PC's overlay sits on (None: no overlay, or an unreadable one)."""
-        path = F.bitmap_path(self.overlay_path(name, pc))
-        try:
-            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-        except FileNotFoundError:
-            return None
-        try:
-            base = F.read_header(fd, str(path)).base_id
-        except F.OverlayFormatError:
-            return None
-        finally:
-            os.close(fd)
-        m = re.match(rf"^{re.escape(name)}@(\d+):", base)
+        base = overlays.base_id(self.overlay_path(name, pc))
+        m = re.match(rf"^{re.escape(name)}@(\d+):", base) if base is not None else None
         return int(m.group(1)) if m else None
 
     def overlay_size(self, name: str, pc: str) -> int:
         """Bytes a PC's overlay takes on disk (its data file's blocks plus the bitmap's)."""
-        path = self.overlay_path(name, pc)
-        total = 0
-        for p in (path, F.bitmap_path(path)):
-            try:
-                total += os.stat(p).st_blocks * 512
-            except FileNotFoundError:
-                pass
-        return total
+        return overlays.disk_usage(self.overlay_path(name, pc))
 
     def disk_for(self, name: str, pc: str) -> DiskPlan:
         """The version and overlay a PC's disk is made of: the version its overlay sits on if it has one
@@ -304,8 +260,8 @@ class ImageStore:
         def fill(tmp: Path, progress) -> None:
             if fmt == "raw":
                 with open(source, "rb") as src, open(tmp, "wb") as dst:
-                    if not _reflink(src.fileno(), dst.fileno()):
-                        _sparse_copy(src.fileno(), dst.fileno(), size, progress, "copy")
+                    if not vf.reflink(src.fileno(), dst.fileno()):
+                        vf.sparse_copy(src.fileno(), dst.fileno(), size, progress, "copy")
                     progress(size, size, "copy")
             else:
                 self._convert(["-f", fmt, "-O", "raw", str(source), str(tmp)], size, progress)
@@ -342,13 +298,13 @@ class ImageStore:
         try:
             os.fsync(fd)
             size = os.fstat(fd).st_size
-            digest = _digest(fd, size, progress)
+            digest = vf.digest(fd, size, progress)
         finally:
             os.close(fd)
         os.chmod(tmp, 0o444)
         final = tmp.with_name(f"{n}.raw")
         os.replace(tmp, final)
-        _fsync_dir(final.parent)
+        vf.fsync_dir(final.parent)
         return Version(n, size, digest, time.time(), parent, source)
 
     def publish(self, name: str, pc: str, progress=_progress_none) -> Version:
@@ -363,7 +319,7 @@ class ImageStore:
             if base_n is None:
                 raise ImageStoreError(f"publish {name!r}: PC {pc!r} has no overlay on this image")
             base = self._version(m, base_n)
-            with _overlay_closed(path, f"publish {pc}'s overlay on {name!r}"):  # held to the end
+            with overlays.closed(path, f"publish {pc}'s overlay on {name!r}"):  # held to the end
                 return self._publish(name, pc, m, d, path, base_n, base, progress)
 
     def _publish(self, name, pc, m, d, path, base_n, base, progress) -> Version:
@@ -377,15 +333,15 @@ class ImageStore:
         n = m.get("next", max(v["n"] for v in m["versions"]) + 1)
         self._sweep(d, m)
         base_path = d / "versions" / f"{base_n}.raw"
-        self._need(os.stat(path).st_blocks * 512 if _can_reflink(base_path, d) else
+        self._need(os.stat(path).st_blocks * 512 if vf.can_reflink(base_path, d) else
                    os.stat(base_path).st_blocks * 512 + os.stat(path).st_blocks * 512, f"publish {name!r}")
         tmp = d / "versions" / f"{n}.raw.tmp"
         tmp.unlink(missing_ok=True)
         try:
             with open(base_path, "rb") as src, open(tmp, "wb") as dst, open(path, "rb") as ov:
-                if not _reflink(src.fileno(), dst.fileno()):
-                    _sparse_copy(src.fileno(), dst.fileno(), base["size"], progress, "copy")
-                _merge(ov.fileno(), dst.fileno(), bits, header, progress)
+                if not vf.reflink(src.fileno(), dst.fileno()):
+                    vf.sparse_copy(src.fileno(), dst.fileno(), base["size"], progress, "copy")
+                vf.merge(ov.fileno(), dst.fileno(), bits, header, progress)
             v = self._seal(name, tmp, n, base_n, f"publish {pc}", progress)
         except BaseException:
             tmp.unlink(missing_ok=True)
@@ -451,7 +407,7 @@ class ImageStore:
                 elif st.st_size != v["size"]:
                     out.append(VerifyResult(v["n"], False, f"{path} is {st.st_size} bytes, not {v['size']}"))
                 else:
-                    digest = _digest(fd, st.st_size, progress)
+                    digest = vf.digest(fd, st.st_size, progress)
                     ok = digest == v["digest"]
                     out.append(VerifyResult(v["n"], ok, "" if ok else f"digest {digest}, recorded {v['digest']}"))
             finally:
@@ -474,13 +430,13 @@ class ImageStore:
         target has it open (a session may be logged in). True when there was one."""
         self._manifest(name)
         path = self.overlay_path(name, pc)
-        with _overlay_closed(path, f"reset {pc}'s overlay on {name!r}"):
+        with overlays.closed(path, f"reset {pc}'s overlay on {name!r}"):
             return self._remove_overlay(path)
 
     def overlay_in_use(self, name: str, pc: str) -> bool:
         """True while a target process has the PC's overlay open."""
         try:
-            with _overlay_closed(self.overlay_path(name, pc), "probe"):
+            with overlays.closed(self.overlay_path(name, pc), "probe"):
                 return False
         except ImageStoreError:
             return True
@@ -488,13 +444,7 @@ class ImageStore:
     # ------------------------------------------------------------------ helpers
     @staticmethod
     def _remove_overlay(path: Path) -> bool:
-        bm = F.bitmap_path(path)
-        existed = bm.exists() or path.exists()
-        bm.unlink(missing_ok=True)  # the bitmap first: without it the data file means nothing
-        path.unlink(missing_ok=True)
-        if existed:
-            _fsync_dir(path.parent)
-        return existed
+        return overlays.remove(path)
 
     @staticmethod
     def _sweep(d: Path, m: dict) -> None:
@@ -504,156 +454,7 @@ class ImageStore:
                 p.unlink(missing_ok=True)
 
     def _qemu_info(self, path: Path) -> dict:
-        try:
-            out = subprocess.run([self.qemu_img, "info", "--output=json", str(path)], capture_output=True,
-                                 check=True, text=True).stdout
-        except FileNotFoundError:
-            raise ImageStoreError(f"{self.qemu_img} is not installed (Debian: qemu-utils)") from None
-        except subprocess.CalledProcessError as exc:
-            raise ImageStoreError(f"qemu-img info {path}: {exc.stderr.strip()}") from None
-        return json.loads(out)
+        return qemu.info(self.qemu_img, path)
 
     def _convert(self, args: list[str], total: int, progress) -> None:
-        cmd = [self.qemu_img, "convert", "-p", *args]
-        try:
-            proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-        except FileNotFoundError:
-            raise ImageStoreError(f"{self.qemu_img} is not installed (Debian: qemu-utils)") from None
-        buf = b""
-        while True:
-            chunk = proc.stdout.read1(4096)
-            if not chunk:
-                break
-            buf = (buf + chunk)[-256:]
-            found = _PROGRESS.findall(buf)
-            if found:
-                progress(int(float(found[-1]) * total / 100), total, "convert")
-        err = proc.stderr.read().decode(errors="replace").strip()
-        if proc.wait():
-            raise ImageStoreError(f"{' '.join(cmd)}: {err or 'failed'}")
-        progress(total, total, "convert")
-
-
-# ---------------------------------------------------------------------------------------------- file helpers
-@contextmanager
-def _overlay_closed(path: Path, what: str):
-    """Hold the overlay's bitmap flock (the one an open Overlay holds): ImageStoreError if a target has it."""
-    bm = F.bitmap_path(path)
-    try:
-        fd = os.open(bm, os.O_RDONLY | os.O_CLOEXEC)
-    except FileNotFoundError:
-        yield
-        return
-    try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise ImageStoreError(f"{what}: the overlay is open in a target (the PC's disk is being served; "
-                                  f"shut the PC down first)") from None
-        yield
-    finally:
-        os.close(fd)
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _reflink(src: int, dst: int) -> bool:
-    """Clone src into dst (XFS, btrfs): instant and shares every extent. False where unsupported."""
-    try:
-        fcntl.ioctl(dst, _FICLONE, src)
-        return True
-    except OSError:
-        return False
-
-
-def _can_reflink(base: Path, d: Path) -> bool:
-    probe = d / "versions" / ".reflink-probe"
-    try:
-        with open(base, "rb") as src, open(probe, "wb") as dst:
-            return _reflink(src.fileno(), dst.fileno())
-    finally:
-        probe.unlink(missing_ok=True)
-
-
-def _copy_range(src: int, dst: int, start: int, end: int) -> None:
-    off = start
-    while off < end:
-        n = os.copy_file_range(src, dst, min(end - off, 1 << 30), off, off)
-        if n <= 0:  # not supported across these files: by hand
-            data = os.pread(src, min(end - off, CHUNK), off)
-            n = os.pwrite(dst, data, off)
-        off += n
-
-
-def _sparse_copy(src: int, dst: int, size: int, progress, phase: str) -> None:
-    """Copy src's data extents to the same offsets in dst; its holes stay holes."""
-    os.ftruncate(dst, size)
-    for start, end in F.data_extents(src, size):
-        _copy_range(src, dst, start, end)
-        progress(end, size, phase)
-    progress(size, size, phase)
-
-
-def _merge(ov: int, dst: int, bits, header: F.Header, progress) -> None:
-    """Lay the overlay's owned granules over dst: zeros (a hole) where the overlay holds none (unmapped
-    granules read zeros), its data where it has some. Granules it does not own stay the base's."""
-    g_size, size = header.granule, header.size
-    for g0, g1 in F.runs(bits, header.granules, 1):
-        start, end = g0 * g_size, min(g1 * g_size, size)
-        F.punch_hole(dst, start, end - start)
-        for ds, de in F.data_extents(ov, end, start):
-            _copy_range(ov, dst, ds, de)
-        progress(end, size, "merge")
-    progress(size, size, "merge")
-
-
-_ZERO_MIB = hashlib.sha256(bytes(CHUNK)).digest()
-
-
-def _digest(fd: int, size: int, progress) -> str:
-    """sha256 of the concatenated sha256 digests of each MiB of the file (the last piece may be shorter).
-
-    A function of the content alone, but a MiB that is a hole is known without reading or hashing it: an
-    empty 40 GiB version is checksummed at once, and publish and verify cost what a version's data does.
-    By hand (docs/images.md): python3 -c 'import hashlib,sys; f=open(sys.argv[1],"rb"); o=hashlib.sha256();
-    [o.update(hashlib.sha256(c).digest()) for c in iter(lambda: f.read(1<<20), b"")]; print(o.hexdigest())' FILE
-    """
-    outer = hashlib.sha256()
-    buf = bytearray(CHUNK)
-    view = memoryview(buf)
-    off = 0
-    data = _next_data(fd, 0, size)
-    while off < size:
-        n = min(CHUNK, size - off)
-        if data >= off + n:  # all hole
-            outer.update(_ZERO_MIB if n == CHUNK else hashlib.sha256(bytes(n)).digest())
-        else:
-            got = 0
-            while got < n:
-                k = os.preadv(fd, [view[got:n]], off + got)
-                if k <= 0:
-                    raise ImageStoreError(f"short read at {off + got} of {size} while checksumming")
-                got += k
-            outer.update(hashlib.sha256(view[:n]).digest())
-        off += n
-        if data < off:
-            data = _next_data(fd, off, size)
-        if not off & ((256 << 20) - 1):
-            progress(off, size, "checksum")
-    progress(size, size, "checksum")
-    return outer.hexdigest()
-
-
-def _next_data(fd: int, off: int, size: int) -> int:
-    if off >= size:
-        return size
-    try:
-        return os.lseek(fd, off, F.SEEK_DATA)
-    except OSError:  # ENXIO: a hole to the end
-        return size
+        qemu.convert(self.qemu_img, args, total, progress)

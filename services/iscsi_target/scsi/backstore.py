@@ -43,6 +43,38 @@ SEEK_DATA = getattr(os, "SEEK_DATA", 3)
 SEEK_HOLE = getattr(os, "SEEK_HOLE", 4)
 
 
+def pwrite_all(fd: int, data, offset: int) -> None:
+    """os.pwrite until all of `data` is written (pwrite may stop short: signals, large writes)."""
+    n = os.pwrite(fd, data, offset)
+    while n < len(data):
+        n += os.pwrite(fd, memoryview(data)[n:], offset + n)
+
+
+def file_mapped(fd: int, offset: int, size: int) -> tuple[bool, int]:
+    """A file's `mapped(offset)` from SEEK_DATA/SEEK_HOLE: (holds data, bytes from offset with the same
+    answer), never past `size`."""
+    try:
+        data = os.lseek(fd, offset, SEEK_DATA)
+    except OSError:  # ENXIO: only a hole from here to the end
+        return False, size - offset
+    if data > offset:
+        return False, min(data, size) - offset
+    try:
+        hole = os.lseek(fd, offset, SEEK_HOLE)
+    except OSError:
+        hole = size
+    return True, min(hole, size) - offset
+
+
+def close_mapping(view: memoryview, map_: mmap.mmap) -> None:
+    """Release a mapping's view and close it; one a read's slice still holds (being sent) the GC closes later."""
+    view.release()
+    try:
+        map_.close()
+    except BufferError:
+        pass
+
+
 class BackstoreError(Failure):  # its message is the sentence `bootfleet status` shows (shared/failures.py)
     """The backing store cannot be opened or used as configured (the message names the path and why)."""
 
@@ -181,9 +213,7 @@ class FileBackstore(Backstore):
         return self.view[offset:offset + length]
 
     def write(self, offset: int, data) -> None:
-        n = os.pwrite(self.fd, data, offset)
-        while n < len(data):  # pwrite may stop short (signals, large writes)
-            n += os.pwrite(self.fd, memoryview(data)[n:], offset + n)
+        pwrite_all(self.fd, data, offset)
         if self.write_through:
             os.fdatasync(self.fd)
 
@@ -201,17 +231,7 @@ class FileBackstore(Backstore):
 
     def mapped(self, offset: int) -> tuple[bool, int]:
         """(holds data, bytes from offset with the same answer), from SEEK_DATA/SEEK_HOLE."""
-        try:
-            data = os.lseek(self.fd, offset, SEEK_DATA)
-        except OSError:  # ENXIO: only a hole from here to the end
-            return False, self.size - offset
-        if data > offset:
-            return False, min(data, self.size) - offset
-        try:
-            hole = os.lseek(self.fd, offset, SEEK_HOLE)
-        except OSError:
-            hole = self.size
-        return True, min(hole, self.size) - offset
+        return file_mapped(self.fd, offset, self.size)
 
     def resize(self, size: int) -> None:
         if size <= 0 or size % self.block_size:
@@ -224,19 +244,19 @@ class FileBackstore(Backstore):
                 self._grow(current, size)
             else:
                 os.ftruncate(self.fd, size)
-            old = self.map
-            self.size = size
-            self._map()
-            try:
-                old.close()
-            except BufferError:  # a read's slice is still being sent; the GC closes it later
-                pass
+            self._remap(size)
         self._notify_resize()
 
-    def close(self) -> None:
-        self.view.release()
+    def _remap(self, size: int) -> None:
+        """The mapping at the new size (under the resize lock)."""
+        old = self.map
+        self.size = size
+        self._map()
         try:
-            self.map.close()
-        except BufferError:
+            old.close()
+        except BufferError:  # a read's slice is still being sent; the GC closes it later
             pass
+
+    def close(self) -> None:
+        close_mapping(self.view, self.map)
         os.close(self.fd)

@@ -5,9 +5,9 @@ thin, write_through), so a LogicalUnit serves it unchanged.
 
 Theory of operation
 -------------------
-The base is a published version file, mmap'd shared and read-only (BaseImage; one mapping per version per
-process through `open_base`, and one page-cache copy for every process: 20 PCs on one version read the
-same pages). The overlay is a sparse file the size of the disk, a granule's data at the disk's own offset,
+The base is a published version file, mmap'd shared and read-only (BaseImage, in base_image.py; one
+mapping per version per process through `open_base`, and one page-cache copy for every process: 20 PCs on
+one version read the same pages). The overlay is a sparse file the size of the disk, a granule's data at the disk's own offset,
 plus a bitmap of one bit per granule (the format, and why a crash is harmless, in
 shared/images/overlay_format.py). Three bitmaps live in memory:
 
@@ -72,7 +72,9 @@ import os
 import threading
 from pathlib import Path
 
-from services.iscsi_target.scsi.backstore import POPULATE_LIMIT, SEEK_DATA, SEEK_HOLE, Backstore, BackstoreError
+from services.iscsi_target.scsi.backstore import Backstore, BackstoreError, close_mapping, pwrite_all
+from services.iscsi_target.scsi.base_image import BaseImage, open_base, release_base, retain_base
+from services.iscsi_target.scsi.overlay_errors import OverlayError, OverlayFull
 from shared.atomic_file import write_atomic
 from shared.images import overlay_format as F
 
@@ -83,123 +85,11 @@ STRIPE_SHIFT = 4      # 16 consecutive granules share a stripe, so a 1 MiB write
 _PAGE_SHIFT = 15      # granules per bitmap page: 4096 bytes x 8 bits
 SOFT_THRESHOLD_ASC_ASCQ = (0x38, 0x07)  # UNIT ATTENTION: THIN PROVISIONING SOFT THRESHOLD REACHED
 
-
-class OverlayError(BackstoreError):
-    """The overlay cannot be opened or used (the message names the file and why)."""
-
-
-class OverlayFull(OverlayError):
-    """A write refused for lack of space, raised before anything of it was written (except `enospc`).
-
-    reason: "quota" (the overlay's own quota), "reserve" (the image store's free-space reserve), or
-    "enospc" (the file system itself). The iSCSI layer answers DATA PROTECT, SPACE ALLOCATION FAILED
-    WRITE PROTECT (27h/07h): `sense_key` and `asc_ascq` below.
-    """
-
-    sense_key = 0x07          # DATA PROTECT
-    asc_ascq = (0x27, 0x07)   # SPACE ALLOCATION FAILED WRITE PROTECT
-
-    def __init__(self, path: str, reason: str, needed: int, used: int, limit: int | None):
-        self.path, self.reason, self.needed, self.used, self.limit = path, reason, needed, used, limit
-        what = {"quota": f"quota of {limit} bytes", "reserve": "image store's free-space reserve",
-                "enospc": "file system (ENOSPC)"}[reason]
-        super().__init__(f"{path}: {needed} more bytes would pass the {what} ({used} bytes in use)")
+__all__ = ["Overlay", "BaseImage", "open_base", "release_base", "OverlayError", "OverlayFull", "GRANULE",
+           "SOFT_THRESHOLD_ASC_ASCQ"]
 
 
 _punch = F.punch_hole
-
-
-# ---------------------------------------------------------------------------------------------- the base
-class BaseImage(Backstore):
-    """A published version: read-only, mmap'd shared. Also usable alone as a `readonly` PC's backstore."""
-
-    readonly = True
-    write_through = False
-    thin = False
-
-    def __init__(self, path, block_size: int = 512):
-        self.path = os.fspath(path)
-        try:
-            self.fd = os.open(self.path, os.O_RDONLY | os.O_CLOEXEC)
-        except OSError as exc:
-            raise OverlayError(f"{self.path}: cannot open image version: {exc.strerror}") from exc
-        try:
-            st = os.fstat(self.fd)
-            self.key = (st.st_dev, st.st_ino)
-            super().__init__(st.st_size, block_size)
-            flags = mmap.MAP_SHARED
-            if self.size <= POPULATE_LIMIT:  # prefaulted, as FileBackstore: no page fault per first READ
-                flags |= getattr(mmap, "MAP_POPULATE", 0)
-            self.map = mmap.mmap(self.fd, self.size, flags=flags, prot=mmap.PROT_READ)
-        except BaseException:
-            os.close(self.fd)
-            raise
-        self.view = memoryview(self.map)
-        self.refs = 1  # the opener's; close() drops it, each overlay on it holds one more
-
-    def read(self, offset: int, length: int):
-        return self.view[offset:offset + length]
-
-    def write(self, offset: int, data) -> None:
-        raise BackstoreError(f"{self.path}: an image version is read-only")
-
-    def sync(self) -> None:
-        """Nothing is ever written."""
-
-    def unmap(self, offset: int, length: int) -> None:
-        raise BackstoreError(f"{self.path}: an image version is read-only")
-
-    def mapped(self, offset: int) -> tuple[bool, int]:
-        try:
-            data = os.lseek(self.fd, offset, SEEK_DATA)
-        except OSError:
-            return False, self.size - offset
-        if data > offset:
-            return False, min(data, self.size) - offset
-        try:
-            hole = os.lseek(self.fd, offset, SEEK_HOLE)
-        except OSError:
-            hole = self.size
-        return True, min(hole, self.size) - offset
-
-    def resize(self, size: int) -> None:
-        raise BackstoreError(f"{self.path}: an image version is immutable; it cannot be resized")
-
-    def close(self) -> None:
-        release_base(self)
-
-
-_bases: dict = {}
-_bases_lock = threading.Lock()
-
-
-def open_base(path, block_size: int = 512) -> BaseImage:
-    """The process's one BaseImage of this version file (shared by every overlay on it; refcounted)."""
-    st = os.stat(path)
-    key = (st.st_dev, st.st_ino, block_size)
-    with _bases_lock:
-        base = _bases.get(key)
-        if base is None:
-            base = BaseImage(path, block_size)
-            _bases[key] = base
-        else:
-            base.refs += 1
-        return base
-
-
-def release_base(base: BaseImage) -> None:
-    with _bases_lock:
-        base.refs -= 1
-        if base.refs > 0:
-            return
-        if _bases.get(base.key + (base.block_size,)) is base:
-            del _bases[base.key + (base.block_size,)]
-    base.view.release()
-    try:
-        base.map.close()
-    except BufferError:  # a read's slice is still being sent; the GC closes it later
-        pass
-    os.close(base.fd)
 
 
 # ---------------------------------------------------------------------------------------------- the overlay
@@ -217,9 +107,7 @@ class Overlay(Backstore):
         if granule < 512 or granule > MAX_GRANULE or granule & (granule - 1):
             raise OverlayError(f"granule {granule} is not a power of two in 512..{MAX_GRANULE}")
         if isinstance(base, BaseImage):
-            with _bases_lock:
-                base.refs += 1
-            self.base = base
+            self.base = retain_base(base)
         else:
             self.base = open_base(base, block_size)
         try:
@@ -466,10 +354,7 @@ class Overlay(Backstore):
 
     def _pwrite(self, data, offset: int) -> None:
         try:
-            n = os.pwrite(self._fd, data, offset)
-            total = len(data)
-            while n < total:  # pwrite may stop short (signals, large writes)
-                n += os.pwrite(self._fd, memoryview(data)[n:], offset + n)
+            pwrite_all(self._fd, data, offset)
         except OSError as exc:
             self._raise_write(exc, len(data))
 
@@ -583,11 +468,7 @@ class Overlay(Backstore):
         try:
             self.sync()
         finally:
-            self._view.release()
-            try:
-                self.map.close()
-            except BufferError:
-                pass
+            close_mapping(self._view, self.map)
             os.close(self._fd)
             os.close(self._bm_fd)
             release_base(self.base)

@@ -22,7 +22,7 @@ import mmap
 import os
 import threading
 
-from services.iscsi_target.scsi.backstore import POPULATE_LIMIT, BackstoreError, FileBackstore
+from services.iscsi_target.scsi.backstore import POPULATE_LIMIT, FileBackstore, close_mapping
 
 PAGE = mmap.PAGESIZE
 try:
@@ -79,11 +79,7 @@ class PreadFileBackstore(FileBackstore):
         if self.map is None:
             return
         self._anchor = None
-        self.view.release()
-        try:
-            self.map.close()
-        except BufferError:  # a read's slice is still being sent; the GC closes it later
-            pass
+        close_mapping(self.view, self.map)
         self.map = self.view = None
 
     def read(self, offset: int, length: int):
@@ -97,21 +93,10 @@ class PreadFileBackstore(FileBackstore):
                 return view[offset:offset + length]
         return pread_exact(self.fd, length, offset)
 
-    def resize(self, size: int) -> None:
-        if size <= 0 or size % self.block_size:
-            raise BackstoreError(f"size {size} is not a positive multiple of block_size {self.block_size}")
-        if self.readonly:
-            raise BackstoreError(f"{self.path}: a read-only image cannot be resized")
-        with self._lock:
-            current = os.fstat(self.fd).st_size
-            if size > current:
-                self._grow(current, size)
-            else:
-                os.ftruncate(self.fd, size)
-            self._unmap()
-            self.size = size
-            self._map()
-        self._notify_resize()
+    def _remap(self, size: int) -> None:
+        self._unmap()
+        self.size = size
+        self._map()
 
     def gone(self) -> str | None:
         """Why the file can no longer be trusted to keep what is written (unlinked, replaced), or None."""
