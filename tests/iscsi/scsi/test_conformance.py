@@ -7,15 +7,13 @@ iscsi-test-cu is required (libiscsi-bin, in deploy/system-deps.sh): missing, the
 
 from __future__ import annotations
 
-import re
-import shutil
-import socket
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
+
+from support import free_port
+from tests.iscsi.target_process import run_cu_suite, target_process
 
 pytestmark = pytest.mark.integration
 
@@ -36,12 +34,6 @@ iscsi:
 """
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def portal(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("scsi-cu")
@@ -49,41 +41,13 @@ def portal(tmp_path_factory):
     (tmp / "ro.img").write_bytes(b"\x5a" * (4 << 20))
     config = tmp / "bootfleet.yaml"
     config.write_text(CONFIG.format(port=port, iqn=IQN))
-    log = open(tmp / "target.log", "wb")
-    proc = subprocess.Popen([sys.executable, "-m", "services.iscsi_target", "--config", str(config),
-                             "--state-dir", str(tmp)], cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
-    try:
-        deadline = time.monotonic() + 15
-        while True:
-            assert proc.poll() is None, (tmp / "target.log").read_text()[-2000:]
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
-                break
-            except OSError:
-                assert time.monotonic() < deadline, "target did not listen within 15 s"
-                time.sleep(0.05)
+    with target_process([sys.executable, "-m", "services.iscsi_target", "--config", str(config),
+                         "--state-dir", str(tmp)], port, tmp / "target.log", timeout=15, cwd=ROOT):
         yield f"iscsi://127.0.0.1:{port}/{IQN}"
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(5)
-        log.close()
 
 
 def run_suite(url: str, suite: str) -> tuple[int, int]:
-    tool = shutil.which("iscsi-test-cu")
-    assert tool, "iscsi-test-cu is not installed (deploy/system-deps.sh installs libiscsi-bin)"
-    r = subprocess.run([tool, "--dataloss", f"--test={suite}", url], capture_output=True, text=True, timeout=120)
-    out = r.stdout + r.stderr
-    tests = re.search(r"tests\s+(\d+)\s+(\d+)\s+(\d+)\s+(\d+)", out)
-    asserts = re.search(r"asserts\s+(\d+)\s+(\d+)\s+(\d+)\s+(\d+)", out)
-    assert tests and asserts, out[-3000:]
-    failed = int(tests.group(4)) + int(asserts.group(4))
-    assert failed == 0, out[-4000:]
-    return int(tests.group(3)), int(asserts.group(3))
+    return run_cu_suite(url, suite, timeout=120)
 
 
 def test_read_only_unit(portal):
