@@ -182,7 +182,8 @@ class BootfleetLab(_LabRun):
     """The PCs boot through Bootfleet (supervisord, controller, DHCP, TFTP, iSCSI) in the namespace."""
 
     def __init__(self, workdir: Path, pcs: int = 1, ipv6_ra: bool = True, proxy: bool = False, site_ping: bool = False,
-                 site_server: str = "dnsmasq", unknown: str = "default", unassigned: tuple[str, ...] = (), **kwargs):
+                 site_server: str = "dnsmasq", unknown: str = "default", unassigned: tuple[str, ...] = (),
+                 config_extra: dict | None = None, **kwargs):
         super().__init__(workdir, pcs, **kwargs)
         self.ipv6_ra = ipv6_ra
         self.proxy = proxy  # beside the site's own DHCP server (dnsmasq, addresses only), in dhcp.mode: proxy
@@ -190,6 +191,7 @@ class BootfleetLab(_LabRun):
         self.site_server = site_server  # the site's DHCP server: dnsmasq or kea
         self.unknown = unknown  # boot.unknown
         self.unassigned = unassigned  # PCs (by name) left out of clients[]: they boot as `new` PCs
+        self.config_extra = config_extra or {}  # LabConfig.extra: config sections merged over the lab's own
         self.site: SiteDhcp | None = None
         self.stack: BootfleetStack | None = None
 
@@ -203,7 +205,7 @@ class BootfleetLab(_LabRun):
             shutil.copyfile(UEFI_LOADER, self.workdir / "tftp" / UEFI_LOADER.name)
         config = LabConfig(clients, tftp_root=self.workdir / "tftp", ipv6_ra=self.ipv6_ra,
                            dhcp_mode="proxy" if self.proxy else "server", unknown=self.unknown,
-                           unassigned=self.unassigned)
+                           unassigned=self.unassigned, extra=self.config_extra)
         state = self.workdir / "state"
         state.mkdir(exist_ok=True)
         self.stack = BootfleetStack(self.lab, state, config)

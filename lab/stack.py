@@ -12,7 +12,7 @@ import os
 import subprocess
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import yaml
@@ -44,6 +44,7 @@ class LabConfig:
     dhcp_mode: str = "server"  # proxy: ProxyDHCP beside the site's own DHCP server (lab/reference.SiteDhcp)
     unknown: str = "default"  # boot.unknown: what a PC in no clients[] entry gets
     unassigned: tuple[str, ...] = ()  # names of PCs left out of clients[] (their targets still exist): `new` PCs
+    extra: dict = field(default_factory=dict)  # merged into the document section by section (http, boot.transport)
 
     def document(self) -> dict:
         doc = {
@@ -72,6 +73,11 @@ class LabConfig:
             },
             "tftp": {"root": str(self.tftp_root), "address": SERVER_IP, "port": 69},
         }
+        for section, value in self.extra.items():
+            if isinstance(value, dict) and isinstance(doc.get(section), dict):
+                doc[section] = {**doc[section], **value}
+            else:
+                doc[section] = value
         return doc
 
     def write(self, path: Path) -> Path:
