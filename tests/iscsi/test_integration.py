@@ -12,17 +12,16 @@ import shutil
 import signal
 import socket
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 
 from services.iscsi_target import pdu as P
+from tests.iscsi.target_process import start_target, stop_process
 
 pytestmark = pytest.mark.integration
 
-ROOT = Path(__file__).resolve().parents[2]
 ANON = "iqn.2026-11.org.bootfleet.test:anon"
 CHAP = "iqn.2026-11.org.bootfleet.test:chap"
 MUTUAL = "iqn.2026-11.org.bootfleet.test:mutual"
@@ -84,31 +83,14 @@ class Target:
 
     def start(self) -> None:
         self.logf = open(self.log, "ab")
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "services.iscsi_target", "--config", str(self.config), "--state-dir", str(self.tmp)],
-            cwd=ROOT, stdout=self.logf, stderr=subprocess.STDOUT)
-        deadline = time.monotonic() + 15
-        while time.monotonic() < deadline:
-            assert self.proc.poll() is None, f"target exited: {self.log.read_text()[-2000:]}"
-            try:
-                socket.create_connection(("127.0.0.1", self.port), timeout=0.2).close()
-                return
-            except OSError:
-                time.sleep(0.05)
-        raise AssertionError("target did not listen within 15 s")
+        self.proc = start_target(self.config, self.tmp, self.logf, self.port)
 
     def kill9(self) -> None:
         self.proc.send_signal(signal.SIGKILL)
         self.proc.wait(5)
 
     def stop(self) -> None:
-        if self.proc and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(12)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(5)
+        stop_process(self.proc, 12)
         self.logf.close()
 
     def alive(self) -> bool:

@@ -16,7 +16,6 @@ import shutil
 import socket
 import struct
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -26,10 +25,10 @@ from services.iscsi_target import pdu as P
 from services.iscsi_target.service import IscsiTargetService
 from shared.config.model import BootfleetConfig
 from shared.service import ServiceContext
+from tests.iscsi.target_process import start_target, stop_process
 
 pytestmark = pytest.mark.integration
 
-ROOT = Path(__file__).resolve().parents[2]
 CD = "iqn.2026-11.org.bootfleet.test:cd"
 MIRROR = "iqn.2026-11.org.bootfleet.test:mirror"
 BLOCK = "iqn.2026-11.org.bootfleet.test:block"
@@ -88,26 +87,11 @@ class Standalone:
 
     def __enter__(self):
         self.logf = open(self.log, "ab")
-        self.proc = subprocess.Popen([sys.executable, "-m", "services.iscsi_target", "--config", str(self.cfg),
-                                      "--state-dir", str(self.tmp)], cwd=ROOT, stdout=self.logf,
-                                     stderr=subprocess.STDOUT)
-        deadline = time.monotonic() + 15
-        while True:
-            assert self.proc.poll() is None, f"target exited: {self.log.read_text()[-2000:]}"
-            try:
-                socket.create_connection(("127.0.0.1", self.port), timeout=0.2).close()
-                return self
-            except OSError:
-                assert time.monotonic() < deadline, "target did not listen within 15 s"
-                time.sleep(0.05)
+        self.proc = start_target(self.cfg, self.tmp, self.logf, self.port)
+        return self
 
     def __exit__(self, *exc):
-        self.proc.terminate()
-        try:
-            self.proc.wait(12)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait(5)
+        stop_process(self.proc, 12)
         self.logf.close()
 
     def url(self, iqn, lun=0):

@@ -21,6 +21,7 @@ import pytest
 
 import support
 from shared.images.store import ImageStore
+from tests.iscsi.target_process import start_target, stop_process
 
 pytestmark = pytest.mark.integration
 
@@ -60,33 +61,14 @@ clients: [{client}]
 
     def start(self):
         with open(self.log, "ab") as logf:
-            self.proc = subprocess.Popen([sys.executable, "-m", "services.iscsi_target", "--config", str(self.cfg),
-                                          "--state-dir", str(self.tmp)], cwd=support.ROOT, stdout=logf,
-                                         stderr=subprocess.STDOUT)
-
-        def listening():
-            assert self.proc.poll() is None, f"target exited: {self.log.read_text()[-2000:]}"
-            try:
-                import socket
-                socket.create_connection(("127.0.0.1", self.port), timeout=0.2).close()
-                return True
-            except OSError:
-                return False
-
-        support.wait_for(listening, 15, what="the target listening")
+            self.proc = start_target(self.cfg, self.tmp, logf, self.port)
 
     def kill9(self):
         os.kill(self.proc.pid, signal.SIGKILL)  # by PID: only the process this test started
         self.proc.wait(10)
 
     def stop(self):
-        if self.proc and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(12)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(5)
+        stop_process(self.proc, 12)
 
     def url(self):
         return f"iscsi://127.0.0.1:{self.port}/{TARGET}/0"
