@@ -14,115 +14,21 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 import sys
 import time
-from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-import msgpack
 import yaml
-import zmq
 
 from services.controller import cli_images, cli_media
 from services.controller.cli_progress import follow_operation
+from services.controller.cli_output import _ago, _table, _when, parse_since
 from services.controller.commands import COMMANDS, summary
-from shared.bus.endpoints import control_endpoint
+from services.controller.control_client import CliError, Control, NoAnswer
 from shared.config.model import SERVICES
 
 STATE_DIR = os.environ.get("BOOTFLEET_STATE_DIR", "var")
-
-
-class CliError(Exception):
-    pass
-
-
-class NoAnswer(CliError):
-    """The controller did not answer in time (busy, or restarting)."""
-
-
-class Control:
-    """Requests to the controller's control socket, each with a deadline."""
-
-    def __init__(self, state_dir: Path, timeout: float):
-        self.endpoint = control_endpoint(state_dir)
-        self.timeout = timeout
-
-    def call(self, command: str, **arguments: Any) -> dict[str, Any]:
-        """One request; a long poll (`wait` seconds, events-wait) gets that much longer to be answered."""
-        timeout = self.timeout + float(arguments.get("wait") or 0)
-        sock_path = self.endpoint[len("ipc://") :]
-        if not os.path.exists(sock_path):
-            raise CliError(f"the controller is not running (no {sock_path}); start the stack with `make up`")
-        ctx = zmq.Context.instance()
-        sock = ctx.socket(zmq.REQ)
-        sock.linger = 0
-        try:
-            sock.connect(self.endpoint)
-            sock.send(msgpack.packb({"command": command, "arguments": arguments}, use_bin_type=True))
-            if not sock.poll(timeout * 1000):
-                raise NoAnswer(f"the controller did not answer {command} within {timeout:.0f} s ({self.endpoint})")
-            return msgpack.unpackb(sock.recv(), raw=False)
-        finally:
-            sock.close()
-
-
-# -- output ---------------------------------------------------------------------------------------
-def _table(columns: list[str], rows: list[list[Any]], title: str | None = None) -> None:
-    """A table: rich on a terminal; plain aligned columns through a pipe (no escapes, no wrapping)."""
-    cells = [["-" if v is None or v == "" else str(v) for v in row] for row in rows]
-    if not sys.stdout.isatty():
-        if title:
-            print(title)
-        widths = [max([len(c)] + [len(r[i]) for r in cells]) for i, c in enumerate(columns)]
-        for line in [columns, *cells]:
-            print("  ".join(v.ljust(w) for v, w in zip(line, widths)).rstrip())
-        return
-    from rich.console import Console
-    from rich.table import Table
-
-    table = Table(title=title, box=None, header_style="bold", pad_edge=False)
-    for col in columns:
-        table.add_column(col)
-    for row in cells:
-        table.add_row(*row, style="red" if any(v.startswith("failed") for v in row) else None)
-    Console(width=max(100, _terminal_width())).print(table)
-
-
-def _terminal_width() -> int:
-    try:
-        return os.get_terminal_size().columns
-    except OSError:
-        return 160
-
-
-def _ago(seconds: float | None) -> str:
-    if seconds is None:
-        return "-"
-    seconds = float(seconds)
-    if seconds < 120:
-        return f"{seconds:.0f}s"
-    if seconds < 7200:
-        return f"{seconds / 60:.0f}m"
-    if seconds < 172800:
-        return f"{seconds / 3600:.1f}h"
-    return f"{seconds / 86400:.1f}d"
-
-
-def _when(ts: float | None) -> str:
-    return datetime.fromtimestamp(ts).strftime("%Y-%m-%d %H:%M:%S") if ts else "-"
-
-
-def parse_since(text: str) -> float:
-    """`90s`, `10m`, `2h`, `1d` ago, or an ISO date/time."""
-    m = re.fullmatch(r"(\d+(?:\.\d+)?)([smhd])", text.strip())
-    if m:
-        return time.time() - float(m.group(1)) * {"s": 1, "m": 60, "h": 3600, "d": 86400}[m.group(2)]
-    try:
-        return datetime.fromisoformat(text).timestamp()
-    except ValueError:
-        raise CliError(f"--since {text}: expected 10m, 2h, 1d or an ISO date such as 2026-11-26T10:00") from None
 
 
 # -- commands -------------------------------------------------------------------------------------

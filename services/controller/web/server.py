@@ -7,7 +7,7 @@ ends in a blocking call anyway, the control channel's REQ socket, which an async
 into threads. The controller's own loop (io_loop.py, a ZeroMQ poll loop) never waits on a browser.
 
 One control channel: every page and every API call is a `{command, arguments}` request to the controller's
-control socket, through the CLI's own client (`cli.Control`): the same commands, handlers and answers as
+control socket, through the CLI's own client (`control_client.Control`): the same commands, handlers and answers as
 `bootfleet`, no second model. Live updates: /events/stream holds an `events-wait` request (answered by the
 controller when it files new events) and forwards what it gets; while the controller lacks events-wait,
 it asks events-list once a second instead.
@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qsl, unquote, urlsplit
 
-from services.controller.cli import CliError, Control
+from services.controller.control_client import CliError, Control
 from services.controller.web import metrics, pages
 from services.controller.web.auth import COOKIE, Auth, ensure_token
 from shared.config.model import SERVICES
