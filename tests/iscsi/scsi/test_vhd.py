@@ -20,8 +20,9 @@ from hypothesis import strategies as st
 from services.iscsi_target.scsi import vhd as V
 from services.iscsi_target.scsi import vhd_backstore as VB
 from services.iscsi_target.scsi.backstore import BackstoreError
-from services.iscsi_target.scsi.vhd_backstore import (VhdBackstore, VhdxBackstore, create_differencing,
-                                                      create_dynamic, create_fixed, open_image)
+from services.iscsi_target.scsi.vhd_backstore import (VhdBackstore, create_differencing, create_dynamic,
+                                                      create_fixed, open_image)
+from services.iscsi_target.scsi.vhdx_backstore import VhdxBackstore
 
 MiB = 1 << 20
 
