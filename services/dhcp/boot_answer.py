@@ -10,16 +10,30 @@ reservation. The core caches one answer per distinct (scope, class, reservation,
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
 from services.dhcp import options as opt
-from services.dhcp.classify import Classification, loader_for
+from services.dhcp.classify import HTTP_CLIENT, Classification, loader_for
 from services.dhcp.packet import ip_int, ip_str
 from services.dhcp.scopes import ScopeRuntime, merge_options
 from shared.boot import assignment_for, chap_for, pc_initiator_iqn, root_path, script_bootfile, target_for
 from shared.config.boot import ClientAssignment
 
+log = logging.getLogger("bootfleet.dhcp.boot")
+
 ISCSI_INITIATOR_IQN = 203  # iPXE's initiator-iqn setting (it asks for 203 in its parameter request list)
+
+
+def http_loader_url(config, server_ip: str) -> str | None:
+    """A UEFI HTTP boot client's option 67: the EFI loader (boot.loaders.efi) over the TFTP service's HTTP
+    listener, whatever boot.transport says; None (and a log line) when http.enabled is off."""
+    if not config.http.enabled:
+        log.warning("a UEFI HTTP boot client (option 93 = 16, HTTPClient) gets no boot answer: http.enabled is off")
+        return None
+    server = config.boot.server or server_ip
+    port = config.http.port
+    return f"http://{server}{'' if port == 80 else f':{port}'}/{config.boot.loaders.efi.lstrip('/')}"
 
 
 @dataclass(frozen=True, slots=True)
@@ -42,6 +56,10 @@ def build_boot_answer(config, scope: ScopeRuntime, cls: Classification, res, mac
     rpath = None
     if cls.kind == "pxe":
         bootfile = loader_for(cls.arch, config.boot.loaders)
+    elif cls.kind == "http":
+        bootfile = http_loader_url(config, ip_str(server))
+        if bootfile:  # the firmware takes only an answer that says HTTPClient back
+            merged[opt.VENDOR_CLASS] = HTTP_CLIENT
     elif cls.kind == "ipxe":
         bootfile = script_bootfile(config, ip_str(server_address))  # the name, or its http:// URL (boot.transport)
         if res is not None and res.target:

@@ -5,6 +5,8 @@ Sans-IO. The built-in answer (not left to the user) is one of:
   gets its script and root-path; handing it the loader again would chainload forever.
 - `pxe`: a firmware PXE ROM (option 93 present, or option 60 starting `PXEClient`): it gets the loader for its
   architecture. The loader is decided on option 93, never on the text of option 60.
+- `http`: UEFI HTTP boot (option 93 = 16, x64 UEFI HTTP, and option 60 starting `HTTPClient`): it gets the EFI
+  loader's http:// URL in option 67 and option 60 `HTTPClient` (UEFI spec 2.x, "HTTP Boot"), when `http.enabled`.
 - `plain`: any other client: an address and the configured options, no boot fields.
 User classes from the config (`dhcp.classes`) are matched as well and add their options on top.
 """
@@ -18,6 +20,8 @@ from services.dhcp import options as opt
 IPXE_USER_CLASSES = (b"iPXE", b"gPXE")
 ARCH_BIOS = 0
 EFI_ARCHES = (6, 7, 9)  # IA32 EFI, x64 EFI (BC), x64 EFI (RFC 4578 / IANA processor architecture types)
+ARCH_X64_HTTP = 16  # x64 UEFI HTTP boot (IANA processor architecture types)
+HTTP_CLIENT = b"HTTPClient"
 _ARCH = struct.Struct("!H")
 
 
@@ -40,6 +44,8 @@ class Classification:
             base = "pxe-bios" if self.arch in (None, ARCH_BIOS) else f"pxe-arch{self.arch}"
             if self.arch in EFI_ARCHES:
                 base = "pxe-efi"
+        elif self.kind == "http":
+            base = "http-efi"
         elif self.kind == "ipxe" and b"gPXE" in self.user_classes:
             base = "gpxe"
         return ",".join((base,) + self.names)
@@ -55,6 +61,8 @@ def classify(options: dict[int, bytes]) -> Classification:
     has_175 = opt.IPXE_ENCAP in options
     if has_175 or any(u in IPXE_USER_CLASSES for u in user_classes):
         kind = "ipxe"
+    elif arch == ARCH_X64_HTTP and vendor.startswith(HTTP_CLIENT):
+        kind = "http"
     elif arch is not None or vendor.startswith(b"PXEClient"):
         kind = "pxe"
     else:

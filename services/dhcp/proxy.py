@@ -37,7 +37,8 @@ from services.dhcp import events as ev
 from services.dhcp import identity
 from services.dhcp import options as opt
 from services.dhcp import packet as pk
-from services.dhcp.classify import EFI_ARCHES, Classification, ClassMatcher, classify, loader_for
+from services.dhcp.boot_answer import http_loader_url
+from services.dhcp.classify import EFI_ARCHES, HTTP_CLIENT, Classification, ClassMatcher, classify, loader_for
 from services.dhcp.core import BROADCAST, CLIENT_PORT, Interface, Reply
 from services.dhcp.packet import ip_int, ip_str
 from services.dhcp.scopes import merge_options
@@ -190,7 +191,12 @@ class ProxyCore:
             return None
         # UEFI's own PXE is asked to confirm on port 4011 (option 43 left out: EDK2's "BINL" offer)
         to_4011 = cls.kind == "pxe" and cls.arch in EFI_ARCHES
-        options, file_field, siaddr, bootfile, rpath = self._answer(cls, mac, iface, vendor=not to_4011)
+        # UEFI HTTP boot: no PXE discovery control (43); option 60 says HTTPClient
+        options, file_field, siaddr, bootfile, rpath = self._answer(cls, mac, iface,
+                                                                    vendor=not to_4011 and cls.kind != "http")
+        if cls.kind == "http" and not bootfile:
+            self.counters["ignored"] += 1  # http.enabled off: nothing to hand it (logged by http_loader_url)
+            return None
         self.counters["offers"] += 1
         self._events.append(ev.ProxyOffered(mac=mac, client_class=cls.label, bootfile=bootfile, root_path=rpath,
                                             confirm_on_4011=to_4011))
@@ -206,7 +212,7 @@ class ProxyCore:
             self._learn_address(client, msg.ciaddr)
         if self._turned_away(mac):
             return None
-        options, file_field, siaddr, bootfile, rpath = self._answer(cls, mac, iface, vendor=True)
+        options, file_field, siaddr, bootfile, rpath = self._answer(cls, mac, iface, vendor=cls.kind != "http")
         self.counters["acks"] += 1
         ip = ip_str(msg.ciaddr) if msg.ciaddr else None
         self._events.append(ev.ProxyAck(mac=mac, ip=ip, client_class=cls.label, bootfile=bootfile, root_path=rpath))
@@ -253,6 +259,8 @@ class ProxyCore:
         rpath = None
         if cls.kind == "pxe":
             bootfile = loader_for(cls.arch, config.boot.loaders)
+        elif cls.kind == "http":
+            bootfile = http_loader_url(config, ip_str(server))
         else:
             # the script named for this PC: TFTP renders it per MAC without waiting to learn the PC's address
             bootfile = _script_for(config, server_ip, mac)
@@ -282,7 +290,7 @@ class ProxyCore:
         if opt.ROOT_PATH in merged:
             rpath = merged[opt.ROOT_PATH].decode("utf-8", "replace")
         siaddr = (ip_int(next_server) if next_server else server) if bootfile else 0
-        parts = [opt.tlv(opt.VENDOR_CLASS, PXE_CLIENT)]
+        parts = [opt.tlv(opt.VENDOR_CLASS, HTTP_CLIENT if cls.kind == "http" else PXE_CLIENT)]
         if vendor:
             parts.append(VENDOR_OPTIONS)
         if bootfile:
