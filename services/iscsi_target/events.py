@@ -85,7 +85,9 @@ class FirstRead(_AboutPc):
 
 @event
 class IoStats(_AboutPc):
-    """One LUN of one session over one interval: commands, bytes, mean latency (µs)."""
+    """One LUN of one session over one interval: commands, bytes, latency (the mean in µs, the sum in ns, and the
+    commands per latency bucket, shared/iscsi_latency.py's bounds in order, the last one above them all), and
+    the commands by opcode name (scsi/opcodes.py: READ_10, ..., an unnamed one as 0xC1)."""
 
     type: ClassVar[str] = bus.ISCSI_IO_STATS
     ip: str
@@ -99,6 +101,9 @@ class IoStats(_AboutPc):
     read_bytes: int
     write_bytes: int
     latency_us_avg: float
+    latency_sum_ns: int = 0
+    latency_buckets: list[int] = dataclasses.field(default_factory=list)
+    ops: dict[str, int] = dataclasses.field(default_factory=dict)
     mac: str | None = None
 
 

@@ -7,7 +7,8 @@
 - Residuals compare what the command moves with the Expected Data Transfer Length (EDTL): a READ returns
   min(EDTL, its data) with O/U set; a plain WRITE moves min(EDTL, its transfer length) in whole blocks
   (else CHECK CONDITION, INVALID FIELD IN COMMAND INFORMATION UNIT); other data-out commands must match.
-- Per-LUN counters (session.LunStats) and the session's first READ (an `events.FirstRead`).
+- Per-LUN counters (session.LunStats: every command answered here counts once, with its opcode and its latency
+  bucket) and the session's first READ (an `events.FirstRead`).
 
 `Responses` is a mixin of `Connection` (connection.py): it uses the connection's `scsi`, `nexus`,
 `session`, `send_max`, `max_burst`, `writer`, `out`, `events` and `clock_ns`.
@@ -107,11 +108,12 @@ class Responses:
             # The hot path: a READ moves no Data-Out, so none of the write-length checks below apply.
             resp = self._run_scsi(lun, cdb, None)
             self._answer_data_in(itt, lun, resp, flags, edtl, stats, True)
-            stats.latency_ns += self.clock_ns() - start_ns
+            stats.done(op, self.clock_ns() - start_ns)
             return
         if lun not in scsi.luns and op not in ANY_LUN_OPCODES:
             self._respond(itt, CHECK_CONDITION, SENSE_NO_LUN, [], 0, 0)
             stats.others += 1
+            stats.done(op, self.clock_ns() - start_ns)
             return
         spdtl = scsi.data_out_length(lun, cdb) if lun in scsi.luns else 0
         got = len(data_out) if data_out is not None else 0
@@ -125,6 +127,7 @@ class Responses:
                 self._respond(itt, CHECK_CONDITION, SENSE_INVALID_IU, [], F_OVERFLOW if over else F_UNDERFLOW,
                               abs(spdtl - got))
                 stats.others += 1
+                stats.done(op, self.clock_ns() - start_ns)
                 return
             # A plain WRITE moves min(EDTL, its own length) (SAM-5 5.4.2; libiscsi's residual tests).
             if spdtl > got:
@@ -136,6 +139,7 @@ class Responses:
             if not spdtl:
                 self._respond(itt, GOOD, None, [], F_OVERFLOW, short)
                 stats.others += 1
+                stats.done(op, self.clock_ns() - start_ns)
                 return
         payload = data_out if spdtl else None
         resp = self._run_scsi(lun, cdb, payload)
@@ -152,7 +156,7 @@ class Responses:
             self._respond(itt, resp.status, resp.sense, parts, res_flag, residual, total)
         else:
             self._answer_data_in(itt, lun, resp, flags, edtl, stats, op in READ_OPCODES)
-        stats.latency_ns += self.clock_ns() - start_ns
+        stats.done(op, self.clock_ns() - start_ns)
 
     def _answer_data_in(self, itt: int, lun: int, resp, flags: int, edtl: int, stats, is_read: bool) -> None:
         """Answer a command with its Data-In (or none): cut to EDTL with the residual, count reads."""

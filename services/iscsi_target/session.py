@@ -14,7 +14,10 @@ commands are accepted without advancing it. MaxCmdSN = ExpCmdSN + window - 1.
 from __future__ import annotations
 
 import threading
+from bisect import bisect_left
 from dataclasses import dataclass, field
+
+from shared.iscsi_latency import BUCKETS, LATENCY_BOUNDS_NS
 
 MASK32 = 0xFFFFFFFF
 
@@ -28,12 +31,22 @@ def sn_le(a: int, b: int) -> bool:
     return a == b or sn_lt(a, b)
 
 
-@dataclass
+def _buckets() -> list[int]:
+    return [0] * BUCKETS
+
+
+def _opcodes() -> list[int]:
+    return [0] * 256
+
+
+@dataclass(slots=True)
 class LunStats:
     """I/O counters of one LUN in one session, since the session started.
 
     reads/writes/others: commands; read_bytes/write_bytes: data moved; latency_ns: summed time from a
-    command's last byte received to its response queued, over all commands."""
+    command's last byte received to its response queued, over all commands; buckets: commands by that time
+    (shared/iscsi_latency.py's bounds, the last one above them all); ops: commands by opcode (CDB byte 0).
+    Both lists are made with the LUN's first command: `done` only adds to them (no allocation per command)."""
 
     reads: int = 0
     writes: int = 0
@@ -41,9 +54,19 @@ class LunStats:
     read_bytes: int = 0
     write_bytes: int = 0
     latency_ns: int = 0
+    buckets: list[int] = field(default_factory=_buckets)
+    ops: list[int] = field(default_factory=_opcodes)
+
+    def done(self, op: int, ns: int) -> None:
+        """A command with opcode `op` answered `ns` after its last byte came in."""
+        self.latency_ns += ns
+        self.buckets[bisect_left(LATENCY_BOUNDS_NS, ns)] += 1  # le: a latency equal to a bound is in its bucket
+        self.ops[op] += 1
 
     def snapshot(self) -> tuple:
-        return (self.reads, self.writes, self.others, self.read_bytes, self.write_bytes, self.latency_ns)
+        """The counters as (reads, writes, others, read_bytes, write_bytes, latency_ns, buckets, ops)."""
+        return (self.reads, self.writes, self.others, self.read_bytes, self.write_bytes, self.latency_ns,
+                tuple(self.buckets), tuple(self.ops))
 
 
 @dataclass

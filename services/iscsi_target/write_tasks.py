@@ -134,5 +134,7 @@ class WriteTasks:
         del self.tasks[task.itt]
         self.failed_itts.append(task.itt)
         self._respond(task.itt, sense.CHECK_CONDITION, SENSE_DATA_PHASE_ERROR, [], 0, 0)
-        self.session.lun_stats(task.lun).others += 1
+        stats = self.session.lun_stats(task.lun)
+        stats.others += 1
+        stats.done(task.cdb[0], self.clock_ns() - task.start_ns)
         self.events.append(ev.Error(where="data-out", error=reason, level="warning"))

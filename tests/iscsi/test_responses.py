@@ -106,3 +106,42 @@ def test_scsi_layer_exception_becomes_check_condition():
     assert sense_of(rsp) == (sense.HARDWARE_ERROR, *sense.INTERNAL_TARGET_FAILURE)
     assert not ini.conn.closing
     assert any("boom" in e.error for e in ini.events_of(ev.Error))
+
+
+class StepClock:
+    """clock_ns for a connection: each command's start at 0, its end `latencies[i]` ns later, in order."""
+
+    def __init__(self, *latencies):
+        self.latencies, self.calls = list(latencies), 0
+
+    def __call__(self):
+        self.calls += 1
+        return 0 if self.calls % 2 else self.latencies.pop(0)
+
+
+def test_every_command_counts_once_by_opcode_and_latency_bucket():
+    from shared.iscsi_latency import BUCKETS, LATENCY_BOUNDS_NS
+
+    assert LATENCY_BOUNDS_NS[:4] == (50_000, 100_000, 250_000, 500_000) and BUCKETS == len(LATENCY_BOUNDS_NS) + 1
+    clock = StepClock(40_000, 50_000, 300_000, 2_000_000_000, 70_000, 1_000, 120_000)
+    ini = logged_in(clock_ns=clock)
+    for cdb, kw in [(read10(0, 1), dict(edtl=512, read=True)),  # 40 us: <= 50 us
+                    (read10(0, 1), dict(edtl=512, read=True)),  # exactly 50 us: still the 50 us bucket (le)
+                    (write10(0, 1), dict(edtl=512, write=True, data=b"w" * 512)),  # 300 us: <= 500 us
+                    (bytes([0x12, 0, 0, 0, 36, 0]), dict(edtl=36, read=True)),  # 2 s: above every bound
+                    (bytes([0x35]) + bytes(9), {}),  # SYNCHRONIZE CACHE 10, 70 us
+                    (read10(0, 1), dict(edtl=512, read=True, lun=5)),  # no such LUN: answered, counted as other
+                    (write10(0, 1), dict(edtl=200, write=True, data=b"x" * 200))]:  # refused (not whole blocks)
+        _, raw = ini.cmd(cdb, **kw)
+        ini.send(raw)
+    st = ini.conn.session.stats[0]
+    assert (st.reads, st.writes, st.others) == (2, 1, 3)  # INQUIRY, SYNCHRONIZE CACHE, the refused WRITE
+    want = [0] * BUCKETS
+    want[0], want[1], want[2], want[3], want[-1] = 2, 1, 1, 1, 1  # 40+50 us, 70 us, 120 us, 300 us, 2 s
+    assert st.buckets == want
+    assert st.latency_ns == 40_000 + 50_000 + 300_000 + 2_000_000_000 + 70_000 + 120_000
+    assert (st.ops[0x28], st.ops[0x2A], st.ops[0x12], st.ops[0x35], sum(st.ops)) == (2, 2, 1, 1, 6)
+    other = ini.conn.session.stats[5]  # the unknown LUN's command: counted under that LUN, 1 us
+    assert (other.others, other.ops[0x28], other.buckets[0], sum(other.buckets)) == (1, 1, 1, 1)
+    snap = st.snapshot()
+    assert snap[:6] == (2, 1, 3, 1024, 512, st.latency_ns) and snap[6] == tuple(want) and len(snap[7]) == 256

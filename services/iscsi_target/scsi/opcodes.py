@@ -1,0 +1,26 @@
+"""SCSI operation codes by name (SPC-4, SBC-3, MMC-6 tables), for the per-opcode counters of `iscsi.io_stats`.
+
+`NAMES[op]` is a name in the style the standards' command tables use with underscores (READ_10, WRITE_16,
+SYNCHRONIZE_CACHE_10); an opcode not listed is named by its hex (`0xC1`), so an initiator's unusual commands
+still show up, each under its own label.
+"""
+
+from __future__ import annotations
+
+_KNOWN = {
+    0x00: "TEST_UNIT_READY", 0x03: "REQUEST_SENSE", 0x04: "FORMAT_UNIT", 0x08: "READ_6", 0x0A: "WRITE_6",
+    0x12: "INQUIRY", 0x15: "MODE_SELECT_6", 0x16: "RESERVE_6", 0x17: "RELEASE_6", 0x1A: "MODE_SENSE_6",
+    0x1B: "START_STOP_UNIT", 0x1D: "SEND_DIAGNOSTIC", 0x1E: "PREVENT_ALLOW_MEDIUM_REMOVAL",
+    0x25: "READ_CAPACITY_10", 0x28: "READ_10", 0x2A: "WRITE_10", 0x2B: "SEEK_10", 0x2E: "WRITE_AND_VERIFY_10",
+    0x2F: "VERIFY_10", 0x34: "PRE_FETCH_10", 0x35: "SYNCHRONIZE_CACHE_10", 0x37: "READ_DEFECT_DATA_10",
+    0x3B: "WRITE_BUFFER", 0x3C: "READ_BUFFER", 0x41: "WRITE_SAME_10", 0x42: "UNMAP", 0x43: "READ_TOC",
+    0x46: "GET_CONFIGURATION", 0x4A: "GET_EVENT_STATUS_NOTIFICATION", 0x4D: "LOG_SENSE", 0x51: "READ_DISC_INFORMATION",
+    0x52: "READ_TRACK_INFORMATION", 0x55: "MODE_SELECT_10", 0x56: "RESERVE_10", 0x57: "RELEASE_10",
+    0x5A: "MODE_SENSE_10", 0x5E: "PERSISTENT_RESERVE_IN", 0x5F: "PERSISTENT_RESERVE_OUT", 0x7F: "VARIABLE_LENGTH",
+    0x83: "EXTENDED_COPY", 0x84: "RECEIVE_COPY_RESULTS", 0x88: "READ_16", 0x89: "COMPARE_AND_WRITE",
+    0x8A: "WRITE_16", 0x8B: "ORWRITE_16", 0x8E: "WRITE_AND_VERIFY_16", 0x8F: "VERIFY_16", 0x90: "PRE_FETCH_16",
+    0x91: "SYNCHRONIZE_CACHE_16", 0x93: "WRITE_SAME_16", 0x9E: "SERVICE_ACTION_IN_16", 0xA0: "REPORT_LUNS",
+    0xA3: "MAINTENANCE_IN", 0xA8: "READ_12", 0xAA: "WRITE_12", 0xAD: "READ_DVD_STRUCTURE", 0xAE: "WRITE_AND_VERIFY_12",
+    0xAF: "VERIFY_12", 0xB6: "SET_STREAMING", 0xB7: "READ_DEFECT_DATA_12", 0xBB: "SET_CD_SPEED",
+}
+NAMES = tuple(_KNOWN.get(op, f"0x{op:02X}") for op in range(256))
