@@ -4,7 +4,8 @@
   counters, and events emitted/dropped (from its heartbeats) against events received here.
 - `ClientTable`: one row per PC seen on the bus or named in `clients[]`: IP, state, last boot. A PC's IP
   links its iSCSI and TFTP events (which know only the address) to its MAC.
-- `IoTally`: an iSCSI process's commands, bytes and latency buckets, summed from its io_stats events.
+- `IoTally`: an iSCSI process's commands (by class and by opcode), bytes and latency buckets, summed from its
+  io_stats events.
 - `Fleet`: both tables, what the controller and its command handlers see.
 - `timeline()`: one PC's last boot, step by step, with the time since power-on (its first DHCP discover
   after a quiet spell).
@@ -12,32 +13,32 @@
 
 from __future__ import annotations
 
+from bisect import bisect_left
 from dataclasses import dataclass, field
 from typing import Any
 
 from shared import events as ev
+from shared.iscsi_latency import BUCKETS, LATENCY_BOUNDS
 
 BOOT_GAP = 60.0  # seconds of silence from a PC that separate two boots
 RATE_WINDOW = 30.0  # seconds of io_stats a PC's read/write rate is the mean over
-# Upper bounds (seconds) of the iSCSI latency buckets: 100 us to 1 s, as Prometheus histograms count them
-LATENCY_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0)
 
 
 @dataclass
 class IoTally:
-    """iSCSI commands by opcode class, bytes, and latency, from io_stats events (each a LUN's interval).
+    """iSCSI commands by opcode class and by opcode, bytes, and latency, from io_stats events (each a LUN's interval).
 
-    An io_stats event carries the interval's mean latency, not each command's, so a bucket counts an interval's
-    commands at its mean: the histogram is as fine as the service's `iscsi.io_stats_interval`."""
+    The latency buckets are the target's own per-command counts (shared/iscsi_latency.py's bounds), added up. An
+    event without them (from a target older than they are) counts its interval's commands at its mean latency."""
 
     reads: int = 0
     writes: int = 0
     others: int = 0
     read_bytes: int = 0
     write_bytes: int = 0
-    latency_buckets: list[int] = field(default_factory=lambda: [0] * len(LATENCY_BUCKETS))  # not cumulative
-    latency_count: int = 0
+    latency_buckets: list[int] = field(default_factory=lambda: [0] * BUCKETS)  # not cumulative; the last: > 1 s
     latency_sum: float = 0.0  # seconds
+    ops: dict[str, int] = field(default_factory=dict)  # commands by opcode name (READ_10, 0xC1)
 
     def add(self, f: dict[str, Any]) -> None:
         reads, writes, others = int(f.get("reads") or 0), int(f.get("writes") or 0), int(f.get("others") or 0)
@@ -46,20 +47,27 @@ class IoTally:
         self.others += others
         self.read_bytes += int(f.get("read_bytes") or 0)
         self.write_bytes += int(f.get("write_bytes") or 0)
-        ops = reads + writes + others
-        if ops:
+        buckets = f.get("latency_buckets")
+        if isinstance(buckets, list) and len(buckets) == BUCKETS:
+            for i, n in enumerate(buckets):
+                self.latency_buckets[i] += int(n)
+            self.latency_sum += int(f.get("latency_sum_ns") or 0) / 1e9
+        elif reads + writes + others:
             mean = float(f.get("latency_us_avg") or 0.0) / 1e6
-            i = next((i for i, bound in enumerate(LATENCY_BUCKETS) if mean <= bound), None)
-            if i is not None:
-                self.latency_buckets[i] += ops
-            self.latency_count += ops
-            self.latency_sum += mean * ops
+            self.latency_buckets[bisect_left(LATENCY_BOUNDS, mean)] += reads + writes + others
+            self.latency_sum += mean * (reads + writes + others)
+        for name, n in (f.get("ops") or {}).items():
+            self.ops[str(name)] = self.ops.get(str(name), 0) + int(n)
+
+    @property
+    def latency_count(self) -> int:
+        return sum(self.latency_buckets)
 
     def as_dict(self) -> dict[str, Any]:
         return dict(reads=self.reads, writes=self.writes, others=self.others, read_bytes=self.read_bytes,
                     write_bytes=self.write_bytes, latency_buckets=list(self.latency_buckets),
-                    latency_bounds=list(LATENCY_BUCKETS), latency_count=self.latency_count,
-                    latency_sum=round(self.latency_sum, 6))
+                    latency_bounds=list(LATENCY_BOUNDS), latency_count=self.latency_count,
+                    latency_sum=round(self.latency_sum, 9), ops=dict(sorted(self.ops.items())))
 
 
 @dataclass

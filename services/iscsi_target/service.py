@@ -34,7 +34,9 @@ from services.iscsi_target.handoff import Handoff
 from services.iscsi_target.io_loop import Router, Server
 from services.iscsi_target.owner_locks import OwnerLocks
 from services.iscsi_target.pc_disks import PcDisks
+from services.iscsi_target.scsi.opcodes import NAMES
 from shared.events import OperationFinished, OperationProgress
+from shared.iscsi_latency import BUCKETS
 from shared.paths import state_path
 from shared.service import BaseService
 
@@ -399,13 +401,18 @@ class IscsiTargetService(BaseService):
             for lun, st in list(s.stats.items()):
                 key = (id(s), lun)
                 now = st.snapshot()
-                prev = self._stats_prev.pop(key, (0, 0, 0, 0, 0, 0)) if final else self._stats_prev.get(key, (0,) * 6)
+                prev = self._stats_prev.pop(key, None) if final else self._stats_prev.get(key)
                 if not final:
                     self._stats_prev[key] = now
-                delta = [a - b for a, b in zip(now, prev)]
-                ops = delta[0] + delta[1] + delta[2]
-                if not ops:
+                if prev is None:
+                    prev = (0, 0, 0, 0, 0, 0, (0,) * BUCKETS, (0,) * 256)
+                delta = [a - b for a, b in zip(now[:6], prev[:6])]
+                commands = delta[0] + delta[1] + delta[2]
+                if not commands:
                     continue
+                buckets = [a - b for a, b in zip(now[6], prev[6])]
+                by_op = {NAMES[op]: a - b for op, (a, b) in enumerate(zip(now[7], prev[7])) if a != b}
                 self.on_event(ev.IoStats(ip=s.ip, initiator=s.initiator, target=s.target, tsih=s.tsih, lun=lun,
                                          reads=delta[0], writes=delta[1], others=delta[2], read_bytes=delta[3],
-                                         write_bytes=delta[4], latency_us_avg=round(delta[5] / ops / 1000, 1)))
+                                         write_bytes=delta[4], latency_us_avg=round(delta[5] / commands / 1000, 1),
+                                         latency_sum_ns=delta[5], latency_buckets=buckets, ops=by_op))

@@ -229,3 +229,32 @@ def test_a_target_whose_luns_cannot_open_when_claimed_is_refused_0300(tmp_path):
 
     assert asyncio.run(scenario()) == TARGET_ERROR
     assert any(t == "iscsi.login.failed" and "could not be opened" in f["reason"] for t, f in events)
+
+
+def test_io_stats_carry_each_interval_buckets_latency_sum_and_opcodes(tmp_path):
+    from services.iscsi_target.session import Session
+    from shared.iscsi_latency import BUCKETS
+
+    svc, events, _ = new_service(tmp_path)
+    s = Session(initiator=INITIATOR, isid=1, target=A, session_type="Normal", ip="10.0.0.9", tsih=3)
+    st = s.lun_stats(0)
+    st.reads, st.read_bytes = 2, 8192
+    st.done(0x28, 40_000)
+    st.done(0x88, 60_000)
+    svc._emit_session_stats(s)
+    st.others += 1
+    st.done(0xC1, 3_000_000)  # no name: its hex
+    svc._emit_session_stats(s)
+    svc._emit_session_stats(s)  # nothing since: no event
+    st.writes, st.write_bytes = 1, 512
+    st.done(0x2A, 2_000_000_000)
+    svc._emit_session_stats(s, final=True)  # the session's end: its last interval
+    stats = [f for t, f in events if t == "iscsi.io_stats"]
+    assert [(f["reads"], f["writes"], f["others"]) for f in stats] == [(2, 0, 0), (0, 0, 1), (0, 1, 0)]
+    first, second, last = stats
+    assert first["ops"] == {"READ_10": 1, "READ_16": 1} and second["ops"] == {"0xC1": 1} and last["ops"] == {"WRITE_10": 1}
+    assert first["latency_buckets"] == [1, 1] + [0] * (BUCKETS - 2)
+    assert second["latency_buckets"][6] == 1 and sum(second["latency_buckets"]) == 1  # 3 ms: <= 5 ms
+    assert last["latency_buckets"][-1] == 1  # 2 s: above 1 s
+    assert (first["latency_sum_ns"], first["latency_us_avg"]) == (100_000, 50.0)
+    assert second["latency_sum_ns"] == 3_000_000 and last["latency_sum_ns"] == 2_000_000_000

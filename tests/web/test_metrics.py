@@ -4,6 +4,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from services.controller.fleet import ClientTable, IoTally, ServiceTable
 from services.controller.web import metrics
+from shared.iscsi_latency import BUCKETS, LATENCY_BOUNDS
 
 STATUS = {
     "controller": {"pid": 1, "revision": 4, "events_received": 120, "events_stored": 118, "bad_messages": 2},
@@ -29,11 +30,39 @@ def parse(text: bytes) -> dict[tuple[str, tuple], float]:
     return out
 
 
+def bucket_counts(**at: int) -> list[int]:
+    """An io_stats event's latency_buckets: `at` maps a bound's index (b0 .. b13, inf) to its count."""
+    counts = [0] * BUCKETS
+    for key, n in at.items():
+        counts[-1 if key == "inf" else int(key[1:])] = n
+    return counts
+
+
 def io_tally() -> dict:
+    """Two intervals as the target sends them (bucket counts, the latency sum, opcodes), and one from a target
+    that sent only the mean (its commands counted at it)."""
     t = IoTally()
-    t.add({"reads": 10, "writes": 1, "others": 2, "read_bytes": 1000, "write_bytes": 512, "latency_us_avg": 180.0})
-    t.add({"reads": 20, "writes": 0, "others": 0, "read_bytes": 2345, "write_bytes": 0, "latency_us_avg": 3200.0})
+    t.add({"reads": 10, "writes": 1, "others": 2, "read_bytes": 1000, "write_bytes": 512, "latency_us_avg": 180.0,
+           "latency_sum_ns": 13 * 180_000, "latency_buckets": bucket_counts(b2=13),
+           "ops": {"READ_10": 10, "WRITE_10": 1, "INQUIRY": 2}})
+    t.add({"reads": 20, "writes": 0, "others": 0, "read_bytes": 2345, "write_bytes": 0, "latency_us_avg": 3200.0,
+           "latency_sum_ns": 20 * 3_200_000, "latency_buckets": bucket_counts(b6=20), "ops": {"READ_10": 20}})
+    t.add({"reads": 0, "writes": 0, "others": 1, "read_bytes": 0, "write_bytes": 0, "latency_us_avg": 2_000_000.0,
+           "latency_sum_ns": 2_000_000_000, "latency_buckets": bucket_counts(inf=1), "ops": {"0xC1": 1}})
+    t.add({"reads": 4, "writes": 0, "others": 0, "read_bytes": 0, "write_bytes": 0, "latency_us_avg": 40.0})  # mean only
     return t.as_dict()
+
+
+def test_io_tally_sums_the_target_buckets_and_opcodes():
+    io = io_tally()
+    assert io["latency_bounds"] == list(LATENCY_BOUNDS) and len(io["latency_buckets"]) == BUCKETS
+    assert io["latency_buckets"] == bucket_counts(b0=4, b2=13, b6=20, inf=1)
+    assert io["latency_count"] == 38 == io["reads"] + io["writes"] + io["others"]
+    assert abs(io["latency_sum"] - (13 * 180e-6 + 20 * 3.2e-3 + 2.0 + 4 * 40e-6)) < 1e-9
+    assert io["ops"] == {"0xC1": 1, "INQUIRY": 2, "READ_10": 30, "WRITE_10": 1}
+    odd = IoTally()
+    odd.add({"reads": 2, "latency_us_avg": 70.0, "latency_buckets": [1, 1]})  # not this controller's bounds: the mean
+    assert odd.latency_buckets == bucket_counts(b1=2)
 
 
 def test_process_counters_pc_bytes_pool_use_and_bus_lag():
@@ -58,15 +87,15 @@ def test_process_counters_pc_bytes_pool_use_and_bus_lag():
     assert got[("bootfleet_bus_revision_lag", t1)] == 1 and got[("bootfleet_service_up", t1)] == 0
     i0 = (("instance", "0"), ("service", "iscsi_target"))
     assert got[("bootfleet_iscsi_logins_total", i0)] == 3 and got[("bootfleet_iscsi_login_failures_total", i0)] == 1
-    assert got[("bootfleet_iscsi_commands_total", (i0[0], ("op", "read"), i0[1]))] == 30
+    assert got[("bootfleet_iscsi_commands_total", (i0[0], ("op", "READ_10"), i0[1]))] == 30
+    assert got[("bootfleet_iscsi_commands_total", (i0[0], ("op", "0xC1"), i0[1]))] == 1
+    assert got[("bootfleet_iscsi_commands_by_class_total", (("class", "read"), *i0))] == 34
     assert got[("bootfleet_iscsi_process_read_bytes_total", i0)] == 3345
-    # 13 commands at 180 us, 20 at 3.2 ms: cumulative buckets, +Inf = count, sum in seconds
-    assert got[("bootfleet_iscsi_command_latency_seconds_bucket", (i0[0], ("le", "0.00025"), i0[1]))] == 13
-    assert got[("bootfleet_iscsi_command_latency_seconds_bucket", (i0[0], ("le", "0.0025"), i0[1]))] == 13
-    assert got[("bootfleet_iscsi_command_latency_seconds_bucket", (i0[0], ("le", "0.005"), i0[1]))] == 33
-    assert got[("bootfleet_iscsi_command_latency_seconds_bucket", (i0[0], ("le", "+Inf"), i0[1]))] == 33
-    assert got[("bootfleet_iscsi_command_latency_seconds_count", i0)] == 33
-    assert abs(got[("bootfleet_iscsi_command_latency_seconds_sum", i0)] - (13 * 180e-6 + 20 * 3.2e-3)) < 1e-9
+    # cumulative buckets: 4 at 40 us, 13 at <= 250 us, 20 at <= 5 ms, one above 1 s; +Inf = count; sum in seconds
+    le = lambda bound: got[("bootfleet_iscsi_command_latency_seconds_bucket", (i0[0], ("le", bound), i0[1]))]
+    assert (le("5e-05"), le("0.0001"), le("0.00025"), le("0.0025"), le("0.005"), le("1.0"), le("+Inf")) == (4, 4, 17, 17, 37, 37, 38)
+    assert got[("bootfleet_iscsi_command_latency_seconds_count", i0)] == 38
+    assert abs(got[("bootfleet_iscsi_command_latency_seconds_sum", i0)] - (13 * 180e-6 + 20 * 3.2e-3 + 2.0 + 160e-6)) < 1e-9
     pc1 = (("mac", "52:54:00:00:00:01"), ("pc", "pc1"))
     assert got[("bootfleet_iscsi_read_bytes_total", pc1)] == 3345
     assert got[("bootfleet_iscsi_write_bytes_total", pc1)] == 512
@@ -117,7 +146,7 @@ def test_fleet_counts_what_metrics_read():
         clients.observe(msg["type"], msg["fields"], msg["ts"])
     row = services.rows[("iscsi_target", 0)]
     assert row.by_type == {"iscsi.login": 1, "iscsi.io_stats": 1}
-    assert row.io.as_dict()["latency_buckets"][0] == 6 and row.io.read_bytes == 4096
+    assert row.io.as_dict()["latency_buckets"][0] == 6 and row.io.read_bytes == 4096  # 50 us: the first bucket (le)
     pc = clients.by_mac["52:54:00:00:00:01"].as_dict(now=105.0)
     assert (pc["read_bytes"], pc["write_bytes"], pc["boots"]) == (4096, 1024, 1)
     assert pc["read_rate"] == round(4096 / 30, 1)

@@ -138,9 +138,13 @@ def families(data: dict[str, Any]) -> list[Metric]:
             fam(CounterMetricFamily, "bootfleet_iscsi_login_failures", "iSCSI logins refused", P).add_metric(lv, by_type.get("iscsi.login.failed", 0))
             io = p.get("iscsi_io")
             if io:
-                cmds = fam(CounterMetricFamily, "bootfleet_iscsi_commands", "SCSI commands, by opcode class (io_stats)", [*P, "op"])
-                for op, key in (("read", "reads"), ("write", "writes"), ("other", "others")):
-                    cmds.add_metric([*lv, op], io[key])
+                cmds = fam(CounterMetricFamily, "bootfleet_iscsi_commands", "SCSI commands, by opcode (io_stats)", [*P, "op"])
+                for op, n in sorted((io.get("ops") or {}).items()):
+                    cmds.add_metric([*lv, op], n)
+                classes = fam(CounterMetricFamily, "bootfleet_iscsi_commands_by_class",
+                              "SCSI commands: reads and writes that moved data, and the rest (io_stats)", [*P, "class"])
+                for name, key in (("read", "reads"), ("write", "writes"), ("other", "others")):
+                    classes.add_metric([*lv, name], io[key])
                 fam(CounterMetricFamily, "bootfleet_iscsi_process_read_bytes", "bytes read through the process", P).add_metric(lv, io["read_bytes"])
                 fam(CounterMetricFamily, "bootfleet_iscsi_process_write_bytes", "bytes written through the process", P).add_metric(lv, io["write_bytes"])
                 cumulative, buckets = 0, []
@@ -149,7 +153,7 @@ def families(data: dict[str, Any]) -> list[Metric]:
                     buckets.append((repr(float(bound)), cumulative))
                 buckets.append(("+Inf", io["latency_count"]))
                 fam(HistogramMetricFamily, "bootfleet_iscsi_command_latency_seconds",
-                    "SCSI command latency: each io_stats interval's commands counted at its mean", P).add_metric(
+                    "SCSI command latency, from its last byte received to its response queued", P).add_metric(
                     lv, buckets, io["latency_sum"])
 
     clients = data.get("clients") or []
