@@ -6,11 +6,16 @@
   the PC's login: a login whose `boot` is newer than the one its overlay was made for, with no other session of
   that PC logged in, resets a discard overlay.
 - Power-on is decided from firmware signals only, never from a login (iPXE logs out and the OS logs in; an OS
-  reconnects after a network blip): a `dhcp.discover` (the DHCP service reports only booting clients' PXE and
-  iPXE discovers) when the PC was silent `BOOT_GAP` seconds, or was never seen, or has logged in to iSCSI
-  since its last power-on (the firmware is DHCPing again: a reboot); or, when no discover was seen, the
-  iPXE script fetch (`boot.script` by TFTP or HTTP) on the same rules, a second fetch in one boot counting
-  as a reboot.
+  reconnects after a network blip) nor from the OS's own DHCP (its discovers carry no PXE or iPXE class and
+  are not reported; renewals are requests): a `dhcp.discover` (the DHCP service reports only booting
+  clients' PXE and iPXE discovers) or the fetch of an iPXE loader (`boot.loaders`, by TFTP or HTTP: the
+  firmware loading iPXE, before any login of this boot) when the PC was silent `BOOT_GAP` seconds, or was
+  never seen, or has logged in to iSCSI since its last power-on (the firmware again: a reboot); or, when
+  neither was seen, the iPXE script fetch (`boot.script`) on the same rules, a second fetch in one boot
+  counting as a reboot. iPXE's autoboot logs in to a root-path from DHCP before it fetches the script: a
+  script-only power-on that follows a login of this boot (within `LATE_LOGIN` s) is too late, the firmware
+  already read the disk, so no new key is given for it (the disk never changes within one power-on; the
+  overlay is reset at the next power-on seen in time).
 - Sessions: normal `iscsi.login` / `iscsi.logout` on the PC's own target (pc_target_iqn), by process
   instance and TSIH; a restarted iSCSI process (`service.started`) has none left. `client reset` and
   `image publish` are refused while the PC has one (the store refuses an overlay a target has open as well).
@@ -40,6 +45,7 @@ log = logging.getLogger("bootfleet.controller")
 
 # modes whose overlay is kept at power-on: they boot the version their overlay sits on
 KEEPS_OVERLAY = ("persistent", "super")
+LATE_LOGIN = 30.0  # seconds: a login this shortly before a script-only power-on was that boot's firmware's
 
 
 class Store(Protocol):
@@ -68,6 +74,7 @@ class PcState:
     last_event: float | None = None
     logged_in_since_power_on: bool = False
     script_seen: bool = False
+    login_at: float | None = None  # the last normal login's time
     power_on_at: float | None = None
     sessions: set[tuple[int, int]] = field(default_factory=set)  # (iSCSI process instance, TSIH)
 
@@ -92,6 +99,7 @@ class PcBoots:
         self.state: dict[str, PcState] = {}
         self.keys: dict[str, dict[str, Any]] = {}  # mac -> the key's value as published
         self.script = "boot.ipxe"
+        self.loaders = {"undionly.kpxe", "snponly.efi"}
         self._dirty = False
 
     # ------------------------------------------------------------------ start-up and revisions
@@ -115,7 +123,8 @@ class PcBoots:
         gets a new key at once if it is not logged in; a logged-in one keeps its disk until its next
         power-on. A PC no longer on an image loses its key. `update_keys=False`: only learn who is where
         (at start-up, before the stored events told who is logged in)."""
-        self.script = config.boot.script.rsplit("/", 1)[-1]
+        self.script = _basename(config.boot.script)
+        self.loaders = {_basename(config.boot.loaders.bios), _basename(config.boot.loaders.efi)}
         pcs = {}
         for client in config.clients:
             if client.image:
@@ -149,24 +158,35 @@ class PcBoots:
             return None
         st = self.state.setdefault(mac, PcState())
         silent = st.last_event is None or ts - st.last_event > BOOT_GAP
-        powered = False
-        if type == ev.DHCP_DISCOVER:
+        powered = late = False
+        fetched = _basename(fields.get("file")) if type in (ev.TFTP_FINISHED, ev.HTTP_FINISHED) else None
+        if type == ev.DHCP_DISCOVER or (fetched is not None and fetched in self.loaders):
             powered = silent or st.power_on_at is None or st.logged_in_since_power_on
-        elif type in (ev.TFTP_FINISHED, ev.HTTP_FINISHED) and _basename(fields.get("file")) == self.script:
+        elif fetched is not None and fetched == self.script:
             powered = silent or st.power_on_at is None or st.script_seen
             if not powered:
                 st.script_seen = True
+            else:  # the firmware's login of this very boot came first: it was served the disk as it was
+                late = (st.login_at is not None and ts - st.login_at <= LATE_LOGIN
+                        and (st.power_on_at is None or st.login_at > st.power_on_at))
         elif type == ev.ISCSI_LOGIN and str(fields.get("session_type", "Normal")).lower() == "normal":
             st.sessions.add((instance, int(fields.get("tsih") or 0)))
             st.logged_in_since_power_on = True
+            st.login_at = ts
         elif type == ev.ISCSI_LOGOUT:
             st.sessions.discard((instance, int(fields.get("tsih") or 0)))
         st.last_event = ts
         if not powered or replay:
             return None
         st.power_on_at = ts
-        st.logged_in_since_power_on = False
-        st.script_seen = type in (ev.TFTP_FINISHED, ev.HTTP_FINISHED)
+        st.logged_in_since_power_on = late
+        st.script_seen = fetched is not None and fetched == self.script
+        if late:
+            log.warning("PC %s powered on, known only from its boot script fetched %.1f s after its firmware logged "
+                        "in to iSCSI (no DHCP discover or loader fetch seen): its disk stays as it is for this "
+                        "boot; run dhcp in proxy mode or serve its loader to have it reset at power-on",
+                        self.pcs[mac].pc, ts - st.login_at)
+            return None
         self.new_boot(mac)
         return mac
 

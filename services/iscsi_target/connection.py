@@ -299,7 +299,8 @@ class Connection(WriteTasks, Responses, TaskManagement, TextRequests):
             return
         pc = getattr(m.entry, "pc", None) if m.session_type == "Normal" else None
         if pc is not None:  # a PC on an image: its power-on reset and its disk, before the login completes
-            refused = pc.login(reinstating=self.sessions.find(m.initiator, m.isid, target_name) is not None)
+            same_isid = self.sessions.find(m.initiator, m.isid, target_name)
+            refused = pc.login(self.handle, replaces=same_isid.handle if same_isid is not None else None)
             if refused:
                 fail = LoginStep(status=refused[0], reason=refused[1], csg=step.csg)
                 self._login_response(pdu, fail, tsih=0)

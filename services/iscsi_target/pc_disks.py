@@ -11,14 +11,14 @@ only that PC: its initiator name (`pc_initiator_iqn`, which DHCP option 203 gave
 - refuse: no disk; a login is refused (0x0201).
 
 The disk is opened at the first login and closed when the PC's last session ends, so that the image
-store can publish or reset it (an open overlay holds an flock). A login of a newer power-on than the one
-the overlay was made for (`pcboot/<mac>`, which the controller sets when the PC powers on, in
-`ctx.pcboot`) resets a discard overlay before the login completes, but only when no other session of the
-PC is logged in (a reinstated session does not count: it is being replaced); the boot is then recorded
-in `<state>/iscsi/pcs/<image>.<pc>.json`, so a later login of the same power-on (iPXE's, then the OS's,
-a reconnection after a network blip or after a restart of this process) finds every write. A power-on
-seen while another session is still logged in is recorded without a reset (a warning says so): an
-overlay is never reset under a session.
+store can publish or reset it (an open overlay holds an flock). Each session is recorded with the power-on
+(`boot` of `pcboot/<mac>`, which the controller sets when the PC powers on, in `ctx.pcboot`) it logged in
+under. A login of a newer power-on than the one the overlay was made for resets a discard overlay before
+the login completes. Sessions of an older power-on still logged in are dead (a PC cannot keep a session
+across its own power-on: a hard reset leaves the old TCP connection unnoticed until the NOP timeout), so
+that login first closes them, as session reinstatement does, and waits for them to end; a session of the
+same power-on (iPXE's, then the OS's; a reconnection after a network blip or a restart of this process)
+never sees a reset. The boot is then recorded in `<state>/iscsi/pcs/<image>.<pc>.json`.
 """
 
 from __future__ import annotations
@@ -39,6 +39,7 @@ from shared.config.images import effective_mode, image_config, pc_name
 
 log = logging.getLogger("bootfleet.iscsi_target.pc_disks")
 FULL_EVENT_INTERVAL = 60.0  # seconds between two image.quota.reached events of one PC
+STALE_WAIT = 10.0  # seconds a new power-on's login waits for its dead sessions' threads to let go
 
 
 @dataclass(frozen=True)
@@ -95,34 +96,45 @@ class PcDisk:
         self.emit = emit
         self.scsi = None            # the target's ScsiTarget (set by the registry)
         self.lock = threading.Lock()
-        self.sessions = 0
+        self.ended = threading.Condition(self.lock)  # a session ended (a power-on's login waits for its dead ones)
+        self.live: dict[object, int] = {}  # session's connection handle -> the power-on (boot) it logged in under
         self.lu = None
         self.backstore = None
         self.version: int | None = None
         self._full_at = -FULL_EVENT_INTERVAL
 
     # ------------------------------------------------------------------ sessions
-    def login(self, reinstating: bool) -> tuple[int, str] | None:
+    @property
+    def sessions(self) -> int:
+        return len(self.live)
+
+    def login(self, handle=None, replaces=None) -> tuple[int, str] | None:
         """Before a login of this PC completes: the power-on reset, the disk opened. None, or (status,
-        reason) to refuse the login. `reinstating`: the login replaces a session of the PC (same ISID)."""
+        reason) to refuse the login. `handle`: the new session's connection (its `.abort(reason)` closes
+        it); `replaces`: the handle of the session this login reinstates (same ISID), if any."""
         spec = self.spec
         if spec.mode == "refuse":
             return AUTH_FAILURE, f"PC {spec.pc} is set to refuse (mode refuse on image {spec.image})"
         with self.lock:
             try:
-                self._power_on(self.sessions - (1 if reinstating else 0))
+                boot = self._power_on(replaces)
                 if self.lu is None:
                     self._open()
             except Exception as exc:  # noqa: BLE001 - the PC cannot boot: say why in its login failure
                 log.error("PC %s: cannot open its disk on image %s: %s", spec.pc, spec.image, exc)
                 return TARGET_ERROR, f"PC {spec.pc}'s disk on image {spec.image}: {exc}"
-            self.sessions += 1
+            self.live[handle if handle is not None else object()] = boot
             return None
 
-    def session_ended(self) -> None:
+    def session_ended(self, handle=None) -> None:
         with self.lock:
-            self.sessions = max(0, self.sessions - 1)
-            if self.sessions == 0:
+            if handle in self.live:
+                del self.live[handle]
+            elif handle is None:  # not named: the sessions whose connection is closing (io_loop's runners)
+                for h in [h for h in self.live if getattr(getattr(h, "conn", None), "closing", True)]:
+                    del self.live[h]
+            self.ended.notify_all()
+            if not self.live:
                 self._close()
 
     def close(self) -> None:
@@ -143,18 +155,23 @@ class PcDisk:
         info = self.pcboot().get(self.spec.mac)
         return info if isinstance(info, dict) and info.get("image") == self.spec.image else None
 
-    def _power_on(self, others: int) -> None:
+    def _power_on(self, replaces) -> int:
+        """The reset rule (docs/images.md); returns the power-on this login is of. Called with the lock."""
         spec, info = self.spec, self._boot()
-        if info is None:
-            return
-        boot = int(info["boot"])
         made_for = self._made_for()
+        if info is None:
+            return made_for or 0
+        boot = int(info["boot"])
         if made_for is not None and boot <= made_for:
-            return  # the same power-on: iPXE then the OS, a reconnection
+            return made_for  # the same power-on: iPXE then the OS, a reconnection
+        others = {h: b for h, b in self.live.items() if h is not replaces}  # a reinstated one is being replaced
+        same = [h for h, b in others.items() if b >= boot]
+        if not same and others and not self._end_dead(others, boot):
+            same = list(others)  # they would not end: keep the overlay rather than reset under them
         if spec.mode == "discard":
-            if others > 0:
+            if same:
                 log.warning("PC %s powered on (boot %d) while %d session(s) of it are still logged in: its "
-                            "overlay is kept for this boot (never reset under a session)", spec.pc, boot, others)
+                            "overlay is kept for this boot (never reset under a session)", spec.pc, boot, len(same))
             else:
                 self._close()
                 self.store.overlay_reset(spec.image, spec.pc)
@@ -164,6 +181,19 @@ class PcDisk:
         path = self._state_path()
         path.parent.mkdir(parents=True, exist_ok=True)
         write_atomic(path, json.dumps({"boot": boot, "image": spec.image}).encode())
+        return boot
+
+    def _end_dead(self, dead: dict, boot: int) -> bool:
+        """Close sessions of an older power-on than `boot` (the PC powered on since they logged in, so
+        their initiator is gone) and wait for their connections to end; False if they did not in time."""
+        log.warning("PC %s powered on (boot %d) with %d session(s) of its earlier power-on(s) %s still open: "
+                    "closing them (a PC cannot keep a session across its own power-on)", self.spec.pc, boot,
+                    len(dead), sorted(set(dead.values())))
+        for handle, was in dead.items():
+            abort = getattr(handle, "abort", None)
+            if abort is not None:
+                abort(f"PC {self.spec.pc} powered on again (boot {boot}): its session of boot {was} is dead")
+        return self.ended.wait_for(lambda: not (dead.keys() & self.live.keys()), STALE_WAIT)
 
     # ------------------------------------------------------------------ the disk
     def _version(self) -> int:
@@ -268,11 +298,11 @@ class PcDisks:
             self.disks = disks
         return out
 
-    def session_ended(self, target: str) -> None:
+    def session_ended(self, target: str, handle=None) -> None:
         disk = self.find(target)
         if disk is None:
             return
-        disk.session_ended()
+        disk.session_ended(handle)
         if disk.sessions == 0 and target not in self.disks:
             with self.lock:
                 self.retiring.pop(target, None)

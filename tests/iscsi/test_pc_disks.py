@@ -221,24 +221,48 @@ def test_a_restarted_target_does_not_take_a_reconnection_for_a_power_on(running,
         r2.stop()
 
 
-def test_never_reset_under_a_logged_in_session_but_a_reinstated_one_does_not_count(running):
-    r = running({"pc1": {}})
+def test_a_new_power_on_closes_its_dead_sessions_but_one_of_the_same_power_on_is_never_reset_under(running):
+    r = running({"pc1": {}, "pc2": {"mode": "persistent"}})
     r.power_on("pc1", boot=1)
     old = r.session("pc1", isid=0x800000000001)
     old.write(0, b"o" * 4096)
     assert len(r.of(bus.IMAGE_OVERLAY_RESET)) == 1  # its first power-on: an empty overlay on version 1
-    r.power_on("pc1", boot=2)
-    other = r.session("pc1", isid=0x800000000002)  # the first session is still logged in: no reset
-    assert other.read(0, 8) == b"o" * 4096
+    # the same power-on, the first session still logged in (iPXE's, then the OS's): both see every write
+    other = r.session("pc1", isid=0x800000000002)
+    assert other.read(0, 8) == b"o" * 4096 and old.read(0, 8) == b"o" * 4096
     other.logout()
-    assert len(r.of(bus.IMAGE_OVERLAY_RESET)) == 1
-    # a new power-on whose login reinstates the only session (same ISID): that session is being replaced
-    r.power_on("pc1", boot=3)
-    new = r.session("pc1", isid=0x800000000001)
+    # a hard reset: the PC powers on again while its old session looks alive (its TCP connection is dead but
+    # not yet noticed). A login of the newer power-on proves it dead: it is closed, then the overlay reset
+    r.power_on("pc1", boot=2)
+    new = r.session("pc1", isid=0x800000000003)
     assert new.read(0, 8) == r.base[:4096]
     assert len(r.of(bus.IMAGE_OVERLAY_RESET)) == 2
-    new.logout()
+    with pytest.raises(ConnectionError):
+        old.read(0, 8)
+    assert any(f["tsih"] and "powered on again (boot 2)" in f["reason"] for f in r.of(bus.ISCSI_LOGOUT)), \
+        r.of(bus.ISCSI_LOGOUT)
+    assert r.disk("pc1").sessions == 1
+    # a new power-on whose login reinstates the only session (same ISID): that session is being replaced
+    new.write(8, b"n" * 512)
+    r.power_on("pc1", boot=3)
+    again = r.session("pc1", isid=0x800000000003)
+    assert again.read(0, 9) == r.base[:9 * 512]
+    assert len(r.of(bus.IMAGE_OVERLAY_RESET)) == 3
+    again.logout()
+    assert support.wait_for(closed(r, "pc1"), 5)
     old.close()
+    new.close()
+    # persistent: the dead session is closed as well, the overlay kept
+    r.power_on("pc2", boot=1)
+    p_old = r.session("pc2", isid=0x800000000001)
+    p_old.write(0, b"p" * 512)
+    r.power_on("pc2", boot=2)
+    p_new = r.session("pc2", isid=0x800000000002)
+    assert p_new.read(0, 1) == b"p" * 512
+    with pytest.raises(ConnectionError):
+        p_old.read(0, 1)
+    p_new.logout()
+    p_old.close()
 
 
 # ---------------------------------------------------------------------------------------------- space
