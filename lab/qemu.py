@@ -24,6 +24,10 @@ QEMU = "qemu-system-x86_64"
 # (romfile=), so the firmware's PXE, not iPXE's, boots it
 OVMF_CODE = Path("/usr/share/OVMF/OVMF_CODE_4M.fd")
 OVMF_VARS = Path("/usr/share/OVMF/OVMF_VARS_4M.fd")
+# UEFI HTTP boot (firmware "uefi-http"): OVMF's fw_cfg knobs (OvmfPkg PlatformDxe) turn its PXE boot options off,
+# so the first network entry of its boot manager is "UEFI HTTPv4 (MAC:...)" and it boots that one, not PXE
+OVMF_NO_PXE = ["-fw_cfg", "name=opt/org.tianocore/IPv4PXESupport,string=n",
+               "-fw_cfg", "name=opt/org.tianocore/IPv6PXESupport,string=n"]
 SERCON_PORT_FILE = Path(tempfile.gettempdir()) / "bootfleet-lab-sercon-port.bin"  # 0x3f8, little-endian
 _ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]|\x1bc")
 
@@ -62,7 +66,8 @@ class VirtualPC:
     tap: str
     netns: str | None = None
     memory_mib: int = 256
-    firmware: str = "bios"  # bios: SeaBIOS + the iPXE ROM; uefi: OVMF and its own PXE, no NIC ROM
+    # bios: SeaBIOS + the iPXE ROM; uefi: OVMF and its own PXE, no NIC ROM; uefi-http: OVMF's HTTP boot, no PXE
+    firmware: str = "bios"
     on_line: Callable[[ConsoleLine], None] | None = None  # called from the reader thread for each line
     lines: list[ConsoleLine] = field(default_factory=list)
     powered_on: float = 0.0  # time.monotonic() when QEMU started
@@ -71,7 +76,7 @@ class VirtualPC:
     _reader: threading.Thread | None = None
 
     def command(self) -> list[str]:
-        if self.firmware == "uefi":
+        if self.firmware in ("uefi", "uefi-http"):
             return self._uefi_command()
         cmd = [
             QEMU, "-machine", "pc,accel=tcg", "-cpu", "qemu64", "-m", str(self.memory_mib),
@@ -97,6 +102,8 @@ class VirtualPC:
             "-device", f"{NIC_MODEL},netdev=n0,mac={self.mac},romfile=,bootindex=0",
             "-name", self.name, "-uuid", self.uuid,
         ]
+        if self.firmware == "uefi-http":
+            cmd += OVMF_NO_PXE
         return ["ip", "netns", "exec", self.netns, *cmd] if self.netns else cmd
 
     @property
@@ -105,7 +112,7 @@ class VirtualPC:
         return f"5eb00f1e-0000-4000-8000-{self.mac.replace(':', '')}"
 
     def start(self) -> None:
-        missing = check_tools() + (check_uefi_tools() if self.firmware == "uefi" else [])
+        missing = check_tools() + (check_uefi_tools() if self.firmware.startswith("uefi") else [])
         if missing:
             raise QemuError("cannot start a virtual PC; missing: " + "; ".join(missing))
         if not SERCON_PORT_FILE.exists():

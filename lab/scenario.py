@@ -83,7 +83,8 @@ class _LabRun:
                  on_line: Callable[[VirtualPC, ConsoleLine], None] | None = None, boot_timeout: float = 150.0,
                  firmware: list[str] | None = None):
         self.workdir = workdir
-        self.firmware = firmware or ["bios"] * pcs  # per PC: bios (SeaBIOS + iPXE ROM) or uefi (OVMF's own PXE)
+        # per PC: bios (SeaBIOS + iPXE ROM), uefi (OVMF's own PXE) or uefi-http (OVMF's HTTP boot)
+        self.firmware = firmware or ["bios"] * pcs
         self.disk = disk
         self.n = pcs
         self.on_line = on_line
@@ -200,7 +201,8 @@ class BootfleetLab(_LabRun):
             self.site = SiteDhcp(self.lab, self.workdir, ping=self.site_ping, server=self.site_server)
             self.site.start()
         clients = [LabClient(r.name, r.mac, r.iqn, img) for r, img in zip(self.results, self.images)]
-        if "uefi" in self.firmware:  # the firmware's PXE loads iPXE first: Debian's ipxe package has it
+        # the firmware's PXE or HTTP boot loads iPXE first: Debian's ipxe package has it
+        if any(f.startswith("uefi") for f in self.firmware):
             (self.workdir / "tftp").mkdir(parents=True, exist_ok=True)
             shutil.copyfile(UEFI_LOADER, self.workdir / "tftp" / UEFI_LOADER.name)
         config = LabConfig(clients, tftp_root=self.workdir / "tftp", ipv6_ra=self.ipv6_ra,
