@@ -63,6 +63,11 @@ IMAGE_QUOTA_REACHED = "image.quota.reached"
 IMAGE_VERSION_PUBLISHED = "image.version.published"
 IMAGE_ROLLBACK = "image.rollback"
 
+# The controller's web server (services/controller/web/host.py): a revision's web section applied, or not (the
+# previous server serves on)
+WEB_APPLIED = "web.applied"
+WEB_APPLY_FAILED = "web.apply_failed"
+
 # Long operations (image import/export, LUN resync...): progress and the end, tied by `op`, an id the requester
 # chose; `bootfleet` follows them with events-wait (docs/control.md, "Long operations")
 OPERATION_PROGRESS = "operation.progress"

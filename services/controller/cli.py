@@ -128,6 +128,8 @@ def _web_line(web: dict[str, Any] | None) -> str:
         return ""
     if web.get("state") == "running":
         return f"  web: {web.get('url')}"
+    if web.get("state") == "failed" and web.get("url"):  # a revision's web section failed; the old server serves on
+        return f"  web: failed: {web.get('reason')} (revision {web.get('revision')}; {web['url']} serves on)"
     if web.get("state") == "failed":
         return f"  web: failed: {web.get('reason')}"
     return f"  web: {web.get('state')}"

@@ -1,4 +1,5 @@
-"""The events the controller files itself (shared/events.py names them): image changes its commands make.
+"""The events the controller files itself (shared/events.py names them): image changes its commands make, and
+its web server's restarts on a revision that changes the `web` section.
 
 They reach the event store as if a service had sent them (`Controller.emit`, service `controller`), so
 `bootfleet events --type image` shows them beside the iSCSI target's own resets and quota events.
@@ -42,3 +43,23 @@ class OverlayReset(Event):
     image: str
     version: int | None  # the version the overlay sat on (None: it had none)
     reason: str  # operator | published
+
+
+@event
+class WebApplied(Event):
+    """A revision's `web` section serves: the web server restarted on it (or turned off: state off, no url)."""
+
+    type: ClassVar[str] = bus.WEB_APPLIED
+    revision: int
+    state: str  # running | off
+    url: str | None = None
+
+
+@event
+class WebApplyFailed(Event):
+    """A revision's `web` section could not start a server: `url`, the previous one, serves on (None: none does)."""
+
+    type: ClassVar[str] = bus.WEB_APPLY_FAILED
+    revision: int
+    reason: str
+    url: str | None = None

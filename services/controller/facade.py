@@ -30,7 +30,8 @@ class LoopStats:
     epoch: str
     events_received: int = 0
     bad_messages: int = 0
-    web: dict[str, Any] | None = None  # the web server: {state: running, url} / {state: failed, reason} / {state: off}
+    # the web server (web/host.py): {state: running, url} / {state: off} / {state: failed, reason[, revision, url]}
+    web: dict[str, Any] | None = None
 
 
 @dataclass

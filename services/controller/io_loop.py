@@ -33,6 +33,7 @@ from services.controller.commands import dispatch, events_answer
 from services.controller.config_store import ConfigStore, digest
 from services.controller.event_store import EventStore
 from services.controller.event_watch import EventWatches, Watch
+from services.controller.events import WebApplied, WebApplyFailed
 from services.controller.facade import Facade, LoopStats
 from services.controller.fleet import Fleet
 from services.controller.leases import Leases
@@ -59,6 +60,7 @@ class Controller:
         self.posted: queue.SimpleQueue = queue.SimpleQueue()  # events from worker threads, filed by the loop
         self.pending: list[tuple[list[bytes], Future, Callable[[Any], dict]]] = []
         self.waiters = Waiters()
+        self.web = None  # the web server's host (web/host.py), set by main(): a Controller built by a test has none
         self.watches = EventWatches()
         self.running = True
         self._load_config()
@@ -300,6 +302,7 @@ class Controller:
     def commit(self, data: Any) -> int:
         """Validate, persist and publish a new revision; raises ConfigError and changes nothing if invalid."""
         before = self.config.scale.model_dump()
+        web_before = self.config.web
         candidate = self.store.stage(data)
         if self.store.unchanged(candidate):
             return self.store.revision  # unchanged: no new revision (`make up` twice is harmless)
@@ -313,8 +316,22 @@ class Controller:
         self.events.max_rows = self.config.events.max_rows
         if self.config.scale.model_dump() != before:
             self.submit(None, self._reconcile, lambda r: {})
+        if self.web is not None and self.config.web != web_before:
+            self._restart_web(revision)
         log.info("revision %d published", revision)
         return revision
+
+    def _restart_web(self, revision: int) -> None:
+        """The web server on the new `web` section, in the host's thread; status-get and an event say how it went."""
+        def finish(status: dict[str, Any]) -> dict:
+            self.stats.web = status
+            if status["state"] == "failed":
+                self.emit(WebApplyFailed(revision=revision, reason=status["reason"], url=status.get("url")))
+            else:
+                self.emit(WebApplied(revision=revision, state=status["state"], url=status.get("url")))
+            return {}
+
+        self.pending.append(([], self.web.submit(self.config.web, revision), finish))
 
     def _reconcile(self) -> dict[str, Any]:
         """Start or stop service processes so each runs as many as `scale` says."""
@@ -346,12 +363,13 @@ def main(argv: list[str] | None = None) -> None:
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
     log.info("controller up: revision %d, epoch %s, bus %s", controller.store.revision, controller.clone.epoch, controller.endpoints.publish)
-    from services.controller.web.server import serve  # here: a Controller built by a test serves no web
+    from services.controller.web.host import WebHost  # here: a Controller built by a test serves no web
 
-    # its own thread; it talks to us over the control socket. status-get says whether it runs, where, or why not
-    web, controller.stats.web = serve(controller.state_dir, controller.config.web)
+    # its own thread; it talks to us over the control socket. status-get says whether it runs, where, or why not;
+    # a revision that changes the web section restarts it (Controller.commit)
+    controller.web = WebHost(controller.state_dir)
+    controller.stats.web = controller.web.apply(controller.config.web)
     try:
         controller.run()
     finally:
-        if web is not None:
-            web.stop()
+        controller.web.stop()

@@ -3,7 +3,8 @@
 On by default on loopback, as Kea's control agent: a browser on the server itself sees the fleet, and every
 action still needs the token in `<state_dir>/web-token` (mode 0600, written at the controller's start) or the
 password whose hash is `password_hash`. On any other address every request needs one of them, and a
-certificate should be configured (TLS). Read at the controller's start: a change applies when it restarts.
+certificate should be configured (TLS). A revision that changes the section restarts the web server in the running
+controller (services/controller/web/host.py).
 """
 
 from __future__ import annotations

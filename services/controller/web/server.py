@@ -32,7 +32,6 @@ from services.controller.web import metrics, pages
 from services.controller.web.auth import COOKIE, Auth, ensure_token
 from shared.config.model import SERVICES
 from shared.config.web import WebConfig
-from shared.failures import listen_reason, reason
 from shared.paths import state_path
 
 log = logging.getLogger("bootfleet.web")
@@ -49,18 +48,27 @@ def read_only(command: str) -> bool:
 
 
 class WebServer:
-    def __init__(self, state_dir: Path, config: WebConfig, call_timeout: float = 60.0):
+    """One web server on one `web` configuration. `listener`: the listening socket of the server it replaces on
+    the same address and port (host.py), taken over instead of bound again, so no connection is refused in
+    between; `auth`: that server's logins, kept when the password and session length stay the same."""
+
+    def __init__(self, state_dir: Path, config: WebConfig, call_timeout: float = 60.0, listener=None,
+                 auth: Auth | None = None):
         self.state_dir = Path(state_dir)
         self.config = config
         self.control = Control(self.state_dir, call_timeout)
         self.stream_control = Control(self.state_dir, STREAM_WAIT + 15)
-        self.auth = Auth(ensure_token(self.state_dir), config.password_hash, config.session_hours * 3600)
+        self.auth = auth or Auth(ensure_token(self.state_dir), config.password_hash, config.session_hours * 3600)
         self.open_reads = config.loopback  # loopback: pages and read commands without a login (as Kea's agent)
         self.tls: ssl.SSLContext | None = None
         if config.tls:
             self.tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
             self.tls.load_cert_chain(state_path(self.state_dir, config.certificate), state_path(self.state_dir, config.key))
-        self.httpd = _Server((config.address, config.port), _Handler, self)
+        self.httpd = _Server((config.address, config.port), _Handler, self, bind_and_activate=listener is None)
+        if listener is not None:
+            self.httpd.socket.close()
+            self.httpd.socket = listener
+            self.httpd.server_address = listener.getsockname()
         self.thread: threading.Thread | None = None
         self.stopping = threading.Event()
 
@@ -74,10 +82,14 @@ class WebServer:
         self.thread.start()
         return self
 
-    def stop(self) -> None:
+    def stop(self, close_listener: bool = True) -> None:
+        """Stop accepting (requests in flight finish; event streams end within a second or a held wait);
+        `close_listener` False leaves the listening socket open for the server that takes it over."""
         self.stopping.set()
-        self.httpd.shutdown()
-        self.httpd.server_close()
+        if self.thread is not None:
+            self.httpd.shutdown()
+        if close_listener:
+            self.httpd.server_close()
 
     def call(self, command: str, **arguments: Any) -> dict[str, Any]:
         """One control request; a controller that does not answer is an error answer, not an exception."""
@@ -91,9 +103,9 @@ class _Server(ThreadingHTTPServer):
     daemon_threads = True
     request_queue_size = 64
 
-    def __init__(self, address, handler, web: WebServer):
+    def __init__(self, address, handler, web: WebServer, bind_and_activate: bool = True):
         self.web = web
-        super().__init__(address, handler)
+        super().__init__(address, handler, bind_and_activate)
 
     def finish_request(self, request, client_address):
         # TLS is negotiated here, in the connection's own thread: a slow or silent client never holds up accept()
@@ -330,29 +342,3 @@ class _Handler(BaseHTTPRequestHandler):
         secure = "; Secure" if self.web.tls else ""
         cookie = f"{COOKIE}={sid}; Path=/; HttpOnly; SameSite=Strict; Max-Age={int(self.web.auth.session_seconds)}{secure}"
         self.send(303, "", headers={"Location": "/", "Set-Cookie": cookie})
-
-
-def serve(state_dir: Path, config: WebConfig) -> tuple[WebServer | None, dict[str, Any]]:
-    """The web server, started, or None when it is off or cannot serve (logged: the controller runs on); and
-    what `status-get` says of it: `{state: running, url}`, `{state: failed, reason}` or `{state: off}`."""
-    if not config.enabled:
-        return None, {"state": "off"}
-    try:
-        server = WebServer(state_dir, config).start()
-    except ssl.SSLError as exc:
-        why = f"web.certificate/web.key: {exc.reason or exc}"
-    except OSError as exc:
-        # the bind is the one step that names no file; a certificate or key that cannot be read names its own
-        why = reason(exc) if exc.filename else listen_reason(config.address, config.port, exc, "web")
-    else:
-        log.info("web: dashboard at %s (actions need the token in %s)", server.url, Path(state_dir) / "web-token")
-        if not config.loopback and not config.tls:
-            log.warning("web: %s is not a loopback address and no web.certificate is set: the token or password "
-                        "crosses the network in clear", config.address)
-        return server, {"state": "running", "url": server.url}
-    log.error("web: %s (the dashboard and /metrics are off)", why)
-    return None, {"state": "failed", "reason": why}
-
-
-def start(state_dir: Path, config: WebConfig) -> WebServer | None:
-    return serve(state_dir, config)[0]
