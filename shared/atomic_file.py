@@ -6,15 +6,19 @@ import os
 from pathlib import Path
 
 
-def write_atomic(path: Path, data: bytes | str) -> None:
-    """Write a temporary file beside `path`, fsync it, rename it over `path`, fsync the directory."""
+def write_atomic(path: Path, data: bytes | str, sync: bool = True) -> None:
+    """Write a temporary file beside `path`, fsync it, rename it over `path`, fsync the directory.
+    `sync=False`: no fsync (still old or new after a `kill -9`; either, or none, after a power loss)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
     with open(tmp, "wb") as f:
         f.write(data.encode() if isinstance(data, str) else data)
-        f.flush()
-        os.fsync(f.fileno())
+        if sync:
+            f.flush()
+            os.fsync(f.fileno())
     os.replace(tmp, path)
+    if not sync:
+        return
     dir_fd = os.open(path.parent, os.O_RDONLY)
     try:
         os.fsync(dir_fd)

@@ -33,6 +33,9 @@ from pathlib import Path
 from services.iscsi_target import events as ev
 from services.iscsi_target.access import AccessPolicy
 from services.iscsi_target.login import AUTH_FAILURE, TARGET_ERROR
+from services.iscsi_target.scsi import LogicalUnit
+from services.iscsi_target.scsi import sense as S
+from services.iscsi_target.scsi.overlay import Overlay, open_base
 from shared.atomic_file import write_atomic
 from shared.boot import pc_initiator_iqn, pc_target_iqn
 from shared.config.images import effective_mode, image_config, pc_name
@@ -175,12 +178,13 @@ class PcDisk:
             else:
                 self._close()
                 self.store.overlay_reset(spec.image, spec.pc)
-                version = int(info.get("version") or self.store.info(spec.image).current)
+                version = int(info.get("version") or self.store.current(spec.image))
                 self.emit(ev.OverlayReset(mac=spec.mac, pc=spec.pc, image=spec.image, version=version,
                                           reason="power-on"))
         path = self._state_path()
         path.parent.mkdir(parents=True, exist_ok=True)
-        write_atomic(path, json.dumps({"boot": boot, "image": spec.image}).encode())
+        # a discard overlay is not fsync'd either: after a power loss both are moot (reset anyway)
+        write_atomic(path, json.dumps({"boot": boot, "image": spec.image}).encode(), sync=spec.mode != "discard")
         return boot
 
     def _end_dead(self, dead: dict, boot: int) -> bool:
@@ -207,12 +211,9 @@ class PcDisk:
         info = self._boot()
         if info is not None and info.get("version"):
             return int(info["version"])
-        return store.info(spec.image).current
+        return store.current(spec.image)
 
     def _open(self) -> None:
-        from services.iscsi_target.scsi import LogicalUnit
-        from services.iscsi_target.scsi.overlay import Overlay, open_base
-
         spec, store = self.spec, self.store
         n = self._version()
         if spec.mode == "readonly":
@@ -244,8 +245,6 @@ class PcDisk:
     # ------------------------------------------------------------------ space
     def _threshold(self, overlay) -> None:
         spec, lu = self.spec, self.lu
-        from services.iscsi_target.scsi import sense as S
-
         if lu is not None:
             lu.add_ua_all(S.SOFT_THRESHOLD_REACHED)
         self.emit(ev.QuotaThreshold(mac=spec.mac, pc=spec.pc, image=spec.image, used=overlay.used,

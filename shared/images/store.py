@@ -199,6 +199,11 @@ class ImageStore:
         return ImageInfo(m["name"], m["size"], m["current"], m["keep_versions"],
                          [Version(**v) for v in m["versions"]], self.overlays(name), usage)
 
+    def current(self, name: str) -> int:
+        """The image's current version (its manifest alone: what a PC's login needs, not `info`'s walk of
+        every overlay)."""
+        return int(self._manifest(name)["current"])
+
     def overlays(self, name: str) -> list[OverlayInfo]:
         d = self._dir(name) / "overlays"
         out = []

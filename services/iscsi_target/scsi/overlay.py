@@ -180,11 +180,13 @@ class Overlay(Backstore):
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
         try:
             os.ftruncate(fd, self.size)
-            os.fsync(fd)
+            if self.durable:
+                os.fsync(fd)
         finally:
             os.close(fd)
-        # the bitmap last: its existence is the overlay's
-        write_atomic(Path(self.bitmap_path), header.pack() + bytes(header.bitmap_bytes))
+        # the bitmap last: its existence is the overlay's. Not durable (discard: thrown away at the next
+        # power-on): renamed into place without the 3 fsyncs, ~50 ms of each PC's login in a boot storm
+        write_atomic(Path(self.bitmap_path), header.pack() + bytes(header.bitmap_bytes), sync=self.durable)
 
     def _open_data(self) -> None:
         try:
