@@ -14,6 +14,10 @@ cost without the network's noise.
 On one machine both legs sit in the same page cache, so a mirror cannot read faster than a file here; what
 the figures show is the mirror's own cost (pread's copy where the file LUN sends a slice of its mapping,
 the range lock, the second pwrite).
+
+Beside each throughput, the target process's CPU time per request (utime + stime from /proc, its
+threads' total, over each qemu-img run): what the mirror costs the target, which the machine's load
+disturbs far less than the throughput (on 2 shared cores a round's ratio swings 0.5x-2x).
 """
 
 from __future__ import annotations
@@ -100,6 +104,13 @@ def bench(port: int, lun: int, args: list[str], count: int) -> float:
     return float(m.group(1))
 
 
+def cpu_seconds(pid: int) -> float:
+    """utime + stime of a process so far (its threads', the ended ones too), in seconds."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def figure(unit: str, args: list[str], count: int, seconds: float) -> float:
     if unit == "iops":
         return count / seconds
@@ -169,25 +180,32 @@ def main() -> None:
         for lun in (0, 1):  # warm the page cache and the target
             bench(port, lun, ["-d", "32", "-s", "64k"], args.size_mib * 16)
         results = {w[0]: {0: [], 1: []} for w in WORKLOADS}
+        cpu = {w[0]: {0: 0.0, 1: 0.0} for w in WORKLOADS}  # target CPU seconds per workload and LUN
+        ops = {w[0]: {0: 0, 1: 0} for w in WORKLOADS}
         started = time.monotonic()
         rounds = 0
         for round_no in range(args.rounds):
             for name, wargs, unit, count in WORKLOADS:
                 for lun in ((0, 1) if round_no % 2 == 0 else (1, 0)):
+                    before = cpu_seconds(proc.pid)
                     results[name][lun].append(figure(unit, wargs, count, bench(port, lun, wargs, count)))
+                    cpu[name][lun] += cpu_seconds(proc.pid) - before
+                    ops[name][lun] += count
             rounds += 1
             if time.monotonic() - started > 120:
                 break
         print(f"mirror LUN (two file legs) vs file LUN, one target, qemu-img bench over loopback, {rounds} "
               f"interleaved rounds, median; busy_poll_us={args.busy_poll_us}; load average "
               f"{os.getloadavg()[0]:.1f} (a shared machine: compare within one run)")
-        print(f"{'workload':32} {'mirror':>10} {'file':>10} {'ratio':>7} {'per-round median':>17}   "
-              "rounds (mirror/file, each round's pair run back to back)")
+        print(f"{'workload':32} {'mirror':>10} {'file':>10} {'ratio':>7} {'per-round median':>17} "
+              f"{'target CPU us/request mirror/file':>34}   rounds (mirror/file, each round's pair back to back)")
         for name, *_ in WORKLOADS:
             m, f = statistics.median(results[name][1]), statistics.median(results[name][0])
             ratios = [a / b for a, b in zip(results[name][1], results[name][0])]
             each = " ".join(f"{r:.2f}" for r in ratios)
-            print(f"{name:32} {m:10.0f} {f:10.0f} {m / f:6.2f}x {statistics.median(ratios):16.2f}x   {each}")
+            cm, cf = (cpu[name][lun] / ops[name][lun] * 1e6 for lun in (1, 0))
+            print(f"{name:32} {m:10.0f} {f:10.0f} {m / f:6.2f}x {statistics.median(ratios):16.2f}x "
+                  f"{cm:15.1f} {cf:6.1f} ({cm / cf:4.2f}x)   {each}")
     finally:
         if proc is not None and proc.poll() is None:
             proc.send_signal(signal.SIGTERM)

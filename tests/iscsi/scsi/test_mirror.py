@@ -375,19 +375,54 @@ def test_a_write_in_flight_on_the_good_leg_when_the_copy_reaches_it_is_not_lost(
     assert bytes(stale.read(0, 512)) == b"N" * 512
 
 
+def _count_mincore(monkeypatch, pread_file):
+    calls, real = [], pread_file._mincore
+    monkeypatch.setattr(pread_file, "_mincore", lambda addr, length, vec: calls.append(length) or real(addr, length, vec))
+    return calls
+
+
 def test_a_file_leg_reads_cached_pages_from_its_mapping_and_the_rest_with_pread(tmp_path, monkeypatch):
     from services.iscsi_target.scsi import pread_file
 
-    leg = PreadFileBackstore(tmp_path / "leg.img", MiB)
+    region = 1 << pread_file.REGION_SHIFT
+    leg = PreadFileBackstore(tmp_path / "leg.img", 2 * region)
     leg.write(0, b"c" * 4096)
+    calls = _count_mincore(monkeypatch, pread_file)
     assert isinstance(leg.read(0, 4096), memoryview)  # just written: in the page cache, no fault possible
-    calls = []
+    assert calls == [region]  # asked for the whole region at once
+    assert isinstance(leg.read(65536, 65536), memoryview) and calls == [region]  # trusted: no system call
+    later = pread_file._monotonic() + pread_file.WARM_FOR + 1
+    monkeypatch.setattr(pread_file, "_monotonic", lambda: later)  # the region's trust has run out
     monkeypatch.setattr(pread_file, "_mincore", lambda addr, length, vec: calls.append(length) or -1)
     got = leg.read(0, 4096)  # residency unknown: pread, whose failure is an OSError
-    assert isinstance(got, bytes) and got == b"c" * 4096 and calls == [4096]
+    assert isinstance(got, bytes) and got == b"c" * 4096 and calls == [region, region]
     os.truncate(tmp_path / "leg.img", 2048)  # the file shrank under the leg
     with pytest.raises(OSError, match="short read"):
         leg.read(0, 4096)
+    leg.close()
+
+
+def test_a_file_leg_trusts_only_regions_found_all_resident_and_forgets_what_it_unmaps(tmp_path, monkeypatch):
+    from services.iscsi_target.scsi import pread_file
+
+    region = 1 << pread_file.REGION_SHIFT
+    sparse = PreadFileBackstore(tmp_path / "sparse.img", 2 * region, sparse=True)
+    sparse.write(0, b"s" * 4096)
+    calls = _count_mincore(monkeypatch, pread_file)
+    assert isinstance(sparse.read(0, 4096), memoryview)  # its pages are cached, the region's holes are not
+    assert isinstance(sparse.read(0, 4096), memoryview) and len(calls) == 2  # so the region is asked each time
+    hole = sparse.read(region + 8192, 4096)  # a hole: nothing cached to slice, pread
+    assert isinstance(hole, bytes) and hole == bytes(4096)
+    sparse.close()
+
+    leg = PreadFileBackstore(tmp_path / "leg.img", 2 * region)
+    leg.write(region, b"u" * region)
+    calls.clear()
+    assert bytes(leg.read(region, 4096)) == b"u" * 4096 and calls == [region]
+    leg.unmap(region, 8192)  # punched out of the page cache: the region must be asked again
+    got = leg.read(region, 4096)
+    assert bytes(got) == bytes(4096) and calls == [region, region]
+    assert bytes(leg.read(region + 8192, 4096)) == b"u" * 4096
     leg.close()
 
 
