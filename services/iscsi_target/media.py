@@ -41,8 +41,8 @@ mirror_luns: dict[str, tuple[str, int]] = {}  # mirror id -> (target, LUN), fill
 def _block(spec, readonly: bool | None = None):
     from services.iscsi_target.scsi.block_device import BlockBackstore
 
-    block_size = spec.block_size if "block_size" in spec.model_fields_set else None  # default: the device's
-    return BlockBackstore(spec.path, block_size=block_size, readonly=spec.readonly if readonly is None else readonly,
+    # block_size None (not given, also in a published revision): the device's own logical block size
+    return BlockBackstore(spec.path, block_size=spec.block_size, readonly=spec.readonly if readonly is None else readonly,
                           direct=spec.direct, write_through=spec.write_through)
 
 

@@ -105,8 +105,9 @@ class Backstore(StrictModel):
     )
     sparse: bool = Field(False, description="file: create a sparse file instead of preallocating it")
     create: bool = Field(True, description="file: create the image if it does not exist")
-    block_size: Literal[512, 4096] = Field(
-        512, description="logical block size in bytes; block: the device's unless given; cdrom: always 2048")
+    block_size: Literal[512, 4096] | None = Field(
+        None, description="logical block size in bytes; 512 unless given, except block: the device's unless "
+        "given (a normalized config carries null for that); cdrom: always 2048")
     readonly: bool = Field(False, description="refuse writes (WRITE PROTECT); a cdrom always is")
     write_through: bool = Field(False, description="file, block, mirror, vhd: every write is durable when its "
                                 "response is sent")
@@ -118,6 +119,15 @@ class Backstore(StrictModel):
     @classmethod
     def _size(cls, value):
         return None if value is None else parse_size(value)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _default_block_size(cls, data):
+        """512 unless given, but a block device's stays None (its own) also in the normalized config the
+        controller publishes: a default filled in here would reach the service as if given."""
+        if isinstance(data, dict) and data.get("block_size") is None and data.get("type", "ram") != "block":
+            data = {**data, "block_size": 512}
+        return data
 
     @model_validator(mode="after")
     def _check(self) -> "Backstore":
@@ -143,7 +153,7 @@ class Backstore(StrictModel):
         if self.size is not None:
             if self.size <= 0:
                 raise ValueError(f"size {self.size} must be positive")
-            if self.size % self.block_size:
+            if self.size % (self.block_size or 512):
                 raise ValueError(f"size {self.size} is not a multiple of block_size {self.block_size}")
         return self
 
@@ -158,7 +168,7 @@ class Backstore(StrictModel):
                 raise ValueError(f"legs[{i}].type: a mirror leg is a file, block or ram backstore, not {leg.type}")
             if leg.readonly:
                 raise ValueError(f"legs[{i}].readonly: a mirror leg is written; make the mirror readonly instead")
-        if legs[0].block_size != legs[1].block_size:
+        if None not in (legs[0].block_size, legs[1].block_size) and legs[0].block_size != legs[1].block_size:
             raise ValueError(f"legs[1].block_size: {legs[1].block_size} differs from legs[0].block_size "
                              f"{legs[0].block_size}")
         if legs[0].size and legs[1].size and legs[0].size != legs[1].size:

@@ -62,3 +62,23 @@ def test_a_mirror_is_served_by_one_process():
     with pytest.raises(ValidationError, match="scale.iscsi_target: 2 processes would each keep their own view of "
                                               "the mirror iscsi.targets\\[0\\].luns\\[0\\]"):
         BootfleetConfig(iscsi=iscsi, scale={"iscsi_target": 2})
+
+
+def test_the_normalized_config_keeps_a_block_devices_block_size_its_own():
+    """What the controller publishes (every default filled in) parsed again by a service: a block LUN's
+    block_size stays None (the device's), not a 512 that would then count as given; others keep 512."""
+    from shared.config.model import BootfleetConfig
+
+    luns = [{"id": 0, "backstore": {"type": "block", "path": "/dev/sdb"}},
+            {"id": 1, "backstore": {"type": "block", "path": "/dev/sdc", "block_size": 4096}},
+            {"id": 2, "backstore": {"type": "file", "path": "a.img", "size": "1MiB"}},
+            {"id": 3, "backstore": {"type": "ram", "size": "1MiB", "block_size": None}},
+            {"id": 4, "backstore": {"type": "cdrom", "path": "x.iso"}},
+            {"id": 5, "backstore": {"type": "mirror", "legs": [{"type": "block", "path": "/dev/sdd"},
+                                                               leg("b.img", block_size=4096)]}}]
+    first = BootfleetConfig.model_validate({"iscsi": {"targets": [{"name": T, "luns": luns}]}})
+    published = first.model_dump(mode="json")
+    again = BootfleetConfig.model_validate(published).iscsi.targets[0].luns
+    assert [lun.backstore.block_size for lun in again] == [None, 4096, 512, 512, 512, 512]
+    assert [leg.block_size for leg in again[5].backstore.legs] == [None, 4096]
+    assert BootfleetConfig.model_validate(published).model_dump(mode="json") == published
