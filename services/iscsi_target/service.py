@@ -365,7 +365,8 @@ class IscsiTargetService(BaseService):
         if isinstance(event, ev.SessionEnd):
             self._emit_session_stats(event.session, final=True)
             if self.pcs is not None and event.session.target:
-                self.pcs.session_ended(event.session.target)  # the PC's last session closes its disk
+                # the PC's last session closes its disk
+                self.pcs.session_ended(event.session.target, event.session.handle)
             return
         if isinstance(event, ev.Error):
             if event.level == "warning":
