@@ -1,6 +1,7 @@
 """A revision that changes the `web` section restarts the dashboard inside the running controller (web/host.py):
 a new port, a port taken (the old server serves on; status and an event say why), a password, TLS on the same
-port (its listening socket handed over: requests made meanwhile are all answered), and off."""
+port (its listening socket handed over: no connection made meanwhile is refused), a certificate that does not
+load (the old server serves on), and off."""
 
 import json
 import shutil
@@ -113,6 +114,12 @@ def test_a_web_revision_restarts_the_dashboard_in_the_running_controller(procs, 
         asker.join()
     assert not refused and done, (len(refused), len(done))
     assert answers(f"https://127.0.0.1:{port3}", tls) and not answers(third)
+
+    # a certificate that does not load: the TLS server serves on, the reason names the file
+    revision = set_web(stack, {"port": port3, "certificate": str(tmp_path / "gone.pem"), "key": str(key)})
+    failed = wait_for(lambda: (w := web_status(stack))["state"] == "failed" and w, timeout=15, what="web: failed")
+    assert "gone.pem" in failed["reason"] and failed["url"] == f"https://127.0.0.1:{port3}/", failed
+    assert answers(f"https://127.0.0.1:{port3}", tls)
 
     # off, and the controller is the same process throughout
     set_web(stack, {"enabled": False})

@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import logging
 import mimetypes
+import os
 import ssl
 import threading
 import time
@@ -63,7 +64,15 @@ class WebServer:
         self.tls: ssl.SSLContext | None = None
         if config.tls:
             self.tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-            self.tls.load_cert_chain(state_path(self.state_dir, config.certificate), state_path(self.state_dir, config.key))
+            cert, key = state_path(self.state_dir, config.certificate), state_path(self.state_dir, config.key)
+            try:
+                self.tls.load_cert_chain(cert, key)
+            except OSError as exc:
+                if exc.filename or isinstance(exc, ssl.SSLError):
+                    raise
+                # ssl's own OSError names no file: name the one that cannot be read, so the reason says which
+                missing = next((p for p in (cert, key) if not os.access(p, os.R_OK)), cert)
+                raise OSError(exc.errno, exc.strerror, str(missing)) from None
         self.httpd = _Server((config.address, config.port), _Handler, self, bind_and_activate=listener is None)
         if listener is not None:
             self.httpd.socket.close()
