@@ -98,6 +98,10 @@ def test_prometheus_scrapes_metrics_and_answers_promql(procs, tmp_path):
     assert math.isfinite(p50) and 0 < p50 <= 1.0, median
     [inquiries] = query(port, f'bootfleet_iscsi_commands_total{real[:-1]},op="INQUIRY"}}')
     assert float(inquiries["value"][1]) >= 1  # qemu's iSCSI driver asks INQUIRY at open
+    [logins] = query(port, f'bootfleet_iscsi_logins_total{real}')
+    [read_mib] = query(port, f'bootfleet_iscsi_process_read_bytes_total{real} / 2^20')
+    [written_mib] = query(port, f'bootfleet_iscsi_process_write_bytes_total{real} / 2^20')
+    assert float(logins["value"][1]) >= 1 and float(read_mib["value"][1]) >= 1 and float(written_mib["value"][1]) == 1
     print(f"\nPromQL on the real target: {total:.0f} commands, {float(reads['value'][1]):.0f} READs, "
           f"{float(writes['value'][1]):.0f} WRITEs, median latency {p50 * 1e6:.0f} us (histogram_quantile)")
     # new io_stats reach Prometheus at its next scrape
