@@ -1,19 +1,28 @@
 """HTTP throughput: Bootfleet's HTTP listener (the TFTP service's) against nginx on loopback, one run, interleaved.
 
-    .venv/bin/python bench/http.py [--rounds 5] [--parallel 50] [--size-mib 32] [--nginx-workers 1]
+    .venv/bin/python bench/http.py [--rounds 5] [--parallel 50] [--size-mib 32] [--nginx-workers 1] [--quiet 0.15]
 
 Cases (one file of random bytes under one root that both servers serve, warm page cache, clients write to
 /dev/null):
 1. one client (curl), the whole file: ours and nginx, each `--rounds` times in alternation; median MB/s.
-2. `--parallel` curls at once, each the whole file: aggregate MB/s = bytes of all / wall time; each round runs
-   both servers in a rotated order and the ratio is taken within the round (the machine's speed drifts over
-   minutes); the median of the rounds' ratios is printed.
+2. `--parallel` curls at once, each the whole file: aggregate MB/s = bytes of all / wall time. A round runs
+   each server twice, ABBA (ours, nginx, nginx, ours; the next round BAAB), and takes the ratio within the
+   round, so a drift over the round cancels. Every window also measures what the rest of the machine took:
+   the CPU busy time from /proc/stat (steal included) less the server's and its curls', as a share of the
+   window's wall time x cores. Another process taking the cores for a second halves the window it hits (that
+   is where single rounds of 0.5 and of 2.0 came from: 2 shared cores). A round where some window had more
+   than `--quiet` of the machine taken by others is marked busy and run again, up to `--rounds` extra times;
+   the bench prints every round with its ratio and the largest share, and the median of the quiet rounds and
+   of all rounds. The CPU per GiB (server + its curls) does not depend on the others' load: printed too, and
+   the share of the cores left idle during the windows (no process runnable: the server and its curls waiting
+   on each other).
 3. the same file from our own TFTP (the same service process, curl --tftp-blksize 1468, one client), against
    our HTTP: the ratio HTTP / TFTP.
 nginx is Debian's package (`apt-get install nginx`), sendfile on, tcp_nopush on, access log off, started by this
 bench on a free loopback port with its own temporary prefix and configuration (`daemon off`, so its PID is the
 one we started), `--nginx-workers` worker processes (1: the same one process as ours; `auto`: one per core,
-Debian's default), and stopped by that PID. Ours is `python -m services.tftp --config` standalone, one process.
+Debian's default), and stopped by that PID. Ours is `python -m services.tftp --config` standalone, one process,
+with the defaults (`logging.level: info`: a line per reply) and `http.enabled: true`.
 Prints MB/s (10^6 bytes/s), the ratios ours/nginx and, for the parallel case, the CPU (user + system) per GiB
 sent of each server (its worker processes included) and of its curls (their rusage once reaped): with clients
 and server on the same two cores, what a server costs its clients decides as much as its own CPU. Bounded:
@@ -118,8 +127,8 @@ http {{
 
 def start_ours(work: Path, root: Path, http_port: int, tftp_port: int) -> subprocess.Popen:
     config = work / "bootfleet.yaml"
+    # the defaults a user gets (logging at info: one line per reply, like an access log), HTTP turned on
     config.write_text(f"""version: 1
-logging: {{level: warning}}
 tftp: {{root: "{root}", address: 127.0.0.1, port: {tftp_port}}}
 http: {{enabled: true, address: 127.0.0.1, port: {http_port}}}
 """)
@@ -184,12 +193,54 @@ def parallel(port: int, size: int, clients: int) -> tuple[float, int]:
     return (clients - failed) * size / wall / 1e6, failed
 
 
+def machine_cpu() -> tuple[float, float]:
+    """-> (busy, idle) CPU seconds of all cores since boot, from /proc/stat's first line: busy is user, nice,
+    system, irq, softirq and the time the hypervisor stole; idle is idle and iowait."""
+    fields = Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:9]
+    user, nice, system, idle, iowait, irq, softirq, steal = (int(x) for x in fields)
+    return (user + nice + system + irq + softirq + steal) / CLOCK_TICKS, (idle + iowait) / CLOCK_TICKS
+
+
+def window(port: int, server_pid: int, size: int, clients: int) -> dict:
+    """One parallel download: MB/s, failures, the server's and the curls' CPU, and the shares of the machine
+    (cores x wall) that everything else took meanwhile and that stayed idle."""
+    (busy0, idle0), cpu0 = machine_cpu(), cpu_seconds(server_pid)
+    reaped = resource.getrusage(resource.RUSAGE_CHILDREN)  # the curls; the servers are reaped last
+    t0 = time.perf_counter()
+    mbps, failed = parallel(port, size, clients)
+    wall = time.perf_counter() - t0
+    now = resource.getrusage(resource.RUSAGE_CHILDREN)
+    server = cpu_seconds(server_pid) - cpu0
+    curls = now.ru_utime + now.ru_stime - reaped.ru_utime - reaped.ru_stime
+    busy1, idle1 = machine_cpu()
+    cores = wall * os.cpu_count()
+    return dict(mbps=mbps, failed=failed, server=server, curls=curls,
+                others=max(0.0, busy1 - busy0 - server - curls) / cores, idle=(idle1 - idle0) / cores)
+
+
+def parallel_rounds(servers: dict[str, int], pids: dict[str, int], size: int, clients: int, rounds: int,
+                    quiet: float) -> list[dict]:
+    """ABBA rounds until `rounds` quiet ones (or `rounds` busy ones more): each round's windows and ratio."""
+    done: list[dict] = []
+    a, b = list(servers)
+    while sum(r["quiet"] for r in done) < rounds and len(done) < 2 * rounds:
+        order = [a, b, b, a] if len(done) % 2 == 0 else [b, a, a, b]
+        windows = [(label, window(servers[label], pids[label], size, clients)) for label in order]
+        mean = {label: statistics.mean(w["mbps"] for lab, w in windows if lab == label) for label in servers}
+        busiest = max(w["others"] for _, w in windows)
+        done.append(dict(windows=windows, ratio=mean["ours"] / mean["nginx"], busiest=busiest, quiet=busiest <= quiet,
+                         order="".join(label[0] for label in order)))
+    return done
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--parallel", type=int, default=50)
     parser.add_argument("--size-mib", type=int, default=32)
     parser.add_argument("--nginx-workers", default="1", help="nginx worker_processes: 1 (as ours) or auto")
+    parser.add_argument("--quiet", type=float, default=0.15,
+                        help="a parallel round is quiet when no window had more of the cores taken by others")
     args = parser.parse_args()
     need("curl", "curl")
     size = args.size_mib << 20
@@ -222,32 +273,25 @@ def main() -> None:
             ratio_1 = statistics.median(single["ours"]) / statistics.median(single["nginx"])
             print(f"  ours / nginx: {ratio_1:.2f}")
 
-            ratios, par = [], {label: [] for label in servers}
-            failures = {label: 0 for label in servers}
-            cpu = {label: 0.0 for label in servers}
-            client_cpu = {label: 0.0 for label in servers}
-            for r in range(args.rounds):
-                order = list(servers) if r % 2 == 0 else list(reversed(servers))
-                got = {}
-                for label in order:
-                    before = cpu_seconds(pids[label])
-                    reaped = resource.getrusage(resource.RUSAGE_CHILDREN)  # the curls; the servers are reaped last
-                    mbps, failed = parallel(servers[label], size, args.parallel)
-                    cpu[label] += cpu_seconds(pids[label]) - before
-                    now = resource.getrusage(resource.RUSAGE_CHILDREN)
-                    client_cpu[label] += now.ru_utime + now.ru_stime - reaped.ru_utime - reaped.ru_stime
-                    got[label] = mbps
-                    par[label].append(mbps)
-                    failures[label] += failed
-                ratios.append(got["ours"] / got["nginx"])
-            gib = args.rounds * args.parallel * size / 2**30
-            print(f"{args.parallel} clients at once, {args.size_mib} MiB each, {args.rounds} rounds (aggregate MB/s):")
-            for label, runs in par.items():
-                print(f"  {label:6} median {statistics.median(runs):8.0f}   runs " + " ".join(f"{v:.0f}" for v in runs)
-                      + f"   failed downloads {failures[label]}"
-                      + f"   CPU s/GiB: server {cpu[label] / gib:.2f}, clients {client_cpu[label] / gib:.2f}")
-            print(f"  ours / nginx per round: " + " ".join(f"{v:.2f}" for v in ratios)
-                  + f"   median {statistics.median(ratios):.2f}")
+            done = parallel_rounds(servers, pids, size, args.parallel, args.rounds, args.quiet)
+            windows = [(label, w) for r in done for label, w in r["windows"]]
+            print(f"{args.parallel} clients at once, {args.size_mib} MiB each, {len(done)} ABBA rounds "
+                  f"(aggregate MB/s; others: the share of the cores other processes took in the window):")
+            for n, r in enumerate(done):
+                print(f"  round {n + 1} {r['order']}: ours / nginx {r['ratio']:.2f}   " + "  ".join(
+                    f"{label} {w['mbps']:.0f}" for label, w in r["windows"])
+                      + f"   others at most {r['busiest']:.0%}" + ("" if r["quiet"] else "  (busy)"))
+            for label in servers:
+                mine = [w for lab, w in windows if lab == label]
+                gib = len(mine) * args.parallel * size / 2**30
+                server, curls = sum(w["server"] for w in mine) / gib, sum(w["curls"] for w in mine) / gib
+                print(f"  {label:6} median {statistics.median(w['mbps'] for w in mine):8.0f}   failed downloads "
+                      f"{sum(w['failed'] for w in mine)}   CPU s/GiB: server {server:.2f}, clients {curls:.2f}, "
+                      f"both {server + curls:.2f}   cores idle {statistics.mean(w['idle'] for w in mine):.1%}")
+            quiet = [r["ratio"] for r in done if r["quiet"]]
+            print(f"  ours / nginx: median of the quiet rounds (others <= {args.quiet:.0%}) "
+                  + (f"{statistics.median(quiet):.2f} ({len(quiet)} rounds)" if quiet else "-: no quiet round")
+                  + f"; of all rounds {statistics.median(r['ratio'] for r in done):.2f}")
 
             tftp_runs, http_runs = [], []
             for _ in range(max(1, min(args.rounds, 3))):
