@@ -10,14 +10,17 @@ cannot be told apart by its disk any more, so it is told apart by the initiator 
 iPXE, which the guest reads from the iBFT and prints; the guest also prints what its disk held at the nonce
 and marker sectors before it wrote anything, writes its nonce and reads it back past its page cache. A PC
 named `super*` writes a marker as well; one named `watch*` stays up and prints the marker sector every
-second (lab/image.py).
+second (lab/image.py); `hard_reset(name)` presses such a PC's reset button (QEMU's monitor) while its
+iSCSI session is up.
 """
 
 from __future__ import annotations
 
 import re
 import shutil
+import socket
 import threading
+import time
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -43,6 +46,7 @@ class GoldenConfig:
 
     pcs: dict[str, tuple[str, str]]  # name -> (mac, mode)
     tftp_root: Path
+    nop: tuple[int, int] = (2, 2)  # iscsi.nop_interval, nop_timeout
 
     def document(self) -> dict:
         return {
@@ -52,7 +56,8 @@ class GoldenConfig:
             "clients": [{"mac": mac, "name": name, "image": IMAGE, "mode": mode} for name, (mac, mode) in self.pcs.items()],
             # short pings: a PC that powered off without logging out (poweroff -f) is logged out in ~4 s, so a
             # publish or a power-on reset after it need not wait 45 s
-            "iscsi": {"portals": [{"ip": SERVER_IP, "port": 3260}], "nop_interval": 2, "nop_timeout": 2},
+            "iscsi": {"portals": [{"ip": SERVER_IP, "port": 3260}], "nop_interval": self.nop[0],
+                      "nop_timeout": self.nop[1]},
             "dhcp": {
                 "interfaces": [{"name": BRIDGE, "ipv6_ra": True}],
                 "scopes": [{"name": "lab", "subnet": NETWORK, "interface": BRIDGE,
@@ -99,12 +104,35 @@ class Boot:
         return "\n".join(f"  [{line.t:6.2f}] {line.text}" for line in lines[-n:])
 
 
+@dataclass
+class ResettablePC(VirtualPC):
+    """A PC with a reset button: QEMU's monitor on a Unix socket, and a reset reboots (no -no-reboot)."""
+
+    monitor: Path | None = None
+
+    def command(self) -> list[str]:
+        cmd = [a for a in super().command() if a != "-no-reboot"]
+        cmd[cmd.index("-monitor") + 1] = f"unix:{self.monitor},server,nowait"
+        return cmd
+
+    def hard_reset(self) -> None:
+        """Press reset: the machine restarts at once, its OS gets no word of it (its TCP connections die
+        unannounced)."""
+        with socket.socket(socket.AF_UNIX) as s:
+            s.settimeout(5)
+            s.connect(str(self.monitor))
+            s.sendall(b"system_reset\n")
+            time.sleep(0.3)  # let the monitor read it before the socket closes
+
+
 class GoldenLab:
-    def __init__(self, workdir: Path, disk: Path, modes: dict[str, str], boot_timeout: float = 180.0):
+    def __init__(self, workdir: Path, disk: Path, modes: dict[str, str], boot_timeout: float = 180.0,
+                 nop: tuple[int, int] = (2, 2)):
         self.workdir = workdir
         self.disk = disk
         self.pcs = {name: (mac_of(i), mode) for i, (name, mode) in enumerate(modes.items())}
         self.boot_timeout = boot_timeout
+        self.nop = nop
         self.token = f"image-{uuid.uuid4().hex[:16]}"
         self.lab: Lab | None = None
         self.stack: BootfleetStack | None = None
@@ -120,7 +148,7 @@ class GoldenLab:
             self.lab.up()
             state = self.workdir / "state"
             state.mkdir(exist_ok=True)
-            self.stack = BootfleetStack(self.lab, state, GoldenConfig(self.pcs, self.workdir / "tftp"))
+            self.stack = BootfleetStack(self.lab, state, GoldenConfig(self.pcs, self.workdir / "tftp", self.nop))
             self.stack.start()
             done = self.stack.cli("image", "import", IMAGE, str(self.golden), timeout=120)
             if done.returncode != 0:
@@ -156,7 +184,12 @@ class GoldenLab:
         `keep`, which stay running: `self.running`)."""
         boots = {n: Boot(n, self.pcs[n][0]) for n in names}
         for b in boots.values():
-            b.pc = VirtualPC(f"{b.name}-{uuid.uuid4().hex[:4]}", b.mac, self.lab.add_tap(), self.lab.name)
+            name = f"{b.name}-{uuid.uuid4().hex[:4]}"
+            if b.name in keep:  # one that stays up can be reset
+                b.pc = ResettablePC(name, b.mac, self.lab.add_tap(), self.lab.name,
+                                    monitor=self.workdir / f"{name}.monitor")
+            else:
+                b.pc = VirtualPC(name, b.mac, self.lab.add_tap(), self.lab.name)
         threads = [threading.Thread(target=self._wait, args=(b, b.name in keep), daemon=True) for b in boots.values()]
         try:
             for b in boots.values():
@@ -184,6 +217,22 @@ class GoldenLab:
                 b.error = "did not power off after BOOTFLEET-DONE"
         except Exception as exc:
             b.error = str(exc)
+
+    def hard_reset(self, name: str) -> Boot:
+        """Reset a running PC (it stays in `self.running`) and wait until its next boot wrote its nonce; the
+        Boot returned holds that boot's console lines only."""
+        b = self.running[name]
+        seen = len(b.pc.lines)
+        b.pc.hard_reset()
+        again = Boot(name, b.mac, pc=None)
+        deadline = time.monotonic() + self.boot_timeout
+        while not any("BOOTFLEET-DONE" in line.text for line in b.pc.lines[seen:]):
+            if time.monotonic() > deadline or b.pc.proc.poll() is not None:
+                again.error = f"no second boot after the reset\n{b.tail()}"
+                break
+            time.sleep(0.5)
+        again.lines = list(b.pc.lines[seen:])
+        return again
 
     def stop(self, name: str) -> Boot:
         b = self.running.pop(name)

@@ -104,3 +104,28 @@ def test_pcs_boot_one_image_with_overlays_and_a_published_version(workdir, boot_
         assert info["verified"]["ok"], info["verified"]
     markers = ", ".join(f"{b.name} {b.marker_s:.1f}" for b in [*boots.values(), *again.values()])
     print(f"one-image lab: {time.monotonic() - started:.0f} s; marker s after power-on: {markers}")
+
+
+def _events(gl, type) -> list[dict]:
+    listed = gl.stack.cli("--json", "events", "--type", type, "--limit", "1000").stdout
+    return [json.loads(line)["fields"] for line in listed.splitlines() if line.strip()]
+
+
+def test_a_hard_reset_while_its_session_is_up_starts_a_discard_pc_clean(workdir, boot_disk):
+    """The reset button, while the OS reads its disk: the target still holds that boot's session (the default
+    pings, 30 + 15 s, have not noticed it dead) when the firmware logs in again; that login, of a newer
+    power-on, closes it and empties the overlay: the nonce of the boot before is gone."""
+    started = time.monotonic()
+    with GoldenLab(workdir, boot_disk, {"watch": "discard"}, nop=(30, 15)) as gl:
+        boots = gl.boot(["watch"], keep=("watch",))
+        first = boots["watch"]
+        assert first.error is None and first.nonce, _explain(boots, gl)
+        again = gl.hard_reset("watch")
+        assert again.error is None, f"{again.error}\n{gl.stack.logs(25)}"
+        assert again.value("PREV") == "none", again.tail()  # the last boot's nonce is gone
+        assert again.nonce and again.nonce != first.nonce, again.tail()
+        dead = [e for e in _events(gl, "iscsi.logout") if "powered on again" in (e.get("reason") or "")]
+        assert dead, _events(gl, "iscsi.logout")  # the first boot's session, closed by the second's login
+        resets = [r for r in _events(gl, "image.overlay.reset") if r["mac"] == first.mac and r["reason"] == "power-on"]
+        assert len(resets) == 2, resets
+    print(f"hard reset lab: {time.monotonic() - started:.0f} s")
