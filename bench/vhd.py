@@ -10,7 +10,9 @@ One `python -m services.iscsi_target` serves four LUNs: a raw image and a dynami
   2 MiB (every write allocates a VHD block; goal >= 0.5x), without and with a flush every 256 writes
   (a flush commits the VHD's metadata: three fdatasyncs).
 Each write round uses a region of the empty disks no earlier round touched. Prints the medians and the
-ratios VHD/raw. Bounded: about a minute and a half.
+ratios VHD/raw, and the target process's CPU time per request on each LUN (utime + stime from /proc over
+each qemu-img run: what the VHD costs the target, disturbed far less than throughput by the machine's
+load). Bounded: about a minute and a half.
 """
 
 from __future__ import annotations
@@ -97,6 +99,13 @@ def bench(port: int, lun: int, args: list[str], count: int, offset: int) -> floa
     return float(m.group(1))
 
 
+def cpu_seconds(pid: int) -> float:
+    """utime + stime of a process so far (its threads', the ended ones too), in seconds."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def main() -> None:
     from services.iscsi_target.scsi.vhd_backstore import create_dynamic
 
@@ -120,6 +129,7 @@ def main() -> None:
         for lun in (0, 1):  # warm the page cache and the target
             bench(port, lun, ["-d", "32", "-s", "64k"], args.size_mib * 16, 0)
         results = {w[0]: {"raw": [], "vhd": []} for w in WORKLOADS}
+        cpu = {w[0]: {"raw": [0.0, 0], "vhd": [0.0, 0]} for w in WORKLOADS}  # target CPU seconds, requests
         used = 0
         for round_no in range(args.rounds):
             for name, (raw_lun, vhd_lun), wargs, size, count, span in WORKLOADS:
@@ -134,17 +144,23 @@ def main() -> None:
                 if round_no % 2:
                     order.reverse()
                 for who, lun in order:
+                    before = cpu_seconds(proc.pid)
                     seconds = bench(port, lun, wargs, count, offset)
+                    cpu[name][who][0] += cpu_seconds(proc.pid) - before
+                    cpu[name][who][1] += count
                     results[name][who].append(count * size / seconds / 1e6)
         print(f"VHD dynamic LUN vs raw file LUN (ours), qemu-img bench over loopback, {args.rounds} interleaved "
-              f"rounds; median and best round of each (on a shared, loaded machine single rounds vary by 2x or "
+              f"rounds, load average {os.getloadavg()[0]:.1f}; median and best round of each (on a shared, loaded machine single rounds vary by 2x or "
               f"more: the best rounds are the least disturbed)")
-        print(f"{'workload':38} {'raw':>8} {'vhd':>8} {'ratio':>7}   {'best raw':>8} {'best vhd':>8} {'ratio':>7}")
+        print(f"{'workload':38} {'raw':>8} {'vhd':>8} {'ratio':>7}   {'best raw':>8} {'best vhd':>8} {'ratio':>7}   "
+              "target CPU us/request raw, vhd")
         for name, *_ in WORKLOADS:
             raw = statistics.median(results[name]["raw"])
             vhd = statistics.median(results[name]["vhd"])
             braw, bvhd = max(results[name]["raw"]), max(results[name]["vhd"])
-            print(f"{name:38} {raw:8.1f} {vhd:8.1f} {vhd / raw:6.2f}x   {braw:8.1f} {bvhd:8.1f} {bvhd / braw:6.2f}x")
+            craw, cvhd = (cpu[name][who][0] / cpu[name][who][1] * 1e6 for who in ("raw", "vhd"))
+            print(f"{name:38} {raw:8.1f} {vhd:8.1f} {vhd / raw:6.2f}x   {braw:8.1f} {bvhd:8.1f} {bvhd / braw:6.2f}x   "
+                  f"{craw:6.1f} {cvhd:6.1f} ({cvhd / craw:4.2f}x)")
     finally:
         if proc is not None and proc.poll() is None:
             proc.send_signal(signal.SIGTERM)

@@ -32,6 +32,7 @@ import fcntl
 import mmap
 import os
 import threading
+from array import array
 
 from services.iscsi_target.scsi import vhd as V
 from services.iscsi_target.scsi import vhdx as X
@@ -153,6 +154,7 @@ class VhdBackstore(Backstore):
                 raise V.VhdFormatError("footer current_size", f"{footer.current_size} is more than the "
                                                               f"{file_size - V.SECTOR} data bytes in the file")
             self._map(file_size)
+            self._direct_shift, self._direct = 62, array("q", [0])  # one "block": the disk, at offset 0
             return
         data_end = file_size if torn else file_size - V.SECTOR
         if footer.data_offset + V.HEADER_SIZE > data_end:
@@ -177,6 +179,10 @@ class VhdBackstore(Backstore):
         self.span = self.bm_size + self.block
         self.free = V.check_bat(self.bat, self.size, self.block, reserved, data_end)
         self.bitmaps: dict[int, bytearray] = {}
+        # where the data of each block whose sectors are all present lies in the file (-1: not known so):
+        # such a block's reads are slices of the mapping with no bitmap to look at. Bits are only ever set,
+        # so an entry once set stays true; set when a bitmap is loaded or a write fills it.
+        self._direct_shift, self._direct = self.shift, array("q", [-1]) * len(self.bat)
         self.dirty: set[int] = set()        # blocks whose bitmap in memory is newer than on disk
         self.new_blocks: set[int] = set()   # blocks whose BAT entry is not yet on disk
         self.footer_moved = False           # the footer must be written at self.free
@@ -242,6 +248,19 @@ class VhdBackstore(Backstore):
 
     # ------------------------------------------------------------------------------------------ reading
     def read(self, offset: int, length: int):
+        """The hot path, as short as a raw LUN's: a read inside one block whose sectors are all present (or
+        any read of a fixed disk) is one table lookup and a slice of the mapping."""
+        shift = self._direct_shift
+        index = offset >> shift
+        at = self._direct[index]
+        if at >= 0 and (offset + length - 1) >> shift == index and not (offset | length) & (V.SECTOR - 1):
+            at += offset & ((1 << shift) - 1)
+            view = self.view
+            if at + length <= len(view):
+                return view[at:at + length]
+        return self._read(offset, length)
+
+    def _read(self, offset: int, length: int):
         if self.disk_type == V.FIXED:
             return self.view[offset:offset + length]
         if (offset | length) & (V.SECTOR - 1):
@@ -302,7 +321,15 @@ class VhdBackstore(Backstore):
         """A committed block's bitmap, from the file (readers and the writer may race here: setdefault makes
         them share one object; a new block's bitmap is put in the cache before its BAT entry is set)."""
         loaded = bytearray(_pread_exact(self.fd, self.bm_size, self.bat[index] * V.SECTOR))
-        return self.bitmaps.setdefault(index, loaded)
+        bm = self.bitmaps.setdefault(index, loaded)
+        self._note_full(index, bm)
+        return bm
+
+    def _note_full(self, index: int, bm) -> None:
+        sectors = self.block >> 9
+        # the first and last bytes first: a block being filled fails there, at no cost to its writes
+        if bm[0] == bm[(sectors - 1) >> 3] == 0xFF and V.bits_state(bm, 0, sectors) == 1:
+            self._direct[index] = self.bat[index] * V.SECTOR + self.bm_size
 
     def _trim_bitmaps(self) -> None:
         """Drop clean cached bitmaps (under the write lock: a writer's bitmap is never dropped under it)."""
@@ -345,6 +372,7 @@ class VhdBackstore(Backstore):
                 if V.bits_state(bm, first, end) != 1:
                     V.set_bits(bm, first, end)  # in memory now; on disk only after the data (commit)
                     self.dirty.add(index)
+                    self._note_full(index, bm)  # after its data is in place: readers may slice it now
                 done += k
             if self.write_through or len(self.dirty) > COMMIT_LIMIT:  # new blocks are dirty too
                 self._commit()

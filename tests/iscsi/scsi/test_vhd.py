@@ -685,3 +685,37 @@ def test_threads_writing_disjoint_ranges(tmp_path):
             assert set(part) <= {0, n + 1} and part.count(n + 1) >= 4096
     finally:
         again.close()
+
+
+def test_a_read_in_a_block_with_every_sector_present_is_a_slice_with_no_bitmap_look_up(tmp_path, monkeypatch):
+    """The boot pattern's path: a 64 KiB read inside a full 2 MiB block costs a table look-up and a slice, as
+    a raw LUN's read; a block with sectors missing still reads them through its bitmap (from the parent)."""
+    base, child = tmp_path / "base.vhd", tmp_path / "child.vhd"
+    create_dynamic(base, 8 * MiB)
+    b = VhdBackstore(base)
+    b.write(0, b"P" * (4 * MiB))
+    b.close()
+    create_differencing(child, base)
+    store = VhdBackstore(child)
+    store.write(0, b"C" * (2 * MiB))  # block 0 full, block 1 one page
+    store.write(2 * MiB, b"D" * 4096)
+    store.close()
+    store = VhdBackstore(child)  # its bitmaps from the file
+    assert bytes(store.read(65536, 65536)) == b"C" * 65536  # first read: its bitmap loaded, found full
+    assert bytes(store.read(2 * MiB, 8192)) == b"D" * 4096 + b"P" * 4096
+    looked = []
+    real = V.bits_state
+    monkeypatch.setattr(V, "bits_state", lambda *a: looked.append(a[1:]) or real(*a))
+    got = store.read(128 * 1024, 65536)
+    assert isinstance(got, memoryview) and bytes(got) == b"C" * 65536 and looked == []  # no bitmap looked at
+    got.release()  # a slice holds the mapping (and its flock) open
+    assert bytes(store.read(2 * MiB, 8192)) == b"D" * 4096 + b"P" * 4096 and looked  # the partial block: bitmap
+    looked.clear()
+    store.write(2 * MiB + 4096, b"E" * (2 * MiB - 4096))  # fills block 1: it becomes a direct block too
+    looked.clear()
+    assert bytes(store.read(2 * MiB, 8192)) == b"D" * 4096 + b"E" * 4096 and looked == []
+    assert bytes(store.read(2 * MiB - 4096, 8192)) == b"C" * 4096 + b"D" * 4096  # across two blocks: the long path
+    store.close()
+    reopened = VhdBackstore(child, readonly=True)
+    assert bytes(reopened.read(2 * MiB, 8192)) == b"D" * 4096 + b"E" * 4096
+    reopened.close()
