@@ -150,7 +150,8 @@ def main() -> None:
                     cpu[name][who][1] += count
                     results[name][who].append(count * size / seconds / 1e6)
         print(f"VHD dynamic LUN vs raw file LUN (ours), qemu-img bench over loopback, {args.rounds} interleaved "
-              f"rounds, load average {os.getloadavg()[0]:.1f}; median and best round of each (on a shared, loaded machine single rounds vary by 2x or "
+              f"rounds, load average {os.getloadavg()[0]:.1f}; median and best round of each (on a shared, "
+              f"loaded machine single rounds vary by 2x or "
               f"more: the best rounds are the least disturbed)")
         print(f"{'workload':38} {'raw':>8} {'vhd':>8} {'ratio':>7}   {'best raw':>8} {'best vhd':>8} {'ratio':>7}   "
               "target CPU us/request raw, vhd")

@@ -42,7 +42,8 @@ def _block(spec, readonly: bool | None = None):
     from services.iscsi_target.scsi.block_device import BlockBackstore
 
     # block_size None (not given, also in a published revision): the device's own logical block size
-    return BlockBackstore(spec.path, block_size=spec.block_size, readonly=spec.readonly if readonly is None else readonly,
+    return BlockBackstore(spec.path, block_size=spec.block_size,
+                          readonly=spec.readonly if readonly is None else readonly,
                           direct=spec.direct, write_through=spec.write_through)
 
 

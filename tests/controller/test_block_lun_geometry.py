@@ -27,7 +27,8 @@ def tool(name: str) -> str:
 
 
 def cli(state, *args, timeout=60):
-    return subprocess.run([BOOTFLEET, "--state-dir", str(state), *args], capture_output=True, text=True, timeout=timeout)
+    return subprocess.run([BOOTFLEET, "--state-dir", str(state), *args], capture_output=True, text=True,
+                          timeout=timeout)
 
 
 def events(state, kind):
@@ -53,7 +54,8 @@ def test_a_block_lun_from_a_published_revision_has_the_devices_4096_byte_blocks(
         config.write_text(yaml.safe_dump({
             "bus": {"heartbeat_interval": 0.2},
             "iscsi": {"portals": [{"ip": "127.0.0.1", "port": port}], "io_stats_interval": 0,
-                      "targets": [{"name": TARGET, "luns": [{"id": 0, "backstore": {"type": "block", "path": dev}}]}]}}))
+                      "targets": [{"name": TARGET,
+                                   "luns": [{"id": 0, "backstore": {"type": "block", "path": dev}}]}]}}))
         procs.start([PYTHON, "-m", "services.controller", "--config", str(config), "--state-dir", str(state)],
                     log=tmp_path / "controller.log")
         wait_for(lambda: cli(state, "status").returncode == 0, timeout=30, what="controller answering")

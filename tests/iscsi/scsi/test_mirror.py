@@ -377,7 +377,8 @@ def test_a_write_in_flight_on_the_good_leg_when_the_copy_reaches_it_is_not_lost(
 
 def _count_mincore(monkeypatch, pread_file):
     calls, real = [], pread_file._mincore
-    monkeypatch.setattr(pread_file, "_mincore", lambda addr, length, vec: calls.append(length) or real(addr, length, vec))
+    monkeypatch.setattr(pread_file, "_mincore",
+                        lambda addr, length, vec: calls.append(length) or real(addr, length, vec))
     return calls
 
 
