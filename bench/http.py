@@ -16,7 +16,12 @@ Cases (one file of random bytes under one root that both servers serve, warm pag
    of all rounds. The CPU per GiB (server + its curls) does not depend on the others' load: printed too, and
    the share of the cores left idle during the windows (no process runnable: the server and its curls waiting
    on each other).
-3. the same file from our own TFTP (the same service process, curl --tftp-blksize 1468, one client), against
+3. the same `--parallel` curls with the cores split (when there are at least two): a second nginx and a second
+   ours started on the last core, the curls on the others, as when the clients are other machines (real boot
+   clients are): the measure of the goal (ours >= 0.9x nginx), as for TFTP (docs/tftp.md). Sharing two cores
+   with 50 local curls, the figure of case 2 depends on how the kernel schedules the curls around the server
+   (idle gaps, a busy neighbour taking a core for a second): printed for information.
+4. the same file from our own TFTP (the same service process, curl --tftp-blksize 1468, one client), against
    our HTTP: the ratio HTTP / TFTP.
 nginx is Debian's package (`apt-get install nginx`), sendfile on, tcp_nopush on, access log off, started by this
 bench on a free loopback port with its own temporary prefix and configuration (`daemon off`, so its PID is the
@@ -49,6 +54,9 @@ import subprocess  # noqa: E402
 import tempfile  # noqa: E402
 import time  # noqa: E402
 from pathlib import Path  # noqa: E402
+
+sys.path.insert(0, os.path.join(_HERE, "support"))
+from cores import pinned, split_cores  # noqa: E402  bench/support/cores.py
 
 ROOT = Path(__file__).resolve().parent.parent
 CLIENT_TIMEOUT = 60  # s per download
@@ -91,9 +99,9 @@ def stop(proc: subprocess.Popen) -> None:
             proc.wait()
 
 
-def start_nginx(work: Path, root: Path, port: int, workers: str) -> subprocess.Popen:
+def start_nginx(work: Path, root: Path, port: int, workers: str, name: str = "nginx") -> subprocess.Popen:
     nginx = need("nginx", "nginx")
-    prefix = work / "nginx"
+    prefix = work / name
     (prefix / "logs").mkdir(parents=True)
     conf = prefix / "nginx.conf"
     user = "user root;\n" if os.geteuid() == 0 else ""  # as root nginx would switch to nobody, who cannot read /tmp's 0700 dirs
@@ -125,7 +133,9 @@ http {{
     return proc
 
 
-def start_ours(work: Path, root: Path, http_port: int, tftp_port: int) -> subprocess.Popen:
+def start_ours(work: Path, root: Path, http_port: int, tftp_port: int, name: str = "ours") -> subprocess.Popen:
+    work = work / name
+    work.mkdir()
     config = work / "bootfleet.yaml"
     # the defaults a user gets (logging at info: one line per reply, like an access log), HTTP turned on
     config.write_text(f"""version: 1
@@ -184,10 +194,11 @@ def one(start, port: int, size: int) -> float:
     return size / (time.perf_counter() - t0) / 1e6
 
 
-def parallel(port: int, size: int, clients: int) -> tuple[float, int]:
-    """-> (aggregate MB/s, failed downloads) of `clients` curls at once."""
+def parallel(port: int, size: int, clients: int, cpus: set[int] | None) -> tuple[float, int]:
+    """-> (aggregate MB/s, failed downloads) of `clients` curls at once, on `cpus` (None: anywhere)."""
     t0 = time.perf_counter()
-    procs = [curl_http(port) for _ in range(clients)]
+    with pinned(cpus):
+        procs = [curl_http(port) for _ in range(clients)]
     failed = sum(not finished(p, size) for p in procs)
     wall = time.perf_counter() - t0
     return (clients - failed) * size / wall / 1e6, failed
@@ -201,13 +212,13 @@ def machine_cpu() -> tuple[float, float]:
     return (user + nice + system + irq + softirq + steal) / CLOCK_TICKS, (idle + iowait) / CLOCK_TICKS
 
 
-def window(port: int, server_pid: int, size: int, clients: int) -> dict:
+def window(port: int, server_pid: int, size: int, clients: int, cpus: set[int] | None) -> dict:
     """One parallel download: MB/s, failures, the server's and the curls' CPU, and the shares of the machine
     (cores x wall) that everything else took meanwhile and that stayed idle."""
     (busy0, idle0), cpu0 = machine_cpu(), cpu_seconds(server_pid)
     reaped = resource.getrusage(resource.RUSAGE_CHILDREN)  # the curls; the servers are reaped last
     t0 = time.perf_counter()
-    mbps, failed = parallel(port, size, clients)
+    mbps, failed = parallel(port, size, clients, cpus)
     wall = time.perf_counter() - t0
     now = resource.getrusage(resource.RUSAGE_CHILDREN)
     server = cpu_seconds(server_pid) - cpu0
@@ -219,18 +230,39 @@ def window(port: int, server_pid: int, size: int, clients: int) -> dict:
 
 
 def parallel_rounds(servers: dict[str, int], pids: dict[str, int], size: int, clients: int, rounds: int,
-                    quiet: float) -> list[dict]:
+                    quiet: float, cpus: set[int] | None = None) -> list[dict]:
     """ABBA rounds until `rounds` quiet ones (or `rounds` busy ones more): each round's windows and ratio."""
     done: list[dict] = []
     a, b = list(servers)
     while sum(r["quiet"] for r in done) < rounds and len(done) < 2 * rounds:
         order = [a, b, b, a] if len(done) % 2 == 0 else [b, a, a, b]
-        windows = [(label, window(servers[label], pids[label], size, clients)) for label in order]
+        windows = [(label, window(servers[label], pids[label], size, clients, cpus)) for label in order]
         mean = {label: statistics.mean(w["mbps"] for lab, w in windows if lab == label) for label in servers}
         busiest = max(w["others"] for _, w in windows)
         done.append(dict(windows=windows, ratio=mean["ours"] / mean["nginx"], busiest=busiest, quiet=busiest <= quiet,
                          order="".join(label[0] for label in order)))
     return done
+
+
+def report(done: list[dict], servers: dict[str, int], clients: int, size: int, quiet_share: float) -> None:
+    """Every round with its ratio and the largest share others took, each server's median, failures and CPU per
+    GiB, and the medians of the ratios."""
+    windows = [(label, w) for r in done for label, w in r["windows"]]
+    for n, r in enumerate(done):
+        print(f"  round {n + 1} {r['order']}: ours / nginx {r['ratio']:.2f}   " + "  ".join(
+            f"{label} {w['mbps']:.0f}" for label, w in r["windows"])
+              + f"   others at most {r['busiest']:.0%}" + ("" if r["quiet"] else "  (busy)"))
+    for label in servers:
+        mine = [w for lab, w in windows if lab == label]
+        gib = len(mine) * clients * size / 2**30
+        server, curls = sum(w["server"] for w in mine) / gib, sum(w["curls"] for w in mine) / gib
+        print(f"  {label:6} median {statistics.median(w['mbps'] for w in mine):8.0f}   failed downloads "
+              f"{sum(w['failed'] for w in mine)}   CPU s/GiB: server {server:.2f}, clients {curls:.2f}, "
+              f"both {server + curls:.2f}   cores idle {statistics.mean(w['idle'] for w in mine):.1%}")
+    quiet = [r["ratio"] for r in done if r["quiet"]]
+    print(f"  ours / nginx: median of the quiet rounds (others <= {quiet_share:.0%}) "
+          + (f"{statistics.median(quiet):.2f} ({len(quiet)} rounds)" if quiet else "-: no quiet round")
+          + f"; of all rounds {statistics.median(r['ratio'] for r in done):.2f}")
 
 
 def main() -> None:
@@ -274,24 +306,29 @@ def main() -> None:
             print(f"  ours / nginx: {ratio_1:.2f}")
 
             done = parallel_rounds(servers, pids, size, args.parallel, args.rounds, args.quiet)
-            windows = [(label, w) for r in done for label, w in r["windows"]]
-            print(f"{args.parallel} clients at once, {args.size_mib} MiB each, {len(done)} ABBA rounds "
-                  f"(aggregate MB/s; others: the share of the cores other processes took in the window):")
-            for n, r in enumerate(done):
-                print(f"  round {n + 1} {r['order']}: ours / nginx {r['ratio']:.2f}   " + "  ".join(
-                    f"{label} {w['mbps']:.0f}" for label, w in r["windows"])
-                      + f"   others at most {r['busiest']:.0%}" + ("" if r["quiet"] else "  (busy)"))
-            for label in servers:
-                mine = [w for lab, w in windows if lab == label]
-                gib = len(mine) * args.parallel * size / 2**30
-                server, curls = sum(w["server"] for w in mine) / gib, sum(w["curls"] for w in mine) / gib
-                print(f"  {label:6} median {statistics.median(w['mbps'] for w in mine):8.0f}   failed downloads "
-                      f"{sum(w['failed'] for w in mine)}   CPU s/GiB: server {server:.2f}, clients {curls:.2f}, "
-                      f"both {server + curls:.2f}   cores idle {statistics.mean(w['idle'] for w in mine):.1%}")
-            quiet = [r["ratio"] for r in done if r["quiet"]]
-            print(f"  ours / nginx: median of the quiet rounds (others <= {args.quiet:.0%}) "
-                  + (f"{statistics.median(quiet):.2f} ({len(quiet)} rounds)" if quiet else "-: no quiet round")
-                  + f"; of all rounds {statistics.median(r['ratio'] for r in done):.2f}")
+            print(f"{args.parallel} clients at once, {args.size_mib} MiB each, sharing the {os.cpu_count()} cores "
+                  f"with the servers (for information; aggregate MB/s; others: the share of the cores other "
+                  f"processes took in the window):")
+            report(done, servers, args.parallel, size, args.quiet)
+            split = split_cores()
+            if split:
+                server_cpus, client_cpus = split
+                # a second pair, started on the server core (their threads and nginx's workers inherit it)
+                split_ports = {"ours": free_port(), "nginx": free_port()}
+                with pinned(server_cpus):
+                    started.append(start_nginx(work, root, split_ports["nginx"], args.nginx_workers, "nginx-split"))
+                    started.append(start_ours(work, root, split_ports["ours"], free_port(socket.SOCK_DGRAM),
+                                              "ours-split"))
+                split_pids = {"nginx": started[-2].pid, "ours": started[-1].pid}
+                for port in split_ports.values():
+                    one(curl_http, port, size)
+                done = parallel_rounds(split_ports, split_pids, size, args.parallel, args.rounds, args.quiet,
+                                       client_cpus)
+                print(f"the same with the cores split, as when the clients are other machines (the goal's "
+                      f"measure): the servers on core {min(server_cpus)}, the curls on {sorted(client_cpus)}:")
+                report(done, split_ports, args.parallel, size, args.quiet)
+            else:
+                print("cores split: left out, this machine has one core")
 
             tftp_runs, http_runs = [], []
             for _ in range(max(1, min(args.rounds, 3))):
@@ -300,8 +337,8 @@ def main() -> None:
             t, h = statistics.median(tftp_runs), statistics.median(http_runs)
             print(f"our TFTP (curl, blksize 1468) and our HTTP, one client, {args.size_mib} MiB (MB/s):")
             print(f"  tftp {t:8.1f}   http {h:8.0f}   http / tftp: {h / t:.1f}")
-            print(f"nginx worker_processes {args.nginx_workers}; {os.cpu_count()} cores shared with the clients "
-                  f"(and with whatever else runs here: figures from a shared machine are noisy)")
+            print(f"nginx worker_processes {args.nginx_workers}; {os.cpu_count()} cores (shared with whatever else "
+                  f"runs here: figures from a shared machine are noisy)")
         finally:
             for proc in started:
                 stop(proc)

@@ -27,7 +27,6 @@ Prints MB/s (10^6 bytes/s) for each and the ratios ours/theirs. Bounded: every c
 from __future__ import annotations
 
 import argparse
-import contextlib
 import os
 import resource
 import shutil
@@ -40,6 +39,8 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
+
+from support.cores import pinned, split_cores  # bench/support/ (this file's folder is first on sys.path)
 
 ROOT = Path(__file__).resolve().parent.parent
 CLIENT_TIMEOUT = 30  # s per single download
@@ -75,21 +76,6 @@ def wait_udp(port: int, name: str, deadline: float = 10.0) -> None:
             except OSError:
                 time.sleep(0.1)
     sys.exit(f"bench/tftp.py: {name} did not answer on port {port}")
-
-
-@contextlib.contextmanager
-def pinned(cpus: set[int] | None):
-    """Processes started inside run on `cpus` (they inherit this process's affinity, and so does all they
-    fork later); None: wherever the kernel likes."""
-    if cpus is None:
-        yield
-        return
-    saved = os.sched_getaffinity(0)
-    os.sched_setaffinity(0, cpus)
-    try:
-        yield
-    finally:
-        os.sched_setaffinity(0, saved)
 
 
 def curl(port: int, name: str, size: int, timeout: int = CLIENT_TIMEOUT) -> subprocess.Popen:
@@ -204,12 +190,6 @@ def report(par: dict[str, list[Run]], busy_label: str) -> None:
               f"{statistics.median(r.sleeps for r in runs):.2f} sleeps; {busy_label} "
               f"{statistics.median(r.cores_us for r in runs):4.1f} µs ({statistics.median(r.busy for r in runs):.0%} busy, "
               f"{max(r.stolen for r in runs):.0%} stolen by the host at most)")
-
-
-def split_cores() -> tuple[set[int], set[int]] | None:
-    """-> (the server core, the client cores), or None on a one-core machine."""
-    cpus = sorted(os.sched_getaffinity(0))
-    return ({cpus[-1]}, set(cpus[:-1])) if len(cpus) >= 2 else None
 
 
 def build_c_floor(scratch: Path) -> Path | None:
