@@ -7,8 +7,9 @@ sent with sendfile(2).
 - A connection reads into its `HttpConnection` (http_core.py) and sends what that answers, one reply at a
   time: the head (and an in-memory body) with `send`, a file part with `os.sendfile` straight from the page
   cache, at most `SENDFILE_CHUNK` bytes per turn of the loop, so 50 downloads share it round-robin; the head
-  goes with MSG_MORE, so it shares a segment with the file's first bytes. While a reply is being sent the connection does not read: a pipelined request waits
-  in the kernel, not in our memory.
+  goes with MSG_MORE, so it shares a segment with the file's first bytes, and the socket is corked (TCP_CORK,
+  nginx's tcp_nopush) while the file goes out, so only full segments leave. While a reply is being sent the
+  connection does not read: a pipelined request waits in the kernel, not in our memory.
 - A connection that has not sent a whole request `keepalive_timeout` seconds after it opened or after its
   last reply (bytes dribbling in do not extend this: no slowloris), or takes nothing for as long while a reply
   is sent to it, is closed. Beyond `max_connections` a new connection gets 503 and is closed.
@@ -160,7 +161,7 @@ class HttpServer:
 
 class _Connection:
     __slots__ = ("server", "loop", "sock", "fd", "conn", "reply", "out", "sent", "file_offset", "file_left",
-                 "timer", "reading", "writing", "closed")
+                 "timer", "reading", "writing", "closed", "corked")
 
     def __init__(self, server: HttpServer, sock: socket.socket, peer):
         self.server = server
@@ -179,6 +180,7 @@ class _Connection:
         self.reading = False
         self.writing = False
         self.closed = False
+        self.corked = False
         self._read(True)
         self._arm_timer()
 
@@ -256,6 +258,9 @@ class _Connection:
                 self.out = self.out[n:]
                 progressed = True
             if self.file_left:
+                if not self.corked:  # nginx's tcp_nopush: only full segments while the file goes out
+                    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_CORK, 1)
+                    self.corked = True
                 asked = min(self.file_left, SENDFILE_CHUNK)
                 n = os.sendfile(self.fd, reply.fd, self.file_offset, asked)
                 if n == 0:
@@ -278,6 +283,9 @@ class _Connection:
             self.close(abort=True)
             return False
         self._write(False)
+        if self.corked:  # the file's last segment leaves now, not 200 ms later
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_CORK, 0)
+            self.corked = False
         if reply.fd < 0:
             self.sent = len(reply.body)
         self._reply_done(None)
