@@ -1,12 +1,24 @@
-"""The iSCSI target's I/O loop: listening sockets and one thread per connection driving the sans-IO core.
+"""The iSCSI target's I/O: listening sockets, a thread per connection until full feature phase, then one
+shared event loop per process (event_loop.py) for every connection in full feature phase.
 
 Measured facts it follows (docs/iscsi.md, design brief): receive into one preallocated buffer with
 `recv_into`; hand everything one receive returned to the sans-IO `Connection`; send all its answers in
-one `sendmsg` scatter list (READ data stays slices of the mmap'd image, never copied); optionally spin
-on a non-blocking receive for a few microseconds before sleeping while I/O flows (`busy_poll_us`),
-which is what wins at queue depth 1. A blocking thread per connection measured equal to an event loop
-here and makes that busy-poll simple. Sockets are blocking with SO_RCVTIMEO of one second, so an idle
-connection wakes once a second for its timers without a poll() per receive.
+one `sendmsg` scatter list (READ data stays slices of the mmap'd image, never copied).
+
+The hybrid (issue 13): a connection's own thread does what may block or wait: reading its first PDU,
+routing it or handing it to the target's owner (scaled processes), the whole login (a PC's login may wait
+up to 10 s for its dead sessions, which end in the loop) and session reinstatement. Its socket is blocking
+with SO_RCVTIMEO of one second, so a silent connection wakes once a second for its timers. Once the login
+has completed the socket turns non-blocking and moves, with its receive buffer, to the loop, and the thread
+ends. In the boot storm (20 PCs reading at QD1) the thread per connection cost about four context switches
+per command and 70-120 us of CPU against ~30 us of work; the loop waits for all of them in one epoll_wait.
+With `busy_poll_us` > 0 a connection stays in its thread: it spins on a non-blocking receive for that long
+before sleeping while I/O flows, which is what a thread of its own is for (and what wins at QD1 when a core
+can be spent on it).
+
+Both halves hold the runner's lock while they touch its `Connection`, as do the service's threads
+(`request_logout`, `update_settings`); `abort` from any thread is a shutdown() of the socket, which the
+connection's thread or the loop sees as the end of the stream.
 
 Listening sockets set SO_REUSEPORT so several processes can share port 3260 when scaled. Then a target's
 connections must all reach its owner (owners.py): with a `Router`, a connection's thread first reads exactly
@@ -27,7 +39,8 @@ import time
 from dataclasses import dataclass
 
 from services.iscsi_target import owners
-from services.iscsi_target.connection import Connection
+from services.iscsi_target.connection import FULL, Connection
+from services.iscsi_target.event_loop import HUP_ERR, EventLoop
 from services.iscsi_target.handoff import MAX_PREFIX
 from services.iscsi_target.pdu import BHS_LEN
 from services.iscsi_target.session import SessionTable
@@ -51,6 +64,35 @@ class Router:
     handoff: object
     instance: int
     instances: object  # () -> int
+
+
+def _unsent(bufs: list, sent: int) -> list:
+    """What is left of a scatter list after a sendmsg that took `sent` bytes of it."""
+    i = 0
+    n = len(bufs)
+    while i < n:
+        size = len(bufs[i])
+        if sent < size:
+            break
+        sent -= size
+        i += 1
+    if i == n:
+        return []
+    rest = bufs[i:]
+    if sent:
+        rest[0] = memoryview(rest[0])[sent:]
+    return rest
+
+
+def send_some(sock: socket.socket, bufs: list) -> list:
+    """sendmsg on a non-blocking socket until it is full: returns what is left to send."""
+    while bufs:
+        try:
+            sent = sock.sendmsg(bufs[:IOV_MAX])
+        except BlockingIOError:
+            return bufs
+        bufs = _unsent(bufs[:IOV_MAX], sent) + bufs[IOV_MAX:]
+    return bufs
 
 
 def send_all(sock: socket.socket, bufs: list) -> None:
@@ -90,8 +132,17 @@ class ConnectionRunner:
         self.handed_on = False
         self.sock = sock
         self.peer_ip = peer[0]
-        self.lock = threading.Lock()
+        self.lock = threading.Lock()  # this runner's thread or the loop, and the service's threads
         self.aborted = ""
+        # In the loop (event_loop.py): the receive buffer, output the peer has not taken yet, since when.
+        self.loop: EventLoop | None = None
+        self.fd = -1
+        self.buf = self.view = None
+        self.start = self.end = 0
+        self.pending: list = []
+        self.pending_since = 0.0
+        self.want_out = False
+        self.closed = False
         cfg = server.settings
         self.busy_poll_ns = int(cfg.get("busy_poll_us", 0)) * 1000
         self.conn = Connection(server.registry, server.sessions, peer_ip=peer[0], portal=(local[0], local[1]),
@@ -122,6 +173,9 @@ class ConnectionRunner:
 
     # The connection's own thread -----------------------------------------------
     def _flush(self) -> None:
+        if self.loop is not None:
+            self._loop_flush(time.monotonic())
+            return
         conn = self.conn
         out = conn.take_output()
         if out:
@@ -209,6 +263,140 @@ class ConnectionRunner:
                 return False
         return True
 
+    # Full feature phase: the shared loop (event_loop.py) -------------------------
+    def _move_to_loop(self, buf: bytearray, start: int, end: int) -> bool:
+        """Hand the connection to the process's loop once it is in full feature phase (busy-poll keeps
+        it in its thread: spinning is what a thread of its own is for). True: this thread is done."""
+        server = self.server
+        if self.busy_poll_ns or self.conn.state != FULL or self.aborted or server.stopping:
+            return False
+        loop = server.event_loop()
+        if loop is None:
+            return False
+        with self.lock:  # a logout request meanwhile sees one model or the other, whole
+            self.buf, self.view, self.start, self.end = buf, memoryview(buf), start, end
+            self.sock.setblocking(False)
+            self.loop = loop
+            try:
+                if loop.add(self):
+                    return True
+            except OSError:
+                log.exception("connection from %s: could not join the event loop", self.peer_ip)
+            self.loop = None  # the loop is stopping: this thread ends the connection
+            self.sock.settimeout(None)
+            return False
+
+    def loop_ready(self, mask: int, now: float) -> None:
+        """The loop: the socket is readable or writable (or ended)."""
+        with self.lock:
+            if self.closed:
+                return
+            if self.pending:
+                self._send_pending(now)
+                if self.closed:
+                    return
+            conn = self.conn
+            if conn.closing:  # its last answers are going out
+                if not self.pending or mask & HUP_ERR:
+                    self._loop_close(conn.close_reason)
+                return
+            if self.pending and not mask & HUP_ERR:
+                return  # no more input until the peer took our output
+            if self.end == len(self.buf):
+                need = conn.needed(self.view[self.start:self.end])
+                self.buf, self.view, self.start, self.end = self._room(self.buf, self.start, self.end, need)
+            try:
+                n = self.sock.recv_into(self.view[self.end:])
+            except BlockingIOError:
+                return
+            except OSError as exc:
+                self._loop_close(f"receive failed: {exc.strerror or exc}")
+                return
+            if n == 0:
+                self._loop_close(self.aborted or "connection closed by the initiator")
+                return
+            self.end += n
+            self.start += conn.receive(self.view[self.start:self.end], now)
+            if self.start == self.end:
+                self.start = self.end = 0
+            self._loop_flush(now)
+
+    def loop_timer(self, now: float) -> None:
+        """The loop, once a second: NOP-In, its timeout, the logout grace; a peer that stopped reading."""
+        with self.lock:
+            if self.closed:
+                return
+            if self.pending and now - self.pending_since >= SEND_TIMEOUT:
+                self._loop_close(f"send failed: nothing taken for {SEND_TIMEOUT:g} s")
+                return
+            self.conn.timer(now)
+            self._loop_flush(now)
+
+    def _loop_flush(self, now: float) -> None:
+        conn = self.conn
+        out = conn.take_output()
+        if out:
+            if not self.pending:
+                self.pending_since = now
+            self.pending += out
+            self._send_pending(now)
+        self._hand_events()
+        if conn.closing and not self.pending and not self.closed:
+            if self.loop.in_loop():
+                self._loop_close(conn.close_reason)
+            else:  # another thread (a logout request): the loop closes it
+                self.abort(conn.close_reason)
+
+    def _send_pending(self, now: float) -> None:
+        try:
+            pending = send_some(self.sock, self.pending)
+        except OSError as exc:
+            self.pending = []
+            self.conn.connection_lost(self.aborted or f"send failed: {exc.strerror or exc}")
+            if self.loop.in_loop():
+                self._loop_close(self.conn.close_reason)
+            return
+        if pending is not self.pending:
+            self.pending_since = now  # the peer took something
+        self.pending = pending
+        want_out = bool(pending)
+        if want_out != self.want_out:
+            self.want_out = want_out
+            self.loop.interest(self, want_out)
+
+    def loop_close(self, reason: str) -> None:
+        with self.lock:
+            self._loop_close(reason)
+
+    def _loop_close(self, reason: str) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        self.pending = []  # views of the LUNs' mappings: released before the session closes its disk
+        self.loop.remove(self)
+        conn = self.conn
+        conn.connection_lost(self.aborted or reason)
+        conn.take_output()
+        self._hand_events()
+        try:
+            self.sock.close()
+        except OSError:
+            pass
+        self.server.forget(self)
+
+    @staticmethod
+    def _room(buf: bytearray, start: int, end: int, need: int = 0):
+        """A full buffer: compact it, and grow it if one PDU needs more room than all of it."""
+        if start:
+            buf[: end - start] = buf[start:end]
+            end -= start
+            start = 0
+        if need > len(buf):
+            grown = bytearray(max(need, 2 * len(buf)))
+            grown[:end] = buf[:end]
+            buf = grown
+        return buf, memoryview(buf), start, end
+
     def run(self) -> None:
         sock = self.sock
         conn = self.conn
@@ -238,6 +426,8 @@ class ConnectionRunner:
                 if conn.closing:
                     reason = conn.close_reason
                     raise _Done
+                if self._move_to_loop(buf, start, end):
+                    return  # the loop serves it now; `finally` leaves it alone
             while not self.server.stopping:
                 if end == len(buf):
                     # Compact; grow if one PDU needs more room than the whole buffer.
@@ -277,21 +467,31 @@ class ConnectionRunner:
                     if conn.closing:
                         reason = conn.close_reason
                         break
+                if conn.state == FULL and self._move_to_loop(buf, start, end):
+                    return
         except _Done:
             pass
         except Exception:  # noqa: BLE001 - one connection's bug must not take the target down
             log.exception("connection from %s failed", self.peer_ip)
             reason = "internal error"
         finally:
-            with self.lock:
-                conn.connection_lost(self.aborted or reason)
-                conn.take_output()  # the socket is gone: nothing more is sent
-                self._hand_events()
-            try:
-                sock.close()
-            except OSError:
-                pass
-            self.server.forget(self)
+            if self.loop is None:
+                self._end(reason)
+
+    def _end(self, reason: str) -> None:
+        """The connection's thread is done with it and it never went to the loop."""
+        conn, sock = self.conn, self.sock
+        with self.lock:
+            conn.connection_lost(self.aborted or reason)
+            conn.take_output()  # the socket is gone: nothing more is sent
+            self._hand_events()
+        try:
+            sock.close()
+        except OSError:
+            pass
+        self.server.forget(self)
+
+
 
 
 class Server:
@@ -309,6 +509,7 @@ class Server:
         self.runners: set[ConnectionRunner] = set()
         self._lock = threading.Lock()
         self.accepted = 0
+        self._loop: EventLoop | None = None  # started by the first connection to reach full feature phase
 
     def set_portals(self, portals: list[tuple[str, int]]) -> None:
         """Listen on exactly these portals: open new ones, close removed ones (connections stay)."""
@@ -376,6 +577,13 @@ class Server:
             self.accepted += 1
         runner.thread.start()
 
+    def event_loop(self) -> EventLoop | None:
+        """The process's loop for connections in full feature phase (None once stopping)."""
+        with self._lock:
+            if self._loop is None and not self.stopping:
+                self._loop = EventLoop()
+            return self._loop
+
     def forget(self, runner: ConnectionRunner) -> None:
         with self._lock:
             self.runners.discard(runner)
@@ -399,3 +607,9 @@ class Server:
         deadline = time.monotonic() + timeout
         for runner in runners:
             runner.thread.join(max(0.0, deadline - time.monotonic()))
+        while self.connections() and time.monotonic() < deadline:
+            time.sleep(0.01)  # the loop closes its connections as it sees them end
+        with self._lock:
+            loop, self._loop = self._loop, None
+        if loop is not None:
+            loop.stop(max(0.1, deadline - time.monotonic()))

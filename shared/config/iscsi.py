@@ -216,7 +216,9 @@ class IscsiConfig(StrictModel):
     io_stats_interval: float = Field(10.0, ge=0, le=3600, description="seconds between I/O stats events; 0: none")
     busy_poll_us: int = Field(
         0, ge=0, le=10000,
-        description="microseconds a connection spins on recv before sleeping while I/O flows (costs a core)",
+        description="microseconds a connection spins on recv before sleeping while I/O flows (costs a core); "
+                    "above 0 every connection keeps a thread of its own instead of joining the shared event loop "
+                    "after login (applies to later logins)",
     )
     cmd_window: int = Field(32, ge=1, le=1024, description="commands an initiator may have queued (MaxCmdSN window)")
 
