@@ -31,3 +31,24 @@ def test_send_all_batches_by_iov_max():
     sock = ShortSocket(limit=1 << 30)
     io_loop.send_all(sock, bufs)
     assert sock.calls == [io_loop.IOV_MAX, io_loop.IOV_MAX, 5] and len(sock.sent) == len(bufs)
+
+
+class FullSocket(ShortSocket):
+    """Takes `limit` bytes in all, then would block."""
+
+    def sendmsg(self, bufs):
+        if self.limit <= 0:
+            raise BlockingIOError
+        n = super().sendmsg(bufs)
+        self.limit -= n
+        return n
+
+
+def test_send_some_returns_what_a_full_socket_did_not_take():
+    bufs = [bytes([i]) * (i + 1) for i in range(50)] + [b"y"] * (io_loop.IOV_MAX + 3)
+    whole = b"".join(bufs)
+    sock = FullSocket(limit=300)
+    rest = io_loop.send_some(sock, list(bufs))
+    assert bytes(sock.sent) + b"".join(bytes(b) for b in rest) == whole and len(sock.sent) == 300
+    sock.limit = 1 << 30
+    assert io_loop.send_some(sock, rest) == [] and bytes(sock.sent) == whole
