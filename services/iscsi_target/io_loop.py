@@ -98,22 +98,8 @@ def send_some(sock: socket.socket, bufs: list) -> list:
 def send_all(sock: socket.socket, bufs: list) -> None:
     """sendmsg the whole scatter list, IOV_MAX buffers at a time, resuming after partial sends."""
     while bufs:
-        batch = bufs[:IOV_MAX]
-        rest = bufs[IOV_MAX:]
-        sent = sock.sendmsg(batch)
-        i = 0
-        n = len(batch)
-        while i < n:
-            size = len(batch[i])
-            if sent < size:
-                break
-            sent -= size
-            i += 1
-        if i < n:
-            head = memoryview(batch[i])[sent:] if sent else batch[i]
-            bufs = [head] + batch[i + 1 :] + rest
-        else:
-            bufs = rest
+        sent = sock.sendmsg(bufs[:IOV_MAX])
+        bufs = _unsent(bufs[:IOV_MAX], sent) + bufs[IOV_MAX:]
 
 
 class _Done(Exception):
