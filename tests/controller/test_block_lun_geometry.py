@@ -6,24 +6,18 @@ sectors (made here, detached by its name), read back with libiscsi's iscsi-readc
 Needs root, util-linux's losetup and libiscsi-bin (deploy/system-deps.sh)."""
 
 import json
-import shutil
 import subprocess
 from pathlib import Path
 
 import pytest
 import yaml
 
-from support import PYTHON, free_port, wait_for
+from support import PYTHON, free_port, tool, wait_for
 
 BOOTFLEET = str(Path(PYTHON).parent / "bootfleet")
 TARGET = "iqn.2026-12.org.test:block4k"
 MiB = 1 << 20
 
-
-def tool(name: str) -> str:
-    path = shutil.which(name)
-    assert path, f"{name} is needed (deploy/system-deps.sh: util-linux, libiscsi-bin)"
-    return path
 
 
 def cli(state, *args, timeout=60):

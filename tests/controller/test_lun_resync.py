@@ -4,24 +4,18 @@ bus as iscsi.mirror.leg_dropped, the CLI's progress lines come from the service'
 and afterwards both legs hold the same bytes, the writes made while degraded included."""
 
 import json
-import shutil
 import subprocess
 from pathlib import Path
 
 import pytest
 import yaml
 
-from support import PYTHON, free_port, wait_for
+from support import PYTHON, free_port, tool, wait_for
 
 BOOTFLEET = str(Path(PYTHON).parent / "bootfleet")
 TARGET = "iqn.2026-12.org.test:mirror"
 MiB = 1 << 20
 
-
-def tool(name: str) -> str:
-    path = shutil.which(name)
-    assert path, f"{name} is needed (deploy/system-deps.sh: qemu-utils)"
-    return path
 
 
 def cli(state, *args, timeout=60):

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import os
 import re
-import shutil
 import signal
 import socket
 import subprocess
@@ -19,6 +18,7 @@ import pytest
 
 from services.iscsi_target import pdu as P
 from tests.iscsi.target_process import start_target, stop_process
+from support import tool
 
 pytestmark = pytest.mark.integration
 
@@ -29,11 +29,6 @@ ACL = "iqn.2026-11.org.bootfleet.test:acl"
 USER, SECRET = "alice", "alicesecret12"
 TUSER, TSECRET = "bootfleet", "targetsecret9"
 
-
-def tool(name: str) -> str:
-    path = shutil.which(name)
-    assert path, f"{name} is not installed (deploy/system-deps.sh installs it)"
-    return path
 
 
 def free_port() -> int:

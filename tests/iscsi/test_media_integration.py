@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import os
 import re
-import shutil
 import socket
 import struct
 import subprocess
@@ -26,6 +25,7 @@ from services.iscsi_target.service import IscsiTargetService
 from shared.config.model import BootfleetConfig
 from shared.service import ServiceContext
 from tests.iscsi.target_process import start_target, stop_process
+from support import tool
 
 pytestmark = pytest.mark.integration
 
@@ -33,11 +33,6 @@ CD = "iqn.2026-11.org.bootfleet.test:cd"
 MIRROR = "iqn.2026-11.org.bootfleet.test:mirror"
 BLOCK = "iqn.2026-11.org.bootfleet.test:block"
 
-
-def tool(name: str) -> str:
-    path = shutil.which(name)
-    assert path, f"{name} is not installed (deploy/system-deps.sh installs it)"
-    return path
 
 
 def run(args, timeout=60, check=True, **kw):

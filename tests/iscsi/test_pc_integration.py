@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import os
 import re
-import shutil
 import signal
 import subprocess
 import sys
@@ -29,11 +28,6 @@ MB = 1 << 20
 TARGET = "iqn.2026-12.org.bootfleet:win10.pc1"
 INITIATOR = "iqn.2026-12.org.bootfleet:pc.pc1"
 
-
-def tool(name: str) -> str:
-    path = shutil.which(name)
-    assert path, f"{name} is not installed (deploy/system-deps.sh installs it)"
-    return path
 
 
 class PcTarget:
@@ -97,7 +91,7 @@ def test_iscsi_test_cu_against_a_pc_overlay_lun(pc_target):
     # clients[].ip admits the suite's second initiator name too (its multi-initiator tests)
     t = pc_target("persistent", ip="127.0.0.1")
     url = t.url()
-    r = subprocess.run([tool("iscsi-test-cu"), "--dataloss", "--test=ALL", "-i", INITIATOR, url, url],
+    r = subprocess.run([support.tool("iscsi-test-cu"), "--dataloss", "--test=ALL", "-i", INITIATOR, url, url],
                        capture_output=True, text=True, timeout=600)
     out = r.stdout + r.stderr
     summary = re.search(r"Run Summary:.*?(?:Elapsed time.*?\n|\Z)", out, re.S)
@@ -117,7 +111,7 @@ def test_iscsi_test_cu_against_a_pc_overlay_lun(pc_target):
 def test_kill_9_under_write_and_flush_keeps_every_flushed_write(pc_target):
     t = pc_target("persistent")
     total, confirmed, done = 160, [0], threading.Event()
-    qio = subprocess.Popen(["stdbuf", "-oL", tool("qemu-io"), "--image-opts", t.image_opts()],
+    qio = subprocess.Popen(["stdbuf", "-oL", support.tool("qemu-io"), "--image-opts", t.image_opts()],
                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1)
     lines: list[str] = []
 
@@ -162,7 +156,7 @@ def test_kill_9_under_write_and_flush_keeps_every_flushed_write(pc_target):
     checks = []
     for i in range(flushed):
         checks += ["-c", f"read -P {i % 250 + 1} {i * 64}k 64k"]
-    r = subprocess.run([tool("qemu-io"), "-r", "--image-opts", t.image_opts(), *checks],
+    r = subprocess.run([support.tool("qemu-io"), "-r", "--image-opts", t.image_opts(), *checks],
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 0 and "Pattern verification failed" not in r.stdout + r.stderr, (r.stdout + r.stderr)[-2000:]
     assert r.stdout.count("read 65536/65536") == flushed
@@ -192,7 +186,7 @@ def test_two_processes_one_owner_per_pc_and_a_new_owner_after_kill_9(tmp_path):
                 f"lun=0,initiator-name=iqn.2026-12.org.bootfleet:pc.{p}")
 
     def qio(p, *cmds):
-        args = [tool("qemu-io"), "--image-opts", opts(p)]
+        args = [support.tool("qemu-io"), "--image-opts", opts(p)]
         for c in cmds:
             args += ["-c", c]
         r = subprocess.run(args, capture_output=True, text=True, timeout=60)

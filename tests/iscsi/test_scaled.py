@@ -8,7 +8,6 @@ iscsi-test-cu and qemu-io are required (deploy/system-deps.sh): missing, a test 
 from __future__ import annotations
 
 import re
-import shutil
 import signal
 import socket
 import struct
@@ -38,11 +37,6 @@ iscsi:
 {targets}
 """
 
-
-def tool(name: str) -> str:
-    path = shutil.which(name)
-    assert path, f"{name} is not installed (deploy/system-deps.sh)"
-    return path
 
 
 class Cluster:
@@ -105,7 +99,7 @@ def test_each_target_has_one_owner_and_every_login_reaches_it(cluster):
     assert len(set(owners.values())) > 1, f"6 targets all preferred one instance: {owners}"
     for target in TARGETS:
         for _ in range(4):
-            r = run([tool("iscsi-inq"), cluster.url(target)])
+            r = run([support.tool("iscsi-inq"), cluster.url(target)])
             assert r.returncode == 0, r.stdout + r.stderr
     support.wait_for(lambda: cluster.logs().count("iscsi.login ip=") >= 24, what="24 logins logged")
     for i in range(3):
@@ -122,7 +116,7 @@ def test_iscsi_test_cu_with_two_initiators_against_three_processes(cluster):
     reservations."""
     target = TARGETS[0]  # a file LUN, used by no other test (the suite leaves reservations behind)
     url = cluster.url(target)
-    r = run([tool("iscsi-test-cu"), "--dataloss", "--test=ALL", url, url], timeout=600)
+    r = run([support.tool("iscsi-test-cu"), "--dataloss", "--test=ALL", url, url], timeout=600)
     out = r.stdout + r.stderr
     (cluster.tmp / "iscsi-test-cu.out").write_text(out)
     tests = re.search(r"tests\s+(\d+)\s+(\d+)\s+(\d+)\s+(\d+)\s+(\d+)", out)
@@ -142,7 +136,7 @@ def test_owner_killed_under_load_is_replaced_and_loses_no_acknowledged_write(clu
     killed with kill -9 once the load runs. A new owner must serve the reconnection within seconds, and
     every write qemu-io saw acknowledged (the last flush after it included) must read back."""
     target = TARGETS[4]  # a file LUN
-    qio = tool("qemu-io")
+    qio = support.tool("qemu-io")
     owner = cluster.owner(target)
     assert owner is not None
     rounds = 400
@@ -195,7 +189,7 @@ def test_discovery_anywhere_and_reinstatement_finds_the_first_session(cluster):
 
     so = socket
     for _ in range(6):
-        r = run([tool("iscsi-ls"), f"iscsi://127.0.0.1:{cluster.port}"])
+        r = run([support.tool("iscsi-ls"), f"iscsi://127.0.0.1:{cluster.port}"])
         assert r.returncode == 0 and all(t in r.stdout for t in TARGETS), r.stdout + r.stderr
     target = TARGETS[2]
 

@@ -4,7 +4,6 @@ Every tool is required: a missing one fails the test (deploy/system-deps.sh inst
 
 from __future__ import annotations
 
-import shutil
 import signal
 import socket
 import subprocess
@@ -16,6 +15,7 @@ import pytest
 
 from services.iscsi_target.scsi.vhd_backstore import create_differencing
 from tests.iscsi.scsi.test_vhd import libvhdi_read
+from support import tool
 
 pytestmark = pytest.mark.integration
 
@@ -23,11 +23,6 @@ ROOT = Path(__file__).resolve().parents[2]
 IQN = "iqn.2026-11.org.bootfleet.test:vhd"
 MiB = 1 << 20
 
-
-def tool(name: str) -> str:
-    path = shutil.which(name)
-    assert path, f"{name} is not installed (deploy/system-deps.sh installs it)"
-    return path
 
 
 def run(*args, check=True) -> subprocess.CompletedProcess:

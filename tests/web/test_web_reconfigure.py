@@ -4,16 +4,14 @@ port (its listening socket handed over: no connection made meanwhile is refused)
 load (the old server serves on), and off."""
 
 import json
-import shutil
 import socket
 import ssl
-import subprocess
 import threading
 import urllib.request
 
 from services.controller.control_client import Control
 from services.controller.web.auth import hash_password
-from support import free_port, wait_for
+from support import free_port, self_signed, wait_for
 from web_support import WebStack
 
 
@@ -86,12 +84,7 @@ def test_a_web_revision_restarts_the_dashboard_in_the_running_controller(procs, 
         assert json.loads(r.read())["result"] == 0  # the password is an action's login now
 
     # TLS on the same port, while a client keeps asking: the listening socket is handed over, nothing refused
-    openssl = shutil.which("openssl")
-    assert openssl, "openssl is needed to make the test certificate (deploy/system-deps.sh)"
-    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
-    subprocess.run([openssl, "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key), "-out", str(cert),
-                    "-days", "1", "-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1"],
-                   check=True, capture_output=True)
+    cert, key = self_signed(tmp_path)
     tls = ssl.create_default_context(cafile=str(cert))
     stop, refused, done = threading.Event(), [], []
 

@@ -1,10 +1,8 @@
 """The web server over HTTP against a running controller: who may read and act, the JSON API, TLS, the stream."""
 
 import json
-import shutil
 import socket
 import ssl
-import subprocess
 import threading
 import urllib.request
 
@@ -13,7 +11,7 @@ import pytest
 from services.controller.web.auth import hash_password
 from services.controller.web.server import WebServer
 from shared.config.web import WebConfig
-from support import free_port, wait_for
+from support import free_port, self_signed, wait_for
 
 from web_support import IP, MAC, WebStack, booted_pc
 
@@ -145,12 +143,7 @@ class NoRedirect(urllib.request.HTTPRedirectHandler):
 
 
 def test_tls_when_a_certificate_is_configured(stack, tmp_path):
-    openssl = shutil.which("openssl")
-    assert openssl, "openssl is needed to make the test certificate (deploy/system-deps.sh)"
-    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
-    subprocess.run([openssl, "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key), "-out", str(cert),
-                    "-days", "1", "-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1"],
-                   check=True, capture_output=True)
+    cert, key = self_signed(tmp_path)
     web = WebServer(stack.state, WebConfig(port=free_port(), certificate=str(cert), key=str(key))).start()
     try:
         assert web.url.startswith("https://")

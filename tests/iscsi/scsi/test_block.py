@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import shutil
 import struct
 import subprocess
 
@@ -22,14 +21,10 @@ from services.iscsi_target.scsi import BackstoreError
 from services.iscsi_target.scsi.block_device import BlockBackstore
 
 from .helpers import MiB, data, nexus, read10, read_capacity16, ready_target, write10
+from support import tool
 
 NX = nexus()
 
-
-def tool(name: str) -> str:
-    path = shutil.which(name)
-    assert path, f"{name} is not installed (deploy/system-deps.sh installs it)"
-    return path
 
 
 def run(*args, **kw) -> str:

@@ -23,14 +23,10 @@ from services.iscsi_target.scsi.backstore import BackstoreError
 from services.iscsi_target.scsi.vhd_backstore import (VhdBackstore, create_differencing, create_dynamic,
                                                       create_fixed, open_image)
 from services.iscsi_target.scsi.vhdx_backstore import VhdxBackstore
+from support import tool
 
 MiB = 1 << 20
 
-
-def tool(name: str) -> str:
-    path = shutil.which(name)
-    assert path, f"{name} is missing (Debian qemu-utils; deploy/system-deps.sh installs it)"
-    return path
 
 
 def run(*args) -> str:
