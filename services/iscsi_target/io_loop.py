@@ -416,17 +416,7 @@ class ConnectionRunner:
                     return  # the loop serves it now; `finally` leaves it alone
             while not self.server.stopping:
                 if end == len(buf):
-                    # Compact; grow if one PDU needs more room than the whole buffer.
-                    need = conn.needed(view[start:end])
-                    if start:
-                        buf[: end - start] = buf[start:end]
-                        end -= start
-                        start = 0
-                    if need > len(buf):
-                        grown = bytearray(max(need, 2 * len(buf)))
-                        grown[:end] = buf[:end]
-                        buf = grown
-                        view = memoryview(buf)
+                    buf, view, start, end = self._room(buf, start, end, conn.needed(view[start:end]))
                 try:
                     n = self._receive(view[end:])
                 except (BlockingIOError, TimeoutError):
