@@ -19,7 +19,7 @@ from services.iscsi_target.access import AccessPolicy
 from shared.config.iscsi import AuthConfig
 from support import wait_for
 from tests.iscsi.fake_scsi import FakeLun, FakeTarget
-from tests.iscsi.initiator import TARGET, Initiator, Registry, read10
+from tests.iscsi.initiator import TARGET, Initiator, Registry, read10, write10
 
 BLOCKS = 16384  # an 8 MiB LUN of 512-byte blocks
 
@@ -259,3 +259,19 @@ def test_abort_while_output_is_pending_ends_it_with_the_abort_reason(server):
     wait_for(lambda: not srv.connections(), timeout=5, what="the connection forgotten")
     (logout,) = [e for e in srv.events if isinstance(e, ev.Logout)]
     assert logout.reason == "target stopping"
+
+
+@pytest.mark.parametrize("busy_poll_us", [0, 50], ids=["loop", "thread"])
+def test_a_pdu_larger_than_the_receive_buffer_grows_it(server, monkeypatch, busy_poll_us):
+    monkeypatch.setattr(io_loop, "RECV_BUFFER", 4096)  # an 8 KiB immediate WRITE cannot fit: the buffer grows
+    srv = server(busy_poll_us=busy_poll_us)
+    c = Client(srv.port)
+    c.login()
+    payload = os.urandom(8192)
+    itt, raw = c.ini.cmd(write10(32, 16), edtl=8192, write=True, data=payload, immediate=False)
+    c.sock.sendall(raw)
+    (rsp,) = c.pdus()
+    assert rsp.opcode == P.OP_SCSI_RSP and rsp.itt == itt and rsp.status == 0
+    assert bytes(srv.lun.data[32 * 512:48 * 512]) == payload
+    itt, _ = c.read(32, 16)
+    assert bytes(c.collect([itt])[itt]) == payload
