@@ -84,6 +84,13 @@ def _unsent(bufs: list, sent: int) -> list:
     return rest
 
 
+def waits_on_disk(scsi) -> bool:
+    """Whether a session's target has a writable LUN whose SYNCHRONIZE CACHE or FUA write waits for the disk."""
+    if scsi is None:  # discovery
+        return False
+    return any(getattr(lu, "waits_on_disk", False) for lu in list(scsi.luns.values()))
+
+
 def send_some(sock: socket.socket, bufs: list) -> list:
     """sendmsg on a non-blocking socket until it is full: returns what is left to send."""
     while bufs:
@@ -251,10 +258,14 @@ class ConnectionRunner:
 
     # Full feature phase: the shared loop (event_loop.py) -------------------------
     def _move_to_loop(self, buf: bytearray, start: int, end: int) -> bool:
-        """Hand the connection to the process's loop once it is in full feature phase (busy-poll keeps
-        it in its thread: spinning is what a thread of its own is for). True: this thread is done."""
+        """Hand the connection to the process's loop once it is in full feature phase. Busy-poll keeps it
+        in its thread (spinning is what a thread of its own is for), and so does a LUN whose flushes wait for
+        the disk (a file, a block device, a persistent overlay: its fdatasync would stall every connection
+        on the loop). True: this thread is done."""
         server = self.server
         if self.busy_poll_ns or self.conn.state != FULL or self.aborted or server.stopping:
+            return False
+        if waits_on_disk(self.conn.scsi):
             return False
         loop = server.event_loop()
         if loop is None:

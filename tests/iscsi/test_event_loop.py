@@ -275,3 +275,41 @@ def test_a_pdu_larger_than_the_receive_buffer_grows_it(server, monkeypatch, busy
     assert bytes(srv.lun.data[32 * 512:48 * 512]) == payload
     itt, _ = c.read(32, 16)
     assert bytes(c.collect([itt])[itt]) == payload
+
+
+def test_which_luns_keep_a_thread_their_flushes_wait_for_the_disk(tmp_path):
+    from services.iscsi_target.scsi.backstore import FileBackstore, RamBackstore
+    from services.iscsi_target.scsi.lun import LogicalUnit
+    from services.iscsi_target.scsi.overlay import Overlay
+
+    base = tmp_path / "v1.img"
+    base.write_bytes(bytes(1 << 20))
+    units = {
+        "ram": LogicalUnit(RamBackstore(1 << 20), 0),
+        "file": LogicalUnit(FileBackstore(tmp_path / "disk.img", size=1 << 20), 0),
+        "file, readonly": LogicalUnit(FileBackstore(base, readonly=True, create=False), 0),
+        "file, LU readonly": LogicalUnit(FileBackstore(tmp_path / "ro.img", size=1 << 20), 0, readonly=True),
+        "discard overlay": LogicalUnit(Overlay(str(base), tmp_path / "pc1.overlay", durable=False), 0),
+        "persistent overlay": LogicalUnit(Overlay(str(base), tmp_path / "pc2.overlay", durable=True), 0),
+    }
+    waits = {name: lu.waits_on_disk for name, lu in units.items()}
+    assert waits == {"ram": False, "file": True, "file, readonly": False, "file, LU readonly": False,
+                     "discard overlay": False, "persistent overlay": True}
+    assert not io_loop.waits_on_disk(None)  # discovery
+    assert io_loop.waits_on_disk(FakeTarget(TARGET, {0: units["ram"], 1: units["persistent overlay"]}))
+    assert not io_loop.waits_on_disk(FakeTarget(TARGET, {0: units["ram"], 1: units["discard overlay"]}))
+    for lu in units.values():
+        close = getattr(lu.store, "close", None)
+        if close:
+            close()
+
+
+def test_a_connection_to_a_lun_that_waits_on_the_disk_keeps_its_thread(server):
+    srv = server()
+    srv.lun.waits_on_disk = True  # as a file LUN's or a persistent overlay's: its fdatasync must not stall the loop
+    c = Client(srv.port)
+    c.login()
+    itt, _ = c.read(0, 8)
+    assert bytes(c.collect([itt])[itt]) == bytes(srv.lun.data[:4096])
+    (runner,) = srv.connections()
+    assert runner.loop is None and runner.thread.is_alive()

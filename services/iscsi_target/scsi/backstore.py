@@ -101,6 +101,12 @@ class Backstore:
     def blocks(self) -> int:
         return self.size // self.block_size
 
+    @property
+    def waits_on_disk(self) -> bool:
+        """Whether SYNCHRONIZE CACHE or an FUA write waits for the disk (an fdatasync): a connection to such a
+        LUN keeps a thread of its own, so that its flushes never stall the shared loop (io_loop.py)."""
+        return not self.readonly
+
     def _notify_resize(self) -> None:
         for listener in list(self.resize_listeners):
             listener(self.size)
@@ -127,6 +133,8 @@ class RamBackstore(Backstore):
 
     def write(self, offset: int, data) -> None:
         self.view[offset:offset + len(data)] = data
+
+    waits_on_disk = False  # memory: nothing to wait for
 
     def sync(self) -> None:
         """Memory is as durable as it gets."""

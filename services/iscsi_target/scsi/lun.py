@@ -96,6 +96,11 @@ class LogicalUnit:
     def write_protected(self) -> bool:
         return self.readonly or self.swp
 
+    @property
+    def waits_on_disk(self) -> bool:
+        """A writable LU whose flushes wait for the disk (its connections keep a thread: io_loop.py)."""
+        return not self.readonly and self.store.waits_on_disk
+
     # ---------------------------------------------------------------- unit attentions
     def add_ua(self, nexus, code: tuple[int, int]) -> None:
         """Queue a unit attention for one nexus."""

@@ -99,6 +99,10 @@ class Overlay(Backstore):
 
     readonly = False
 
+    @property
+    def waits_on_disk(self) -> bool:
+        return self.durable  # discard never fsyncs: its PCs may share the loop
+
     def __init__(self, base, path, *, block_size: int = 512, granule: int = GRANULE, base_id: str = "",
                  durable: bool = True, write_through: bool = False, quota: int | None = None,
                  soft_threshold: int | None = None, on_threshold=None, space_guard=None, create: bool = True):
