@@ -243,6 +243,21 @@ class PcDisk:
         log.info("PC %s: disk closed", self.spec.pc)
 
     # ------------------------------------------------------------------ space
+    def retune(self, spec: PcSpec) -> None:
+        """A new revision's spec. Its quota and soft threshold apply to an open overlay at once (a lowered
+        threshold already passed gives its unit attention now); a new mode at the disk's next open (the mode
+        says what the disk is: the PC keeps the disk it powered on with while it runs)."""
+        with self.lock:
+            self.spec = spec
+            overlay = self.backstore
+            if not isinstance(overlay, Overlay):
+                return
+            crossed = spec.soft_threshold is not None and overlay.used >= spec.soft_threshold
+            newly = crossed and not overlay.threshold_crossed
+            overlay.quota, overlay.soft_threshold, overlay.threshold_crossed = spec.quota, spec.soft_threshold, crossed
+        if newly:
+            self._threshold(overlay)
+
     def _threshold(self, overlay) -> None:
         spec, lu = self.spec, self.lu
         if lu is not None:
@@ -287,7 +302,7 @@ class PcDisks:
                 if disk is None:
                     disk = PcDisk(spec, self.store, self.state_dir, self.pcboot, self.emit)
                 else:
-                    disk.spec = spec  # a new mode or quota applies when the disk next opens
+                    disk.retune(spec)
                 disks[spec.target] = disk
                 out[spec.target] = make_entry(spec.target, spec.pc, PcPolicy(auth, spec, self.mac_for_ip), disk,
                                               old.get(spec.target))

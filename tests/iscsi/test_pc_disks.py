@@ -295,6 +295,41 @@ def test_quota_threshold_then_data_protect_while_another_pc_goes_on(running):
     other.logout()
 
 
+def test_a_new_quota_applies_to_a_logged_in_pc_at_once(running):
+    images = [{"name": "win10", "quota": "64KiB", "soft_threshold": 100}]  # the threshold is the quota itself
+    r = running({"pc1": {}}, images)
+    s = r.session("pc1")
+    attentions = []
+
+    def write(granule, byte=b"q"):
+        status, sense = s.write(granule * 8, byte * 4096)
+        if status == 2 and sense[0] == 0x06:  # a unit attention comes first; the command is then retried
+            attentions.append(sense)
+            status, sense = s.write(granule * 8, byte * 4096)
+        return status, sense
+
+    for i in range(16):  # the quota: 16 granules of 4 KiB
+        assert write(i) == (0, None)
+    assert write(16) == (2, (0x07, 0x27, 0x07))  # SPACE ALLOCATION FAILED WRITE PROTECT
+    assert attentions == [(0x06, 0x38, 0x07)]  # the 100% threshold, crossed by the 16th write
+    # raised while the PC runs, the threshold (20% of 256 KiB) already passed: no new attention (crossed)
+    r.call(r.svc.apply(r.config({"pc1": {}}, [{"name": "win10", "quota": "256KiB", "soft_threshold": 20}])))
+    assert write(16) == (0, None)
+    assert s.read(16 * 8, 8) == b"q" * 4096
+    # raised to a threshold above what it holds, then lowered below it again: the attention comes anew
+    r.call(r.svc.apply(r.config({"pc1": {}}, [{"name": "win10", "quota": "1MiB", "soft_threshold": 50}])))
+    assert write(17) == (0, None) and len(attentions) == 1
+    r.call(r.svc.apply(r.config({"pc1": {}}, [{"name": "win10", "quota": "1MiB", "soft_threshold": 5}])))
+    assert write(18) == (0, None)
+    assert attentions == [(0x06, 0x38, 0x07)] * 2
+    assert [t["quota"] for t in r.of(bus.IMAGE_QUOTA_THRESHOLD)] == [64 << 10, 1 << 20]
+    # lowered below what it holds: writes into new granules fail, rewrites of its own granules do not
+    r.call(r.svc.apply(r.config({"pc1": {}}, images)))
+    assert write(19) == (2, (0x07, 0x27, 0x07))
+    assert write(0, b"r") == (0, None)
+    s.logout()
+
+
 def test_the_stores_free_space_reserve_refuses_writes_with_the_same_sense(running, tmp_path):
     r = running({"pc1": {}})
     st = os.statvfs(tmp_path)
