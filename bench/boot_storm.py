@@ -40,6 +40,7 @@ import json
 import os
 import re
 import shutil
+import signal
 import statistics
 import subprocess
 import sys
@@ -209,6 +210,8 @@ def main() -> None:
     ap.add_argument("--skip-overlay", action="store_true", help="the boot storm only")
     args = ap.parse_args()
     need("qemu-img"), need("tgtd"), need("tgtadm"), need("fincore")
+    # a SIGTERM (a timeout, ^C from a wrapper) still runs the `finally` below: every server we started stops
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     tmp = Path(tempfile.mkdtemp(prefix="bootfleet-storm-"))
     procs: list = []
     try:
@@ -217,7 +220,7 @@ def main() -> None:
             overlay_vs_plain(tmp, args, procs)
     finally:
         for p in procs:
-            stop(p)
+            stop(p, hard=os.path.basename(p.args[0]) == "tgtd")  # tgtd ignores SIGTERM
         shutil.rmtree(tmp, ignore_errors=True)
 
 
@@ -334,7 +337,7 @@ def boot_storm(tmp: Path, args, procs: list) -> None:
           f"{allocated / MB:.1f} MiB on disk ({allocated / max(1, count) / MB:.2f} MiB each); tgtd's {n} copies: "
           f"{sum(fincore(c) for c in copies) / MB:.0f} MiB cached of {n * IMAGE_SIZE / MB:.0f} MiB after its last storm")
     for p in ours + ours2 + ours_files + [shared.proc, copied.proc]:
-        stop(p)
+        stop(p, hard=p in (shared.proc, copied.proc))  # tgtd ignores SIGTERM
         procs.remove(p)
 
 
