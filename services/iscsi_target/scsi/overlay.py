@@ -55,7 +55,10 @@ target process, or this one twice) is refused, and the image store refuses to pu
 Quota and space: `quota` bytes of allocated granules; crossing `soft_threshold` sets `threshold_crossed`
 and calls `on_threshold(overlay)` once (re-armed when UNMAP brings the use back below); a write that would
 pass the quota, or that `space_guard(nbytes)` refuses (the store's free-space reserve), raises OverlayFull
-before writing anything. ENOSPC from the file system despite the reserve also raises OverlayFull, then
+before writing anything. The reserve is claimed from the guard SPACE_CHUNK (1 MiB) at a time and spent
+granule by granule (asking the guard for each 4 KiB granule was a sixth of a new granule's write); near the
+reserve, a refused chunk is asked again for just what the write needs, so the reserve is held as before, late
+by at most one unspent chunk per open overlay. ENOSPC from the file system despite the reserve also raises OverlayFull, then
 possibly after part of the range was written (the command fails; its blocks are undefined, as SBC allows).
 A WRITE and an UNMAP of the same granule in flight at once may leave the count one granule off until the
 overlay is reopened (the data is right; initiators do not issue those together).
@@ -83,6 +86,7 @@ MAX_GRANULE = 64 * 1024
 STRIPES = 64          # locks for writes into unowned granules
 STRIPE_SHIFT = 4      # 16 consecutive granules share a stripe, so a 1 MiB write takes 16 locks, not 256
 _PAGE_SHIFT = 15      # granules per bitmap page: 4096 bytes x 8 bits
+SPACE_CHUNK = 1 << 20  # bytes of the store's reserve claimed from space_guard at a time
 SOFT_THRESHOLD_ASC_ASCQ = (0x38, 0x07)  # UNIT ATTENTION: THIN PROVISIONING SOFT THRESHOLD REACHED
 
 __all__ = ["Overlay", "BaseImage", "open_base", "release_base", "OverlayError", "OverlayFull", "GRANULE",
@@ -125,6 +129,7 @@ class Overlay(Backstore):
             self.soft_threshold = soft_threshold
             self.on_threshold = on_threshold
             self.space_guard = space_guard
+            self._space_credit = 0  # claimed from space_guard, not yet spent on granules
             self.threshold_crossed = False
             self._open(granule, base_id, create)
         except BaseException:
@@ -292,7 +297,9 @@ class Overlay(Backstore):
         return [self._stripes[i] for i in sorted({s & (STRIPES - 1) for s in range(s0, s1)})]
 
     def _write_one(self, offset: int, data, g: int, i: int, m: int) -> None:
-        """_write_cow for a write within one granule (an OS's 4 KiB write), without its generality."""
+        """_write_cow for a write within one granule (an OS's 4 KiB write), without its generality: the
+        hot path of a PC's new data, so its steps are inline. The owned bit is set after the data is in the
+        file: reads take no lock, and a bit set first would let one read the granule's hole as zeros."""
         with self._stripes[(g >> STRIPE_SHIFT) & (STRIPES - 1)]:
             if not self._alloc[i] & m:
                 self._reserve(g, g + 1)
@@ -303,8 +310,13 @@ class Overlay(Backstore):
             stop = min(start + self.granule, self.size)
             end = offset + len(data)
             if offset == start and end == stop:
-                self._pwrite(data, offset)
-            else:
+                try:
+                    n = os.pwrite(self._fd, data, offset)
+                except OSError as exc:
+                    self._raise_write(exc, len(data))
+                if n < len(data):
+                    self._pwrite(memoryview(data)[n:], offset + n)
+            else:  # a part: merged with the base's rest of the granule
                 base = self._base_view
                 self._pwritev([base[start:offset], data, base[end:stop]], start)
             self._bits[i] |= m
@@ -346,8 +358,10 @@ class Overlay(Backstore):
             need = new * self.granule
             if self.quota is not None and self.used + need > self.quota:
                 raise OverlayFull(self.path, "quota", need, self.used, self.quota)
-            if self.space_guard is not None and not self.space_guard(need):
-                raise OverlayFull(self.path, "reserve", need, self.used, self.quota)
+            if self.space_guard is not None:
+                if self._space_credit < need:
+                    self._claim_space(need)
+                self._space_credit -= need
             if g1 - g0 == 1:
                 self._alloc[g0 >> 3] |= 1 << (g0 & 7)
             else:
@@ -357,6 +371,16 @@ class Overlay(Backstore):
                 self.threshold_crossed = crossed = True
         if crossed and self.on_threshold is not None:
             self.on_threshold(self)
+
+    def _claim_space(self, need: int) -> None:
+        """More credit from the store's reserve (under _meta): a chunk, or near the reserve just `need`."""
+        chunk = max(need, SPACE_CHUNK)
+        if self.space_guard(chunk):
+            self._space_credit += chunk
+        elif chunk > need and self.space_guard(need):
+            self._space_credit += need
+        else:
+            raise OverlayFull(self.path, "reserve", need, self.used, self.quota)
 
     def _pwrite(self, data, offset: int) -> None:
         try:

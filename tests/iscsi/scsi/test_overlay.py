@@ -292,7 +292,36 @@ def test_space_guard_refusal_is_overlay_full_with_reason_reserve(tmp_path):
     try:
         with pytest.raises(OverlayFull) as exc:
             ov.write(512, b"x" * 512)
-        assert exc.value.reason == "reserve" and asked == [4096] and ov.used == 0 and ov.allocated == 0
+        # a chunk of the reserve first, then just the granule the write needs
+        assert exc.value.reason == "reserve" and asked == [1 << 20, 4096] and ov.used == 0 and ov.allocated == 0
+    finally:
+        ov.close()
+
+
+def test_the_reserve_is_claimed_a_chunk_at_a_time_and_exactly_near_its_end(tmp_path):
+    make_base(tmp_path / "v1.raw", 4 << 20)
+    budget = [(1 << 20) + 8 * KiB]  # a guard with one chunk and two granules left
+    asked = []
+
+    def guard(n):
+        asked.append(n)
+        if n > budget[0]:
+            return False
+        budget[0] -= n
+        return True
+
+    ov = Overlay(tmp_path / "v1.raw", tmp_path / "pc.overlay", space_guard=guard)
+    try:
+        for g in range(256):  # one chunk: 256 granules, one ask
+            ov.write(g * 4 * KiB, b"a" * 4 * KiB)
+        assert asked == [1 << 20]
+        ov.write(256 * 4 * KiB, b"b" * 8 * KiB)  # the chunk is refused; the two granules are not
+        assert asked[1:] == [1 << 20, 8 * KiB] and budget[0] == 0
+        with pytest.raises(OverlayFull) as exc:
+            ov.write(258 * 4 * KiB, b"c" * 512)
+        assert exc.value.reason == "reserve" and ov.used == 258 * 4 * KiB
+        assert ov.read(258 * 4 * KiB, 512) == bytes(ov.base.read(258 * 4 * KiB, 512))  # nothing was written
+        ov.write(0, b"z" * 4 * KiB)  # a rewrite of an allocated granule needs no space
     finally:
         ov.close()
 
