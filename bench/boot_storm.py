@@ -28,6 +28,10 @@ granule not written before, scattered over the disk) against the same writes int
 the same content; 4 KiB reads at queue depth 1 of untouched granules against the plain LUN. Goals: >= 0.8x
 and >= 0.9x. The machine is shared (2 cores, other jobs): figures move from run to run; medians of rounds.
 
+Before each storm and each qemu-img run the bench calls sync(2): the kernel's write-back of the run before
+(its overlays' or copies' new pages) would otherwise land in whichever run comes next (a bare 4 KiB
+pwrite took 15 us instead of 4 us while 500 MiB were being written back).
+
 Each storm also prints the server's CPU time (its process's utime + stime over the storm, from /proc): on
 2 cores the 20 initiators and the server share the CPU, so the wall clock follows the sum of both, and the
 server's CPU is the part a server can change.
@@ -300,6 +304,7 @@ def boot_storm(tmp: Path, args, procs: list) -> None:
                 fresh_overlays()
                 for path in files:
                     warm(path) if cache == "warm" else evict(path)
+                os.sync()  # no earlier storm's writes left to write back during this one
                 before = cpu_seconds(servers[label])
                 times[label].append(storm(urls))
                 cpus[label].append(cpu_seconds(servers[label]) - before)
@@ -363,6 +368,7 @@ def overlay_vs_plain(tmp: Path, args, procs: list) -> None:
     res = {k: [] for k in ("w plain", "w overlay", "r plain", "r overlay")}
 
     def run(cmd) -> float:
+        os.sync()  # the page cache's write-back of the run before (8000 new 4 KiB pages) is not this run's
         r = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
         m = re.search(r"Run completed in ([\d.]+) seconds", r.stdout)
         if r.returncode or not m:
