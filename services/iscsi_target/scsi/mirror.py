@@ -1,8 +1,14 @@
 """RAID-1: one backing store over two legs of the same size.
 
 Theory of operation. A write goes to every leg that is in sync, one after the other on the caller's
-thread, and is acknowledged when each has it (or has failed and been dropped). Reads alternate between
-the legs that are in sync. A leg whose read, write or sync raises (an OSError: EIO, ENOSPC, EBADF; or a
+thread, and is acknowledged when each has it (or has failed and been dropped). Reads, while both legs are
+in sync: a read that continues a leg's last one stays on that leg (its readahead); else a leg whose pages
+of the read are in the page cache (legs are two files, each with pages of its own: after a restart, a
+resync or memory pressure one leg's cache can be warm and the other's cold); else, when neither has them,
+the leg whose reads from the disk have been faster (an average of each leg's uncached read times, each
+leg still given one uncached read in COLD_PROBE so that its average follows a disk that got faster),
+alternating while the two are within 25%: two equal disks share the load, an SSD beside a spinning disk
+takes the reads. Legs that cannot tell (block devices) alternate. A leg whose read, write or sync raises (an OSError: EIO, ENOSPC, EBADF; or a
 ScsiError from a device backstore), or whose file is found removed or replaced on a sync, is dropped:
 the mirror records the drop in its state file (fsync'd, before the failing write is acknowledged, so a
 restart never serves the stale leg), calls `on_leg_failed(index, name, reason)` and serves from the other
@@ -24,12 +30,15 @@ import itertools
 import json
 import os
 import threading
+import time
 
 from services.iscsi_target.scsi import sense as S
 from services.iscsi_target.scsi.backstore import Backstore, BackstoreError
 
 IN_SYNC, FAILED, RESYNCING = "in_sync", "failed", "resyncing"
 RESYNC_CHUNK = 1 << 20
+COLD_PROBE = 16      # one uncached read in this many goes to the slower leg, to keep its average current
+COLD_WEIGHT = 0.125  # weight of a new uncached read time in a leg's average
 LEG_ERRORS = (OSError, S.ScsiError, ValueError)  # ValueError: an fd closed under a write
 
 
@@ -86,6 +95,8 @@ class MirrorBackstore(Backstore):
         self.watermark = 0                            # resync: bytes below this are on both legs
         self._rr = itertools.count()
         self._read_ends = [-1, -1]                    # where each leg's last read ended
+        self._cold_ns = [0.0, 0.0]                    # each leg's average uncached read time (0: none yet)
+        self._cold_reads = 0
 
     # ---------------------------------------------------------------- state
     @property
@@ -224,10 +235,15 @@ class MirrorBackstore(Backstore):
         while True:
             state = self.state
             if state[0] == IN_SYNC and state[1] == IN_SYNC:
-                # a read that continues a leg's last one stays on that leg (its readahead, its cache lines,
-                # a disk's head); any other alternates, so random reads and new streams spread over both
                 ends = self._read_ends
-                i = 0 if ends[0] == offset else 1 if ends[1] == offset else next(self._rr) & 1
+                if ends[0] == offset:  # a read that continues a leg's last one stays on that leg
+                    i = 0
+                elif ends[1] == offset:
+                    i = 1
+                else:
+                    i = self._choose(offset, length)
+                    if i is None:  # neither leg has the pages: from the disk, timed
+                        return self._read_cold(offset, length)
                 ends[i] = offset + length
             else:
                 i = 0 if state[0] == IN_SYNC else 1
@@ -236,6 +252,46 @@ class MirrorBackstore(Backstore):
                 return leg.read(offset, length)
             except LEG_ERRORS as exc:
                 self._drop(i, leg, exc)  # the last leg in sync: MEDIUM ERROR; else try the other
+
+    def _choose(self, offset: int, length: int):
+        """The leg for a read that starts no stream: one with the pages cached (a region it already trusts
+        first, so the common case asks no system call; a leg's cached pages serve it, and the other leg's
+        copies may age out of the cache); None when neither has them. Legs that cannot tell alternate."""
+        i = next(self._rr) & 1
+        a, b = self.legs[i], self.legs[1 - i]
+        a_cached, b_cached = getattr(a, "cached", None), getattr(b, "cached", None)
+        if a_cached is None or b_cached is None or a_cached(offset, length):  # trusted warm: no system call
+            return i
+        if b_cached(offset, length):
+            return 1 - i
+        if a_cached(offset, length, True):  # mincore, then trusted for a second
+            return i
+        if b_cached(offset, length, True):
+            return 1 - i
+        return None
+
+    def _read_cold(self, offset: int, length: int):
+        """A read neither leg has in its cache: from the faster leg (the module's docstring)."""
+        avg = self._cold_ns
+        n = self._cold_reads = self._cold_reads + 1
+        if not avg[0] or not avg[1]:  # a leg not timed yet: time it
+            i = 0 if not avg[0] else 1
+        elif max(avg) <= 1.25 * min(avg):  # alike: share
+            i = n & 1
+        else:
+            fast = 0 if avg[0] < avg[1] else 1
+            i = 1 - fast if n % COLD_PROBE == 0 else fast
+        self._read_ends[i] = offset + length
+        leg = self.legs[i]
+        started = time.perf_counter_ns()
+        try:
+            data = leg.read(offset, length)
+        except LEG_ERRORS as exc:
+            self._drop(i, leg, exc)  # the last leg in sync: MEDIUM ERROR; else the other serves it
+            return self.read(offset, length)
+        took = time.perf_counter_ns() - started
+        avg[i] = took if not avg[i] else avg[i] + COLD_WEIGHT * (took - avg[i])
+        return data
 
     def sync(self) -> None:
         for i in (0, 1):

@@ -10,6 +10,7 @@ import random
 import shutil
 import subprocess
 import threading
+import time
 
 import pytest
 
@@ -167,6 +168,56 @@ def test_a_sequential_stream_stays_on_one_leg_random_reads_spread():
     for off in (900 * 512, 100 * 512, 1500 * 512, 40 * 512):
         m.read(off, 512)
     assert sorted(seen) == ["a", "a", "b", "b"]
+
+
+class _ColdLeg(RamBackstore):
+    """A leg that never has a read's pages cached and takes `delay` seconds a read (a disk of that speed)."""
+
+    def __init__(self, size, delay):
+        super().__init__(size)
+        self.delay, self.reads = delay, 0
+
+    def cached(self, offset, length, ask=False):
+        return False
+
+    def read(self, offset, length):
+        self.reads += 1
+        time.sleep(self.delay)
+        return super().read(offset, length)
+
+
+def test_a_read_goes_to_the_leg_that_has_its_pages_cached(tmp_path):
+    legs = [PreadFileBackstore(tmp_path / f"leg{i}.img", SIZE) for i in (0, 1)]
+    m = MirrorBackstore(legs)
+    content = random.Random(3).randbytes(SIZE // 2)
+    m.write(0, content)
+    seen = []
+    for i, leg in enumerate(legs):
+        leg.read = lambda o, n, r=leg.read, i=i: (seen.append(i), r(o, n))[1]
+    offsets = [random.Random(7).randrange(0, SIZE // 2 - 4096) // 512 * 512 for _ in range(40)]
+    for off in offsets:  # both warm: slices of a mapping, whichever leg (no pread, no disk)
+        assert isinstance(m.read(off, 4096), memoryview)
+    assert len(seen) == 40
+    legs[0].cached = lambda o, n, ask=False: False  # leg 0's cache went cold (a restart, a resync)
+    seen.clear()
+    for off in offsets:
+        assert bytes(m.read(off, 4096)) == content[off:off + 4096]
+    assert seen == [1] * 40
+    for leg in legs:
+        leg.close()
+
+
+def test_uncached_reads_go_to_the_faster_leg_which_the_slower_is_still_timed_against():
+    fast, slow = _ColdLeg(MiB, 0.0), _ColdLeg(MiB, 0.003)
+    m = MirrorBackstore([slow, fast])
+    for k in range(96):
+        m.read((k * 7919 * 512) % (MiB - 4096) // 512 * 512, 4096)  # no stream: each read on its own
+    assert fast.reads >= 80 and 3 <= slow.reads <= 12  # the slow leg: its first read and 1 in COLD_PROBE
+    a, b = _ColdLeg(MiB, 0.001), _ColdLeg(MiB, 0.001)  # two alike: the reads are shared
+    m = MirrorBackstore([a, b])
+    for k in range(40):
+        m.read((k * 7919 * 512) % (MiB - 4096) // 512 * 512, 4096)
+    assert a.reads >= 12 and b.reads >= 12
 
 
 def test_legs_of_different_sizes_are_refused():
