@@ -22,8 +22,9 @@ same minute of a shared machine) and as the ratio of the medians; "ours" is the 
 file (cached bytes against its size: one copy for all PCs), the overlays' allocated bytes, and the cached
 bytes of tgtd's 20 copies.
 
-Overlay against a plain file LUN (ours, one target process, one initiator): 4 KiB writes at queue depth 32
-into untouched granules of a fresh overlay (qemu-img bench -w -d 32 -s 4k, step 1028 KiB: every write a
+Overlay against a plain file LUN (ours, one target process, one initiator, a 256 MiB disk): 32000 4 KiB
+writes at queue depth 32 into untouched granules of a fresh overlay (qemu-img bench -w -d 32 -s 4k, step
+1028 KiB: every write a
 granule not written before, scattered over the disk) against the same writes into a plain file LUN with
 the same content; 4 KiB reads at queue depth 1 of untouched granules against the plain LUN. Goals: >= 0.8x
 and >= 0.9x. The machine is shared (2 cores, other jobs): figures move from run to run; medians of rounds.
@@ -32,7 +33,9 @@ Before each storm and each qemu-img run the bench calls sync(2): the kernel's wr
 (its overlays' or copies' new pages) would otherwise land in whichever run comes next (a bare 4 KiB
 pwrite took 15 us instead of 4 us while 500 MiB were being written back).
 
-Each storm also prints the server's CPU time (its process's utime + stime over the storm, from /proc): on
+Each storm also prints the CPU time the hypervisor took from this VM meanwhile (/proc/stat "steal", both
+cores; 0 on a machine of its own): this VM's speed moves by up to 2x over minutes with its host's load, and
+a storm with steal is one to discount. Each storm also prints the server's CPU time (its process's utime + stime over the storm, from /proc): on
 2 cores the 20 initiators and the server share the CPU, so the wall clock follows the sum of both, and the
 server's CPU is the part a server can change.
 """
@@ -123,6 +126,14 @@ def cpu_seconds(pids: list[int]) -> float:
             fields = f.read().rsplit(")", 1)[1].split()
         total += int(fields[11]) + int(fields[12])
     return total / os.sysconf("SC_CLK_TCK")
+
+
+def steal_seconds() -> float:
+    """CPU time the hypervisor gave other guests while this VM's vCPUs wanted it (/proc/stat "steal"), all
+    cores: a storm that lost a tenth of its wall clock this way says so beside its time."""
+    with open("/proc/stat") as f:
+        fields = f.readline().split()
+    return int(fields[8]) / os.sysconf("SC_CLK_TCK")
 
 
 def _q(arg: str) -> str:
@@ -298,6 +309,7 @@ def boot_storm(tmp: Path, args, procs: list) -> None:
     for cache in ("warm", "cold"):
         times = {label: [] for label in variants}
         cpus = {label: [] for label in variants}
+        steals = {label: [] for label in variants}
         for r in range(args.rounds):
             for label in (order if r % 2 == 0 else order[::-1]):
                 urls = variants[label]
@@ -305,9 +317,10 @@ def boot_storm(tmp: Path, args, procs: list) -> None:
                 for path in files:
                     warm(path) if cache == "warm" else evict(path)
                 os.sync()  # no earlier storm's writes left to write back during this one
-                before = cpu_seconds(servers[label])
+                before, stolen = cpu_seconds(servers[label]), steal_seconds()
                 times[label].append(storm(urls))
                 cpus[label].append(cpu_seconds(servers[label]) - before)
+                steals[label].append(steal_seconds() - stolen)
                 if label == "ours" and cache == "warm" and r == 0:
                     overlays = sorted((tmp / "images/win10/overlays").glob("*.overlay"))
                     allocated = sum(os.stat(p).st_blocks * 512 for p in overlays)
@@ -316,7 +329,8 @@ def boot_storm(tmp: Path, args, procs: list) -> None:
             for mine in ("ours", "ours, scale 2"):
                 ratios[cache][mine].append(shared_t / times[mine][-1])
             print(f"  {cache} page cache, round {r + 1} (load {os.getloadavg()[0]:.1f}): " +
-                  ", ".join(f"{label} {t[-1]:.2f} s (server CPU {cpus[label][-1]:.2f} s)" for label, t in times.items()) +
+                  ", ".join(f"{label} {t[-1]:.2f} s (server CPU {cpus[label][-1]:.2f} s, steal {steals[label][-1]:.2f} s)"
+                            for label, t in times.items()) +
                   f"; tgtd shared / ours {ratios[cache]['ours'][-1]:.2f}x, / ours scale 2 "
                   f"{ratios[cache]['ours, scale 2'][-1]:.2f}x")
         results[cache] = {label: median(t) for label, t in times.items()}
@@ -348,7 +362,7 @@ def boot_storm(tmp: Path, args, procs: list) -> None:
 
 
 def overlay_vs_plain(tmp: Path, args, procs: list) -> None:
-    size = 64 * MB
+    size = 256 * MB  # 65536 granules: 32000 writes 1028 KiB apart are each a granule not written before
     store = ImageStore.for_state_dir(tmp / "ov")
     raw = tmp / "ov.raw"
     raw.write_bytes(os.urandom(size))
@@ -365,11 +379,11 @@ def overlay_vs_plain(tmp: Path, args, procs: list) -> None:
     plain_url = f"iscsi://127.0.0.1:{port}/{PREFIX}.bench:plain/0"
     pc_url = ours_url(port, 0)
     warm(raw), warm(plain), warm(store.version_path("win10", 1))
-    writes, reads = 8000, 15000
+    writes, reads = 32000, 15000  # about half a second of writes a run: 8000 (0.15 s) swung 0.66x-0.96x
     res = {k: [] for k in ("w plain", "w overlay", "r plain", "r overlay")}
 
     def run(cmd) -> float:
-        os.sync()  # the page cache's write-back of the run before (8000 new 4 KiB pages) is not this run's
+        os.sync()  # the page cache's write-back of the run before (32000 new 4 KiB pages) is not this run's
         r = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
         m = re.search(r"Run completed in ([\d.]+) seconds", r.stdout)
         if r.returncode or not m:
