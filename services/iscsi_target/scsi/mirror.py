@@ -97,6 +97,7 @@ class MirrorBackstore(Backstore):
         self._read_ends = [-1, -1]                    # where each leg's last read ended
         self._cold_ns = [0.0, 0.0]                    # each leg's average uncached read time (0: none yet)
         self._cold_reads = 0
+        self._legs_changed()
 
     # ---------------------------------------------------------------- state
     @property
@@ -241,9 +242,19 @@ class MirrorBackstore(Backstore):
                 elif ends[1] == offset:
                     i = 1
                 else:
-                    i = self._choose(offset, length)
-                    if i is None:  # neither leg has the pages: from the disk, timed
-                        return self._read_cold(offset, length)
+                    i = next(self._rr) & 1
+                    warm = self._warm_reads
+                    if warm is not None:  # legs that can tell what they have cached (file legs)
+                        data = warm[i](offset, length)  # the alternate leg's trusted pages first
+                        if data is None:
+                            data = warm[1 - i](offset, length)
+                            i = 1 - i
+                        if data is not None:
+                            ends[i] = offset + length
+                            return data
+                        i = self._cached_leg(offset, length, i)
+                        if i is None:  # neither leg has the pages: from the disk, timed
+                            return self._read_cold(offset, length)
                 ends[i] = offset + length
             else:
                 i = 0 if state[0] == IN_SYNC else 1
@@ -253,22 +264,17 @@ class MirrorBackstore(Backstore):
             except LEG_ERRORS as exc:
                 self._drop(i, leg, exc)  # the last leg in sync: MEDIUM ERROR; else try the other
 
-    def _choose(self, offset: int, length: int):
-        """The leg for a read that starts no stream: one with the pages cached (a region it already trusts
-        first, so the common case asks no system call; a leg's cached pages serve it, and the other leg's
-        copies may age out of the cache); None when neither has them. Legs that cannot tell alternate."""
-        i = next(self._rr) & 1
-        a, b = self.legs[i], self.legs[1 - i]
-        a_cached, b_cached = getattr(a, "cached", None), getattr(b, "cached", None)
-        if a_cached is None or b_cached is None or a_cached(offset, length):  # trusted warm: no system call
+    def _cached_leg(self, offset: int, length: int, i: int):
+        """Neither leg trusts the read's region: ask each (mincore) whether it has the pages; None: neither."""
+        if self.legs[i].cached(offset, length):
             return i
-        if b_cached(offset, length):
-            return 1 - i
-        if a_cached(offset, length, True):  # mincore, then trusted for a second
-            return i
-        if b_cached(offset, length, True):
+        if self.legs[1 - i].cached(offset, length):
             return 1 - i
         return None
+
+    def _legs_changed(self) -> None:
+        readers = [getattr(leg, "read_warm", None) for leg in self.legs]
+        self._warm_reads = readers if all(readers) else None
 
     def _read_cold(self, offset: int, length: int):
         """A read neither leg has in its cache: from the faster leg (the module's docstring)."""
@@ -344,6 +350,7 @@ class MirrorBackstore(Backstore):
                 if hasattr(leg, "fd"):
                     leg.write_through = self.write_through
                 self.legs[index] = leg
+                self._legs_changed()
             elif old is None:
                 raise ResyncError(f"{self.names[index]}: the leg is missing; give a new one to resync onto")
             target = self.legs[index]

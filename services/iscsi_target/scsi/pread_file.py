@@ -105,15 +105,21 @@ class PreadFileBackstore(FileBackstore):
                 return view[offset:offset + length]
         return pread_exact(self.fd, length, offset)
 
-    def cached(self, offset: int, length: int, ask: bool = False) -> bool:
-        """Whether a read here would find its pages in the page cache: a region trusted warm (no system
-        call), or with `ask`, mincore's answer now. A mirror reads from the leg that has them."""
-        if self.view is None or not length or offset + length > self.size:
-            return False
-        region = offset >> REGION_SHIFT
-        if (offset + length - 1) >> REGION_SHIFT == region and self._warm[region] > _monotonic():
-            return True
-        return ask and self._resident(offset, length)
+    def read_warm(self, offset: int, length: int):
+        """A slice of the mapping when the read lies in a region trusted warm (no system call), else None:
+        a mirror's first question to each leg."""
+        view = self.view
+        if view is not None and length and offset + length <= self.size:
+            region = offset >> REGION_SHIFT
+            if (offset + length - 1) >> REGION_SHIFT == region and self._warm[region] > _monotonic():
+                return view[offset:offset + length]
+        return None
+
+    def cached(self, offset: int, length: int) -> bool:
+        """Whether mincore says every page of the read is in the page cache now (its regions are then
+        trusted): a mirror's second question, when neither leg's region was trusted."""
+        return self.view is not None and 0 < length and offset + length <= self.size and \
+            self._resident(offset, length)
 
     def _resident(self, offset: int, length: int) -> bool:
         """Whether every page of the read is cached, asking for its whole regions at once; the regions
