@@ -52,16 +52,16 @@ writes 64 KiB); 64 KiB only catches up once the overlay holds nearly the whole d
 One opener: the overlay flocks its bitmap while open, so a second Overlay on the same files (another
 target process, or this one twice) is refused, and the image store refuses to publish or reset an open one.
 
-Quota and space: `quota` bytes of allocated granules; crossing `soft_threshold` sets `threshold_crossed`
-and calls `on_threshold(overlay)` once (re-armed when UNMAP brings the use back below); a write that would
-pass the quota, or that `space_guard(nbytes)` refuses (the store's free-space reserve), raises OverlayFull
-before writing anything. The reserve is claimed from the guard SPACE_CHUNK (1 MiB) at a time and spent
-granule by granule (asking the guard for each 4 KiB granule was a sixth of a new granule's write); near the
-reserve, a refused chunk is asked again for just what the write needs, so the reserve is held as before, late
-by at most one unspent chunk per open overlay. ENOSPC from the file system despite the reserve also raises OverlayFull, then
-possibly after part of the range was written (the command fails; its blocks are undefined, as SBC allows).
-A WRITE and an UNMAP of the same granule in flight at once may leave the count one granule off until the
-overlay is reopened (the data is right; initiators do not issue those together).
+Quota and space: `quota` bytes of allocated granules; crossing `soft_threshold` sets `threshold_crossed` and
+calls `on_threshold(overlay)` once (re-armed when UNMAP brings the use back below); a write that would pass
+the quota, or that `space_guard(nbytes)` refuses (the store's free-space reserve), raises OverlayFull before
+writing anything. The reserve is claimed from the guard SPACE_CHUNK (1 MiB) at a time and spent granule by
+granule (asking the guard for each 4 KiB granule was a sixth of a new granule's write); near the reserve, a
+refused chunk is asked again for just what the write needs, so the reserve is held as before, late by at
+most one unspent chunk per open overlay. ENOSPC from the file system despite the reserve also raises
+OverlayFull, then possibly after part of the range was written (the command fails; its blocks are undefined,
+as SBC allows). A WRITE and an UNMAP of the same granule in flight at once may leave the count one granule
+off until the overlay is reopened (the data is right; initiators do not issue those together).
 
 The soft threshold's unit attention is THIN PROVISIONING SOFT THRESHOLD REACHED, SOFT_THRESHOLD_ASC_ASCQ.
 """
