@@ -81,23 +81,6 @@ class BootfleetConfig(StrictModel):
         return self
 
     @model_validator(mode="after")
-    def _mirrors_in_one_process(self) -> "BootfleetConfig":
-        """A target is served by one process at a time (its owner, services/iscsi_target/owners.py), so RAM
-        disks and reservations are right with any scale. Mirrors stay with one process until their leg
-        handling (drop, resync command) is known to follow the owner from process to process."""
-        if self.scale.iscsi_target <= 1:
-            return self
-        for t, target in enumerate(self.iscsi.targets):
-            for n, lun in enumerate(target.luns):
-                if lun.backstore.type == "mirror":  # a leg one process drops would still be served by another
-                    raise ValueError(
-                        f"scale.iscsi_target: {self.scale.iscsi_target} processes would each keep their own view of "
-                        f"the mirror iscsi.targets[{t}].luns[{n}] (a leg dropped by one would still be read and "
-                        "written by another); serve mirrors from one process"
-                    )
-        return self
-
-    @model_validator(mode="after")
     def _targets_exist(self) -> "BootfleetConfig":
         """A PC assigned a target this stack does not export would fail to boot; say so now. With
         boot.server set, targets live on another server and are not checked."""

@@ -53,15 +53,15 @@ def test_validation_errors_name_the_field(backstore, message):
         config(**backstore)
 
 
-def test_a_mirror_is_served_by_one_process():
+def test_a_mirror_is_accepted_at_any_scale():
+    """Only a target's owner opens its LUNs (owners.py), and a dropped leg is in the mirror's state file for
+    the next owner (tests/iscsi/test_scaled.py)."""
     from shared.config.model import BootfleetConfig
 
     mirror = {"type": "mirror", "legs": [leg("a.img"), leg("b.img")]}
     iscsi = {"targets": [{"name": T, "luns": [{"id": 0, "backstore": mirror}]}]}
-    BootfleetConfig(iscsi=iscsi)
-    with pytest.raises(ValidationError, match="scale.iscsi_target: 2 processes would each keep their own view of "
-                                              "the mirror iscsi.targets\\[0\\].luns\\[0\\]"):
-        BootfleetConfig(iscsi=iscsi, scale={"iscsi_target": 2})
+    for scale in (1, 2, 3):
+        assert BootfleetConfig(iscsi=iscsi, scale={"iscsi_target": scale}).scale.iscsi_target == scale
 
 
 def test_the_normalized_config_keeps_a_block_devices_block_size_its_own():

@@ -1,6 +1,7 @@
 """Three target processes (`scale.iscsi_target: 3`, --instance 0,1,2) sharing the port and the state
 directory, as supervisord runs them: one owner per target (owners.py), libiscsi's conformance suites with
-two initiators against it, and an owner killed with kill -9 under a write+flush load.
+two initiators against it, an owner killed with kill -9 under a write+flush load, and a mirror whose
+dropped leg stays dropped when its owner is killed.
 
 iscsi-test-cu and qemu-io are required (deploy/system-deps.sh): missing, a test fails.
 """
@@ -25,6 +26,7 @@ pytestmark = pytest.mark.integration
 
 PREFIX = "iqn.2026-11.org.bootfleet.test:scaled"
 TARGETS = [f"{PREFIX}{i}" for i in range(6)]
+MIRROR = f"{PREFIX}m"  # a RAID-1 LUN of two file legs, m0.img and m1.img
 
 CONFIG = """version: 1
 logging: {{level: debug}}
@@ -46,6 +48,8 @@ class Cluster:
         for i, name in enumerate(TARGETS):
             backstore = "{type: ram, size: 16MiB}" if i % 2 else f"{{type: file, path: t{i}.img, size: 64MiB}}"
             lines.append(f"    - {{name: {name}, luns: [{{id: 0, backstore: {backstore}}}]}}")
+        lines.append(f"    - {{name: {MIRROR}, luns: [{{id: 0, backstore: {{type: mirror, legs: "
+                     "[{type: file, path: m0.img, size: 16MiB}, {type: file, path: m1.img, size: 16MiB}]}}]}")
         self.config = tmp / "bootfleet.yaml"
         self.config.write_text(CONFIG.format(port=self.port, targets="\n".join(lines)))
         self.running: dict[int, subprocess.Popen] = {}
@@ -322,3 +326,39 @@ def test_a_hand_over_to_a_non_owner_is_forwarded_to_the_owner(cluster):
     finally:
         sender.close()
         server.close()
+
+
+def test_a_mirror_leg_its_owner_dropped_stays_dropped_under_the_next_owner(cluster):
+    """Only a mirror's owner opens it; a leg the owner drops is recorded in the mirror's state file (fsync'd
+    before the write that found it failed is acknowledged), so after a kill -9 of that owner the next one
+    serves the good leg alone, never the stale one."""
+    qio = support.tool("qemu-io")
+    url = cluster.url(MIRROR)
+    blocks = 32  # 2 MiB of 64 KiB blocks
+
+    def io(*cmds):
+        r = run([qio, "-f", "raw", *cmds, url])
+        out = r.stdout + r.stderr
+        assert r.returncode == 0 and "failed" not in out and "Pattern verification" not in out, out[-2000:]
+
+    io(*[c for n in range(blocks) for c in ("-c", f"write -P 1 {n * 65536} 64k")], "-c", "flush")
+    owner = cluster.owner(MIRROR)
+    assert owner is not None
+    zeros = cluster.tmp / "m1.replacement"  # leg 1's file replaced behind the target's back, its pages cached
+    zeros.write_bytes(bytes(16 << 20))
+    zeros.read_bytes()
+    (cluster.tmp / "m1.img").unlink()
+    zeros.rename(cluster.tmp / "m1.img")
+    io(*[c for n in range(blocks) for c in ("-c", f"write -P 2 {n * 65536} 64k")], "-c", "flush")
+    support.wait_for(lambda: "iscsi.mirror.leg_dropped" in cluster.log(owner).read_text(), timeout=10,
+                     what="the owner dropping the replaced leg at the flush")
+    cluster.kill9(owner)
+    try:
+        # reads out of order (none continues the one before), so a stale leg taken for in sync would answer
+        # about half of them with zeros
+        io(*[c for n in reversed(range(blocks)) for c in ("-c", f"read -P 2 {n * 65536} 64k")])
+        new_owner = cluster.owner(MIRROR)
+        assert new_owner not in (None, owner), (owner, new_owner)
+        assert "iscsi.mirror.leg_dropped" not in cluster.log(new_owner).read_text()  # it never served leg 1
+    finally:
+        cluster.start(owner)  # back for the other tests; it does not take the target back
