@@ -14,20 +14,20 @@ the first start to the last exit. Three servers, rounds interleaved:
 - tgtd, copies: every PC its own full copy of the image (the lab's way today), writes into it;
 - ours, copies: our target serving those copies as plain file LUNs (what the overlays cost in the storm).
 Before the measured rounds each server serves one storm that is not counted (its first logins, first
-mappings and first page faults: a server that has booted a room before, as every server has); within a
-round the servers take turns in one order, then in the reverse order in the next round, so that none always
+mappings and first page faults: a server that has booted a room before, as every server has); within a round
+the servers take turns in one order, then in the reverse order in the next round, so that none always
 follows the same one. Speed ratio = tgtd's time / ours (goal: ours >= 1.2x), taken within each round (the
-same minute of a shared machine) and as the ratio of the medians; "ours" is the defaults a user gets (one target process),
-"ours, scale 2" the tuned setting beside it. Then the page-cache check: `fincore` of the version
-file (cached bytes against its size: one copy for all PCs), the overlays' allocated bytes, and the cached
-bytes of tgtd's 20 copies.
+same minute of a shared machine) and as the ratio of the medians; "ours" is the defaults a user gets (one
+target process), "ours, scale 2" the tuned setting beside it. Then the page-cache check: `fincore` of the
+version file (cached bytes against its size: one copy for all PCs), the overlays' allocated bytes, and the
+cached bytes of tgtd's 20 copies.
 
 Overlay against a plain file LUN (ours, one target process, one initiator, a 256 MiB disk): 32000 4 KiB
 writes at queue depth 32 into untouched granules of a fresh overlay (qemu-img bench -w -d 32 -s 4k, step
-1028 KiB: every write a
-granule not written before, scattered over the disk) against the same writes into a plain file LUN with
-the same content; 4 KiB reads at queue depth 1 of untouched granules against the plain LUN. Goals: >= 0.8x
-and >= 0.9x. The machine is shared (2 cores, other jobs): figures move from run to run; medians of rounds.
+1028 KiB: every write a granule not written before, scattered over the disk) against the same writes into a
+plain file LUN with the same content; 4 KiB reads at queue depth 1 of untouched granules against the plain
+LUN. Goals: >= 0.8x and >= 0.9x. The machine is shared (2 cores, other jobs): figures move from run to run;
+medians of rounds.
 
 Before each storm and each qemu-img run the bench calls sync(2): the kernel's write-back of the run before
 (its overlays' or copies' new pages) would otherwise land in whichever run comes next (a bare 4 KiB
@@ -36,9 +36,10 @@ pwrite took 15 us instead of 4 us while 500 MiB were being written back).
 Each storm also prints the CPU time the hypervisor took from this VM meanwhile (/proc/stat "steal", both
 cores; 0 on a machine of its own): this VM's speed moves by up to 2x over minutes with its host's load. A
 round in which one storm lost more than STEAL_LIMIT (0.05 s, 5% of what a storm uses) is printed, not
-counted, and run again (at most as many extra rounds as asked for), whichever server it disturbed. Each storm also prints the server's CPU time (its process's utime + stime over the storm, from /proc): on
-2 cores the 20 initiators and the server share the CPU, so the wall clock follows the sum of both, and the
-server's CPU is the part a server can change.
+counted, and run again (at most as many extra rounds as asked for), whichever server it disturbed. Each
+storm also prints the server's CPU time (its process's utime + stime over the storm, from /proc): on 2 cores
+the 20 initiators and the server share the CPU, so the wall clock follows the sum of both, and the server's
+CPU is the part a server can change.
 """
 
 from __future__ import annotations
