@@ -171,12 +171,24 @@ def test_a_sequential_stream_stays_on_one_leg_random_reads_spread():
     assert sorted(seen) == ["a", "a", "b", "b"]
 
 
-class _ColdLeg(RamBackstore):
-    """A leg that never has a read's pages cached and takes `delay` seconds a read (a disk of that speed)."""
+class _Clock:
+    """The mirror's clock in the tests of its leg choice: a leg's read advances it by the leg's delay, so the
+    times it measures are exactly the legs' (a sleeping leg's are the machine's: 1 ms asleep is 1.0-1.5 ms)."""
 
-    def __init__(self, size, delay):
+    def __init__(self):
+        self.ns = 1
+
+    def perf_counter_ns(self):
+        return self.ns
+
+
+class _ColdLeg(RamBackstore):
+    """A leg that never has a read's pages cached and takes `delay` seconds of `clock` a read (a disk of that
+    speed)."""
+
+    def __init__(self, size, delay, clock):
         super().__init__(size)
-        self.delay, self.reads = delay, 0
+        self.delay, self.reads, self.clock = delay, 0, clock
 
     def read_warm(self, offset, length):
         return None
@@ -186,7 +198,7 @@ class _ColdLeg(RamBackstore):
 
     def read(self, offset, length):
         self.reads += 1
-        time.sleep(self.delay)
+        self.clock.ns += int(self.delay * 1e9)
         return super().read(offset, length)
 
 
@@ -214,13 +226,17 @@ def test_a_read_goes_to_the_leg_that_has_its_pages_cached(tmp_path):
         leg.close()
 
 
-def test_uncached_reads_go_to_the_faster_leg_which_the_slower_is_still_timed_against():
-    fast, slow = _ColdLeg(MiB, 0.0), _ColdLeg(MiB, 0.003)
+def test_uncached_reads_go_to_the_faster_leg_which_the_slower_is_still_timed_against(monkeypatch):
+    from services.iscsi_target.scsi import mirror
+
+    clock = _Clock()
+    monkeypatch.setattr(mirror, "time", clock)
+    fast, slow = _ColdLeg(MiB, 0.00001, clock), _ColdLeg(MiB, 0.003, clock)
     m = MirrorBackstore([slow, fast])
     for k in range(96):
         m.read((k * 7919 * 512) % (MiB - 4096) // 512 * 512, 4096)  # no stream: each read on its own
     assert fast.reads >= 80 and 3 <= slow.reads <= 12  # the slow leg: its first read and 1 in COLD_PROBE
-    a, b = _ColdLeg(MiB, 0.001), _ColdLeg(MiB, 0.001)  # two alike: the reads are shared
+    a, b = _ColdLeg(MiB, 0.001, clock), _ColdLeg(MiB, 0.001, clock)  # two alike: the reads are shared
     m = MirrorBackstore([a, b])
     for k in range(40):
         m.read((k * 7919 * 512) % (MiB - 4096) // 512 * 512, 4096)
