@@ -373,7 +373,8 @@ class Connection(WriteTasks, Responses, TaskManagement, TextRequests):
         if pdu.flags & F_WRITE and pdu.edtl:
             self._write_command(pdu, lun, start)  # write_tasks.py
             return
-        self._execute(pdu.itt, lun, pdu.cdb, pdu.flags, pdu.edtl, None, start)  # responses.py
+        if not self._read_now(pdu, lun, start):  # responses.py
+            self._execute(pdu.itt, lun, pdu.cdb, pdu.flags, pdu.edtl, None, start)
 
     # ------------------------------------------------------------------ NOP
     def _nop_out(self, pdu) -> None:

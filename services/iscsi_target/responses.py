@@ -19,8 +19,11 @@ from __future__ import annotations
 from services.iscsi_target import events as ev
 from services.iscsi_target.pdu import F_OVERFLOW, F_READ, F_UNDERFLOW, F_WRITE
 from services.iscsi_target.scsi import sense
+from services.iscsi_target.scsi.cdb import RW10, RW16
+from services.iscsi_target.scsi.response import ScsiResponse
 from services.iscsi_target.scsi.sense import CHECK_CONDITION, GOOD
 
+_RW10, _RW16 = RW10.unpack_from, RW16.unpack_from
 READ_OPCODES = frozenset({0x08, 0x28, 0xA8, 0x88})
 ANY_LUN_OPCODES = frozenset({0x12, 0xA0, 0x03})  # INQUIRY, REPORT LUNS, REQUEST SENSE answer for any LUN
 # Plain WRITE / WRITE AND VERIFY opcodes -> (offset, size) of their TRANSFER LENGTH field
@@ -157,6 +160,38 @@ class Responses:
         else:
             self._answer_data_in(itt, lun, resp, flags, edtl, stats, op in READ_OPCODES)
         stats.done(op, self.clock_ns() - start_ns)
+
+    def _read_now(self, pdu, lun: int, start_ns: int) -> bool:
+        """The boot's command, a plain READ(10)/(16) of exactly EDTL bytes that fits one Data-In: answered
+        here without the general path's layers (ScsiTarget.plain_read says when the SCSI layer needs none
+        of its checks). False: not such a READ, nothing done."""
+        bhs = pdu.bhs
+        op = bhs[32]
+        if op == 0x28:
+            flags, lba, n = _RW10(bhs, 32)
+        elif op == 0x88 and not pdu.ahs:
+            flags, lba, n = _RW16(bhs, 32)
+        else:
+            return False
+        edtl = pdu.w[0]
+        if not pdu.flags & F_READ or edtl > self.send_max or edtl > self.max_burst:
+            return False
+        data = self.scsi.plain_read(self.nexus, lun, flags, lba, n)
+        if data is None:
+            return False
+        if len(data) != edtl:  # a residual: the general answer
+            self._answer_data_in(pdu.itt, lun, ScsiResponse(GOOD, None, [data]), pdu.flags, edtl,
+                                 self.session.lun_stats(lun), True)
+        else:
+            stats = self.session.stats.get(lun) or self.session.lun_stats(lun)
+            stats.reads += 1
+            stats.read_bytes += edtl
+            if not self.session.first_read_seen:
+                self._first_read(lun)
+            exp, maxc = self._cmdsn_words()
+            self.out += self.writer.data_in(pdu.itt, [data], edtl, exp, maxc, status=GOOD, statsn=self._next_statsn())
+        self.session.stats[lun].done(op, self.clock_ns() - start_ns)
+        return True
 
     def _answer_data_in(self, itt: int, lun: int, resp, flags: int, edtl: int, stats, is_read: bool) -> None:
         """Answer a command with its Data-In (or none): cut to EDTL with the residual, count reads."""

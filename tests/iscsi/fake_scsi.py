@@ -1,6 +1,7 @@
 """A tiny SCSI layer for the transport's unit tests only (the real one is services/iscsi_target/scsi/).
 
-It speaks the interface the transport uses: data_out_length, execute, task_management, nexus_lost, luns.
+It speaks the interface the transport uses: data_out_length, execute, plain_read (never: execute answers
+every READ), task_management, nexus_lost, luns.
 """
 
 from __future__ import annotations
@@ -91,6 +92,9 @@ class FakeTarget:
             u.data[lba * bs : lba * bs + len(data_out)] = data_out
             return ScsiResponse(0)
         return _check(sense.INVALID_OPCODE)
+
+    def plain_read(self, nexus, lun, flags, lba, n):
+        return None  # every command through execute: what the transport's tests record and check
 
     def task_management(self, nexus, function, lun, referenced_task=None):
         self.tmf_calls.append((function, lun))

@@ -145,3 +145,48 @@ def test_every_command_counts_once_by_opcode_and_latency_bucket():
     assert (other.others, other.ops[0x28], other.buckets[0], sum(other.buckets)) == (1, 1, 1, 1)
     snap = st.snapshot()
     assert snap[:6] == (2, 1, 3, 1024, 512, st.latency_ns) and snap[6] == tuple(want) and len(snap[7]) == 256
+
+
+def test_plain_reads_of_the_real_scsi_layer_skip_execute_and_answer_the_same():
+    """READ(10)/(16) that need none of execute's checks are answered by the fast path (Responses._read_now);
+    the first READ of a new nexus (its unit attention), residuals and reads beyond one Data-In still go
+    through execute."""
+    from services.iscsi_target.scsi import LogicalUnit, RamBackstore, ScsiTarget
+
+    store = RamBackstore(1 << 20)
+    store.write(0, bytes(range(256)) * 4096)
+    scsi = ScsiTarget(TARGET, {0: LogicalUnit(store, 0)})
+    executed = []
+    real = scsi.execute
+    scsi.execute = lambda nexus, lun, cdb, data_out=None: executed.append(cdb[0]) or real(nexus, lun, cdb, data_out)
+    ini = logged_in([("MaxRecvDataSegmentLength", "8192")], scsi=scsi)
+
+    _, raw = ini.cmd(read10(0, 1), edtl=512, read=True)
+    (rsp,) = ini.send(raw)
+    assert sense_of(rsp) == (sense.UNIT_ATTENTION, 0x29, 0x00) and executed == [0x28]
+    itt, raw = ini.cmd(read10(3, 2), edtl=1024, read=True)
+    (din,) = ini.send(raw)
+    assert executed == [0x28]  # not asked again
+    assert din.opcode == P.OP_DATA_IN and din.itt == itt and din.flags == P.F_FINAL | P.F_STATUS
+    assert din.status == 0 and din.statsn == rsp.statsn + 1 and din.exp_cmdsn == ini.cmdsn
+    assert din.data == bytes(store.read(3 * 512, 1024))
+    cdb16 = bytes([0x88, 0]) + (2000).to_bytes(8, "big") + (8).to_bytes(4, "big") + bytes(2)
+    _, raw = ini.cmd(cdb16, edtl=4096, read=True)
+    (din,) = ini.send(raw)
+    assert din.data == bytes(store.read(2000 * 512, 4096)) and executed == [0x28]
+    st = ini.conn.session.stats[0]
+    assert (st.reads, st.read_bytes, st.ops[0x28], st.ops[0x88], sum(st.buckets)) == (2, 5120, 2, 1, 3)
+    assert len(ini.events_of(ev.FirstRead)) == 1
+    # a residual: answered from the data read, cut and flagged as the general path does
+    _, raw = ini.cmd(read10(0, 1), edtl=200, read=True)
+    (din,) = ini.send(raw)
+    assert len(din.data) == 200 and din.flags & P.F_OVERFLOW and din.residual == 312 and executed == [0x28]
+    # more than one Data-In (MaxRecvDataSegmentLength 8192): the general path's sequence
+    _, raw = ini.cmd(read10(0, 32), edtl=16384, read=True)
+    pdus = ini.send(raw)
+    assert [len(p.data) for p in pdus] == [8192, 8192] and executed == [0x28, 0x28]
+    assert b"".join(p.data for p in pdus) == bytes(store.read(0, 16384))
+    # past the end: execute's sense
+    _, raw = ini.cmd(read10(2048, 1), edtl=512, read=True)
+    (rsp,) = ini.send(raw)
+    assert sense_of(rsp) == (sense.ILLEGAL_REQUEST, *sense.LBA_OUT_OF_RANGE)

@@ -212,6 +212,23 @@ class ScsiTarget:
         except (struct.error, IndexError):
             return 0
 
+    def plain_read(self, nexus, lun: int, flags: int, lba: int, n: int):
+        """The data of a READ(10)/(16) that `execute` would answer GOOD with its handler alone: a disk LUN
+        this nexus has been seen on, no unit attention pending on it, no reservation, no RDPROTECT, whole
+        blocks in range. None for anything else (and for a store error): `execute` then answers it."""
+        lu = self.luns.get(lun)
+        if (lu is None or lu.ua or lu.handlers is not None or flags & 0xE0 or not n or lba + n > lu.blocks
+                or lu.known.get(nexus) != nexus.session):
+            return None
+        res = lu.res
+        if res.keys or res.spc2 is not None:
+            return None
+        bs = lu.block_size
+        try:
+            return lu.store.read(lba * bs, n * bs)
+        except (BackstoreError, OSError):
+            return None
+
     def execute(self, nexus, lun: int, cdb, data_out=None) -> ScsiResponse:
         lu = self.luns.get(lun)
         op = cdb[0]

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from services.iscsi_target.scsi import LogicalUnit, RamBackstore
+from services.iscsi_target.scsi import LogicalUnit, RamBackstore, ScsiTarget
 
 from .helpers import MiB, cdb16, data, key_asc, nexus, ready, ready_target, tur
 
@@ -109,3 +109,57 @@ def test_store_errors_fail_the_command_with_sense_never_good():
     assert sync.status == 2 and key_asc(sync) == (0x3, 0x0C, 0x00)
     rd = _execute(_FailingStore(errno.EIO, "read"), read10(0, 1))
     assert rd.status == 2 and key_asc(rd) == (0x3, 0x11, 0x00)  # UNRECOVERED READ ERROR
+
+
+def test_plain_read_answers_only_what_execute_would_answer_good_with_the_same_data(tmp_path):
+    """The transport's READ fast path (ScsiTarget.plain_read): None whenever execute has something to say
+    first (a unit attention, a reservation, RDPROTECT, the range, no such LUN, a CD-ROM's own table), else
+    exactly execute's data."""
+    from services.iscsi_target.scsi.mmc import CdromUnit, open_iso
+
+    from .helpers import pr_out, pr_params, read10, read16
+    from .test_mmc import make_iso
+
+    store = RamBackstore(1 * MiB)
+    store.write(0, bytes(range(256)) * 4096)
+    t = ready_target(store)
+
+    def both(nx, cdb, flags, lba, n):
+        fast = t.plain_read(nx, 0, flags, lba, n)
+        slow = t.execute(nx, 0, cdb, None)
+        return fast, slow
+
+    fast, slow = both(A, read10(3, 5), 0, 3, 5)
+    assert slow.status == 0 and bytes(fast) == data(slow) == bytes(store.read(3 * 512, 5 * 512))
+    fast, slow = both(A, read16(2040, 8), 0, 2040, 8)
+    assert slow.status == 0 and bytes(fast) == data(slow)
+    # B has not been seen: its power-on unit attention comes first
+    assert t.plain_read(B, 0, 0, 0, 1) is None
+    assert key_asc(t.execute(B, 0, read10(0, 1), None)) == (6, 0x29, 0x00)
+    assert bytes(t.plain_read(B, 0, 0, 0, 1)) == bytes(store.read(0, 512))
+    for flags, lba, n, cdb in [(0x20, 0, 1, read10(0, 1, flags=0x20)),  # RDPROTECT
+                               (0, 2048, 1, read10(2048, 1)),            # past the end
+                               (0, 2047, 2, read10(2047, 2)),
+                               (0, 0, 0, read10(0, 0))]:                 # nothing: GOOD without data
+        assert t.plain_read(A, 0, flags, lba, n) is None
+        assert not t.execute(A, 0, cdb, None).data
+    assert t.plain_read(A, 7, 0, 0, 1) is None  # no such LUN
+    # a reservation: every nexus goes through execute's conflict check while it is held
+    assert t.execute(A, 0, pr_out(0), pr_params(0, 0xA)).status == 0
+    assert t.execute(A, 0, pr_out(1, rtype=3), pr_params(0xA)).status == 0  # exclusive access
+    assert t.plain_read(A, 0, 0, 0, 1) is None and t.plain_read(B, 0, 0, 0, 1) is None
+    assert t.execute(B, 0, read10(0, 1), None).status == 0x18  # RESERVATION CONFLICT
+    assert t.execute(A, 0, read10(0, 1), None).status == 0
+    # a unit attention pending for one nexus sends every nexus of that LUN through execute
+    t.add_lun(1, LogicalUnit(RamBackstore(1 * MiB), 1))
+    assert t.plain_read(A, 0, 0, 0, 1) is None
+    # a CD-ROM answers from its own opcode table
+    make_iso(tmp_path / "disc.iso")
+    cd = CdromUnit(open_iso(tmp_path / "disc.iso"), 0)
+    try:
+        t2 = ScsiTarget("iqn.2026-11.org.bootfleet.test:cd", {0: cd})
+        ready(t2, A)
+        assert t2.execute(A, 0, read10(0, 1), None).status == 0
+        assert t2.plain_read(A, 0, 0, 0, 1) is None
+    finally:
+        cd.close()
