@@ -120,6 +120,7 @@ class ImageStore:
         self.reserve = reserve
         self.qemu_img = qemu_img
         self.space_guard = SpaceGuard(self.root, reserve)
+        self._views: dict[str, tuple] = {}  # name -> (the manifest file's identity, its parsed content)
 
     @classmethod
     def for_state_dir(cls, state_dir: str | os.PathLike, reserve: int = 0) -> "ImageStore":
@@ -132,7 +133,7 @@ class ImageStore:
         return self.root / name
 
     def version_path(self, name: str, n: int | None = None) -> Path:
-        m = self._manifest(name)
+        m = self._manifest_view(name)
         n = m["current"] if n is None else n
         self._version(m, n)
         return self._dir(name) / "versions" / f"{n}.raw"
@@ -144,7 +145,7 @@ class ImageStore:
 
     def base_id(self, name: str, n: int) -> str:
         """What an overlay's header records of the version below it: name, number and checksum prefix."""
-        return f"{name}@{n}:{self._version(self._manifest(name), n)['digest'][:16]}"
+        return f"{name}@{n}:{self._version(self._manifest_view(name), n)['digest'][:16]}"
 
     def names(self) -> list[str]:
         return sorted(p.name for p in self.root.iterdir() if (p / MANIFEST).is_file())
@@ -158,6 +159,22 @@ class ImageStore:
             return json.loads(path.read_text())
         except FileNotFoundError:
             raise ImageStoreError(f"image {name!r} does not exist") from None
+
+    def _manifest_view(self, name: str) -> dict:
+        """The manifest, to read and never to change: parsed once while its file stays the same (each write
+        replaces the file, by rename), since a PC's login asks for it three times (version, path, base id)."""
+        path = self._dir(name) / MANIFEST
+        try:
+            st = os.stat(path)
+        except FileNotFoundError:
+            raise ImageStoreError(f"image {name!r} does not exist") from None
+        key = (st.st_ino, st.st_mtime_ns, st.st_size)
+        seen = self._views.get(name)
+        if seen is not None and seen[0] == key:
+            return seen[1]
+        m = self._manifest(name)
+        self._views[name] = (key, m)
+        return m
 
     def _write_manifest(self, name: str, m: dict) -> None:
         write_atomic(self._dir(name) / MANIFEST, json.dumps(m, indent=1, sort_keys=True) + "\n")
@@ -202,7 +219,7 @@ class ImageStore:
     def current(self, name: str) -> int:
         """The image's current version (its manifest alone: what a PC's login needs, not `info`'s walk of
         every overlay)."""
-        return int(self._manifest(name)["current"])
+        return int(self._manifest_view(name)["current"])
 
     def overlays(self, name: str) -> list[OverlayInfo]:
         d = self._dir(name) / "overlays"

@@ -135,6 +135,20 @@ def test_publish_makes_a_flat_version_and_running_pcs_keep_theirs(store):
     assert digest(store.version_path("lab", 1).read_bytes()) == v1_sum
 
 
+def test_a_login_s_reads_of_the_manifest_follow_every_change_made_elsewhere(store, tmp_path):
+    """current, version_path and base_id read a parsed manifest kept while its file is the same: a change by
+    another ImageStore (the controller's, in another process) is seen at the next call."""
+    store.create("img", SIZE)
+    write_pc(store, "img", "super", [(0, b"s" * 4096)])
+    assert store.current("img") == 1 and store.base_id("img", 1).startswith("img@1:")
+    other = ImageStore(tmp_path / "state" / "images")
+    other.publish("img", "super")
+    assert store.current("img") == 2 and store.version_path("img").name == "2.raw"
+    assert store.base_id("img", 2) == other.base_id("img", 2)
+    other.rollback("img", 1)
+    assert store.current("img") == 1 and store.version_path("img").name == "1.raw"
+
+
 def test_rollback_prune_and_what_prune_keeps(store):
     store.create("img", SIZE, keep_versions=1)
     for i in range(4):
