@@ -78,7 +78,7 @@ from pathlib import Path
 from services.iscsi_target.scsi.backstore import Backstore, BackstoreError, close_mapping, pwrite_all
 from services.iscsi_target.scsi.base_image import BaseImage, open_base, release_base, retain_base
 from services.iscsi_target.scsi.overlay_errors import OverlayError, OverlayFull
-from shared.atomic_file import write_atomic
+from shared.atomic_file import fsync_dir
 from shared.images import overlay_format as F
 
 GRANULE = 4096
@@ -144,11 +144,11 @@ class Overlay(Backstore):
 
     # ------------------------------------------------------------------ open, create, recover
     def _open(self, granule: int, base_id: str, create: bool) -> None:
-        exists = os.path.exists(self.bitmap_path)
-        if not exists:
+        if not os.path.exists(self.bitmap_path):
             if not create:
                 raise OverlayError(f"{self.bitmap_path}: overlay does not exist (and create is off)")
             self._create(granule, base_id)
+            return
         try:
             self._bm_fd = os.open(self.bitmap_path, os.O_RDWR | os.O_CLOEXEC)
         except OSError as exc:
@@ -171,19 +171,26 @@ class Overlay(Backstore):
                                    f"the base {self.base.path} is {self.size} bytes")
             if base_id and header.base_id != base_id:
                 raise OverlayError(f"{self.bitmap_path}: overlay sits on {header.base_id!r}, not {base_id!r}")
-            self.header = header
-            self.granule = header.granule
-            self._shift = header.granule.bit_length() - 1
-            self._granules = header.granules
-            self._bits = F.read_bits(self._bm_fd, header)
+            self._use_header(header, F.read_bits(self._bm_fd, header))
             self._open_data()
         except BaseException:
             os.close(self._bm_fd)
             raise
+
+    def _use_header(self, header, bits: bytearray) -> None:
+        self.header = header
+        self.granule = header.granule
+        self._shift = header.granule.bit_length() - 1
+        self._granules = header.granules
+        self._bits = bits
         # one flag per bitmap page: set after a bit is set, cleared by sync() before it copies the page
-        self._dirty = bytearray(-(-len(self._bits) // F.PAGE))
+        self._dirty = bytearray(-(-len(bits) // F.PAGE))
 
     def _create(self, granule: int, base_id: str) -> None:
+        """A new overlay, opened as it is made (a discard PC's every power-on makes one): the data file
+        first, then the bitmap, locked before it is renamed into place, since its existence is the
+        overlay's. Not durable (discard: thrown away at the next power-on): without the fsyncs, which took
+        ~50 ms of each PC's login in a boot storm."""
         header = F.Header(granule, self.size, base_id)
         Path(self.path).parent.mkdir(parents=True, exist_ok=True)
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
@@ -191,30 +198,51 @@ class Overlay(Backstore):
             os.ftruncate(fd, self.size)
             if self.durable:
                 os.fsync(fd)
-        finally:
+            bits = bytearray(header.bitmap_bytes)
+            tmp = self.bitmap_path + ".tmp"
+            bm = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+            try:
+                fcntl.flock(bm, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                pwrite_all(bm, header.pack() + bits, 0)
+                if self.durable:
+                    os.fsync(bm)
+                os.replace(tmp, self.bitmap_path)
+                if self.durable:
+                    fsync_dir(os.path.dirname(self.bitmap_path))
+                self._use_header(header, bits)
+                self._map_data(fd, bytearray(len(bits)))
+            except BaseException:
+                os.close(bm)
+                raise
+        except BaseException:
             os.close(fd)
-        # the bitmap last: its existence is the overlay's. Not durable (discard: thrown away at the next
-        # power-on): renamed into place without the 3 fsyncs, ~50 ms of each PC's login in a boot storm
-        write_atomic(Path(self.bitmap_path), header.pack() + bytes(header.bitmap_bytes), sync=self.durable)
+            raise
+        self._bm_fd = bm
 
     def _open_data(self) -> None:
         try:
-            self._fd = os.open(self.path, os.O_RDWR | os.O_CLOEXEC)
+            fd = os.open(self.path, os.O_RDWR | os.O_CLOEXEC)
         except FileNotFoundError:
             if any(self._bits):
                 raise OverlayError(f"{self.path}: overlay data file is missing but its bitmap "
                                    f"{self.bitmap_path} names granules in it") from None
-            self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
         try:
-            if os.fstat(self._fd).st_size != self.size:
-                os.ftruncate(self._fd, self.size)
-            self._alloc = self._recover()
-            self.used = F.count(self._alloc, 0, self._granules) * self.granule
-            self.map = mmap.mmap(self._fd, self.size, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ)
-            self._view = memoryview(self.map)
+            if os.fstat(fd).st_size != self.size:
+                os.ftruncate(fd, self.size)
+            self._fd = fd
+            alloc = self._recover()
+            self._map_data(fd, alloc)
         except BaseException:
-            os.close(self._fd)
+            os.close(fd)
             raise
+
+    def _map_data(self, fd: int, alloc: bytearray) -> None:
+        self._fd = fd
+        self._alloc = alloc
+        self.used = F.count(alloc, 0, self._granules) * self.granule
+        self.map = mmap.mmap(fd, self.size, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ)
+        self._view = memoryview(self.map)
 
     def _recover(self) -> bytearray:
         """The alloc bitmap from the data file's extents; data in granules the bitmap does not own is a
