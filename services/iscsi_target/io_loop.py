@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import errno
 import logging
+import mmap
 import socket
 import struct
 import threading
@@ -82,6 +83,13 @@ def _unsent(bufs: list, sent: int) -> list:
     if sent:
         rest[0] = memoryview(rest[0])[sent:]
     return rest
+
+
+def receive_buffer(size: int) -> mmap.mmap:
+    """A connection's receive buffer: anonymous memory, whose pages the kernel provides zeroed as they are
+    first written. A bytearray of 1 MiB is zeroed whole at once: 12% of a login's thread time in a boot
+    storm (py-spy), while a PC's reads only ever use its first page."""
+    return mmap.mmap(-1, size)
 
 
 def waits_on_disk(scsi) -> bool:
@@ -389,7 +397,7 @@ class ConnectionRunner:
             end -= start
             start = 0
         if need > len(buf):
-            grown = bytearray(max(need, 2 * len(buf)))
+            grown = receive_buffer(max(need, 2 * len(buf)))
             grown[:end] = buf[:end]
             buf = grown
         return buf, memoryview(buf), start, end
@@ -409,7 +417,7 @@ class ConnectionRunner:
                 if not self._route(memoryview(small)[:end]):
                     return  # the owner has the connection now; `finally` closes our copy of the socket
                 first = memoryview(small)[:end]
-            buf = bytearray(RECV_BUFFER)
+            buf = receive_buffer(RECV_BUFFER)
             view = memoryview(buf)
             if first:
                 end = len(first)
