@@ -17,12 +17,13 @@ Before the measured rounds each server serves one storm that is not counted (its
 mappings and first page faults: a server that has booted a room before, as every server has); within a round
 the servers take turns in one order, then in the reverse order in the next round, so that none always
 follows the same one. Speed ratio = tgtd's time / ours (goal: ours >= 1.2x), taken within each round (the
-same minute of a shared machine) and as the ratio of the medians; "ours" is the defaults a user gets (one
-target process), "ours, scale 2" the tuned setting beside it. Then the page-cache check: `fincore` of the
+same minute of a shared machine) and as the ratio of the medians; "ours" is the defaults a user gets
+(`scale.iscsi_target: auto`: one target process per usable core, 2 on these machines), "ours, scale 1" one
+process beside it. Then the page-cache check: `fincore` of the
 version file (cached bytes against its size: one copy for all PCs), the overlays' allocated bytes, and the
 cached bytes of tgtd's 20 copies.
 
-Overlay against a plain file LUN (ours, one target process, one initiator, a 256 MiB disk): 32000 4 KiB
+Overlay against a plain file LUN (ours with its defaults, one initiator, a 256 MiB disk): 32000 4 KiB
 writes at queue depth 32 into untouched granules of a fresh overlay (qemu-img bench -w -d 32 -s 4k, step
 1028 KiB: every write a granule not written before, scattered over the disk) against the same writes into a
 plain file LUN with the same content; 4 KiB reads at queue depth 1 of untouched granules against the plain
@@ -61,6 +62,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from bench.iscsi import free_port, need, stop, wait_port  # noqa: E402
+from shared.config.model import ScaleConfig  # noqa: E402
 from shared.images.store import ImageStore  # noqa: E402
 
 MB = 1 << 20
@@ -168,12 +170,13 @@ def evict(path: Path) -> None:
 
 
 # ---------------------------------------------------------------------------------------------- servers
-def start_ours(tmp: Path, port: int, pcs: int, extra_targets: str = "", scale: int = 1) -> list:
+def start_ours(tmp: Path, port: int, pcs: int, extra_targets: str = "", scale: int | None = None) -> list:
+    """Our target as `scale.iscsi_target` says: None, the default (auto: one process per usable core)."""
     clients = "\n".join(f"  - {{mac: '52:54:00:00:01:{n:02x}', name: {pc(n)}, image: win10}}" for n in range(pcs))
-    cfg = tmp / f"ours-{scale}.yaml"
+    cfg = tmp / f"ours-{scale or 'default'}.yaml"
     cfg.write_text(f"""version: 1
 logging: {{level: warning}}
-scale: {{iscsi_target: {scale}}}
+{"" if scale is None else f"scale: {{iscsi_target: {scale}}}"}
 iscsi:
   portals: [{{ip: 127.0.0.1, port: {port}}}]
   io_stats_interval: 0
@@ -183,8 +186,9 @@ clients:
 {clients or "  []"}
 """)
     out = []
-    for i in range(scale):  # processes sharing the port: each PC's target served by its owner (owners.py)
-        log = open(tmp / f"ours-{scale}-{i}.log", "ab")
+    processes = ScaleConfig().processes("iscsi_target") if scale is None else scale
+    for i in range(processes):  # processes sharing the port: each PC's target served by its owner (owners.py)
+        log = open(tmp / f"ours-{scale or 'default'}-{i}.log", "ab")
         out.append(subprocess.Popen([sys.executable, "-m", "services.iscsi_target", "--config", str(cfg),
                                      "--state-dir", str(tmp), "--instance", str(i)], cwd=ROOT, stdout=log,
                                     stderr=subprocess.STDOUT))
@@ -259,17 +263,17 @@ def boot_storm(tmp: Path, args, procs: list) -> None:
         s = tmp / f"scratch-{i:02d}.raw"
         s.write_bytes(bytes(2 * MB))
         scratch.append(s)
-    oport, o2port, sport, cport, fport = free_port(), free_port(), free_port(), free_port(), free_port()
+    oport, o1port, sport, cport, fport = free_port(), free_port(), free_port(), free_port(), free_port()
     ours = start_ours(tmp, oport, n)
-    (tmp / "s2").mkdir()
-    (tmp / "s2/images").symlink_to(tmp / "images")  # the same store; owner locks of its own (runs take turns)
-    ours2 = start_ours(tmp / "s2", o2port, n, scale=2)
+    (tmp / "s1").mkdir()
+    (tmp / "s1/images").symlink_to(tmp / "images")  # the same store; owner locks of its own (runs take turns)
+    ours1 = start_ours(tmp / "s1", o1port, n, scale=1)
     (tmp / "files").mkdir()
     files_targets = "  targets:\n" + "".join(
         f"    - {{name: '{TGT_PREFIX}:{pc(i)}', luns: [{{id: 1, backstore: {{type: file, path: {copies[i]}, create: false}}}}]}}\n"
         for i in range(n))
     ours_files = start_ours(tmp / "files", fport, 0, files_targets)  # ours without overlays: file LUNs of the copies
-    procs += ours + ours2 + ours_files
+    procs += ours + ours1 + ours_files
     shared = Tgtd(tmp, sport)
     copied = Tgtd(tmp, cport)
     procs += [shared.proc, copied.proc]
@@ -281,13 +285,13 @@ def boot_storm(tmp: Path, args, procs: list) -> None:
         copies_urls.append((f"iscsi://127.0.0.1:{cport}/{name}/1", (f"iscsi://127.0.0.1:{cport}/{name}/1", WRITE_AT)))
     variants = {
         "ours": [(ours_url(oport, i), (ours_url(oport, i), WRITE_AT)) for i in range(n)],
-        "ours, scale 2": [(ours_url(o2port, i), (ours_url(o2port, i), WRITE_AT)) for i in range(n)],
+        "ours, scale 1": [(ours_url(o1port, i), (ours_url(o1port, i), WRITE_AT)) for i in range(n)],
         "tgtd shared read-only": shared_urls,
         f"tgtd {n} copies": copies_urls,
         f"ours, {n} copies": [(u.replace(f":{cport}/", f":{fport}/"), (w.replace(f":{cport}/", f":{fport}/"), o))
                               for u, (w, o) in copies_urls],
     }
-    servers = {"ours": [p.pid for p in ours], "ours, scale 2": [p.pid for p in ours2],
+    servers = {"ours": [p.pid for p in ours], "ours, scale 1": [p.pid for p in ours1],
                "tgtd shared read-only": [shared.proc.pid], f"tgtd {n} copies": [copied.proc.pid],
                f"ours, {n} copies": [p.pid for p in ours_files]}
     files = [version, raw, *copies]
@@ -310,7 +314,7 @@ def boot_storm(tmp: Path, args, procs: list) -> None:
         storm(urls)
     results, cpu_med = {}, {}
     cached = None
-    ratios = {cache: {"ours": [], "ours, scale 2": []} for cache in ("warm", "cold")}  # within each round
+    ratios = {cache: {"ours": [], "ours, scale 1": []} for cache in ("warm", "cold")}  # within each round
     order = list(variants)
     for cache in ("warm", "cold"):
         times = {label: [] for label in variants}
@@ -335,9 +339,9 @@ def boot_storm(tmp: Path, args, procs: list) -> None:
                     cached = (fincore(version), len(overlays), allocated)
             line = ", ".join(f"{label} {got[label]:.2f} s (server CPU {used[label]:.2f} s, steal {stolen_in[label]:.2f} s)"
                              for label in variants)
-            ratio = {mine: got["tgtd shared read-only"] / got[mine] for mine in ("ours", "ours, scale 2")}
+            ratio = {mine: got["tgtd shared read-only"] / got[mine] for mine in ("ours", "ours, scale 1")}
             head = f"  {cache} page cache, round {r + 1} (load {os.getloadavg()[0]:.1f}): "
-            tail = f"; tgtd shared / ours {ratio['ours']:.2f}x, / ours scale 2 {ratio['ours, scale 2']:.2f}x"
+            tail = f"; tgtd shared / ours {ratio['ours']:.2f}x, / ours scale 1 {ratio['ours, scale 1']:.2f}x"
             if max(stolen_in.values()) > STEAL_LIMIT and attempt < 2 * args.rounds:
                 disturbed += 1  # the host took CPU from this VM during the round: not counted, run another
                 print(head + line + tail + f": not counted (steal over {STEAL_LIMIT} s in a storm)")
@@ -354,7 +358,7 @@ def boot_storm(tmp: Path, args, procs: list) -> None:
         cpu_med[cache] = {label: median(c) for label, c in cpus.items()}
     for cache, med in results.items():
         print(f"median, {cache} page cache" + (" (every file evicted before each storm)" if cache == "cold" else "") + ":")
-        for mine in ("ours", "ours, scale 2"):
+        for mine in ("ours", "ours, scale 1"):
             line = f"  {mine:14s} {med[mine]:5.2f} s ({n * (READ + WRITE) / med[mine] / 1e6:4.0f} MB/s over all PCs)"
             for label in ("tgtd shared read-only", f"tgtd {n} copies"):
                 line += f"; vs {label} {med[label]:5.2f} s: {med[label] / med[mine]:.2f}x its speed"
@@ -363,7 +367,7 @@ def boot_storm(tmp: Path, args, procs: list) -> None:
                   f", >= 1.2x in {sum(r >= 1.2 for r in rs)} of {len(rs)} rounds, faster in "
                   f"{sum(r > 1 for r in rs)} (goal >= 1.2x)")
         c = cpu_med[cache]
-        print(f"  server CPU per storm (medians): ours {c['ours']:.2f} s, ours scale 2 {c['ours, scale 2']:.2f} s, "
+        print(f"  server CPU per storm (medians): ours {c['ours']:.2f} s, ours scale 1 {c['ours, scale 1']:.2f} s, "
               f"tgtd shared {c['tgtd shared read-only']:.2f} s, tgtd {n} copies {c[f'tgtd {n} copies']:.2f} s")
         own = f"ours, {n} copies"
         print(f"  {own:14s} {med[own]:5.2f} s: our target without overlays (file LUNs of the copies); the overlays' "
@@ -373,7 +377,7 @@ def boot_storm(tmp: Path, args, procs: list) -> None:
           f"{version.stat().st_size / MB:.0f} MiB: one copy for {n} PCs; {count} overlays hold "
           f"{allocated / MB:.1f} MiB on disk ({allocated / max(1, count) / MB:.2f} MiB each); tgtd's {n} copies: "
           f"{sum(fincore(c) for c in copies) / MB:.0f} MiB cached of {n * IMAGE_SIZE / MB:.0f} MiB after its last storm")
-    for p in ours + ours2 + ours_files + [shared.proc, copied.proc]:
+    for p in ours + ours1 + ours_files + [shared.proc, copied.proc]:
         stop(p, hard=p in (shared.proc, copied.proc))  # tgtd ignores SIGTERM
         procs.remove(p)
 
@@ -391,8 +395,8 @@ def overlay_vs_plain(tmp: Path, args, procs: list) -> None:
     - name: {PREFIX}.bench:plain
       luns: [{{id: 0, backstore: {{type: file, path: {plain}, create: false}}}}]"""
     (tmp / "ov").mkdir(exist_ok=True)
-    (ours,) = start_ours(tmp / "ov", port, 1, extra)
-    procs.append(ours)
+    ours = start_ours(tmp / "ov", port, 1, extra)
+    procs += ours
     plain_url = f"iscsi://127.0.0.1:{port}/{PREFIX}.bench:plain/0"
     pc_url = ours_url(port, 0)
     warm(raw), warm(plain), warm(store.version_path("win10", 1))
@@ -432,8 +436,9 @@ def overlay_vs_plain(tmp: Path, args, procs: list) -> None:
           f"{median(res['w plain']):.0f}: {w:.2f}x (goal >= 0.8x)")
     print(f"median: 4 KiB QD1 reads of untouched granules {median(res['r overlay']):.0f} IOPS vs plain "
           f"{median(res['r plain']):.0f}: {rd:.2f}x (goal >= 0.9x)")
-    stop(ours)
-    procs.remove(ours)
+    for p in ours:
+        stop(p)
+        procs.remove(p)
 
 
 if __name__ == "__main__":

@@ -7,8 +7,9 @@ a file) and `python -m services.iscsi_target --config FILE` with a file LUN of t
 warms both page caches, then runs `qemu-img bench` over iscsi:// against each in turn for every workload
 and round, and prints the median of each with the ratio ours/tgtd.
 
-Then the cost of one owner per target (owners.py): our target again with `scale.iscsi_target: 3` (three
-processes, --instance 0..2, one port, one state directory), against scale 1 and tgtd: logins per second
+Ours runs with the default `scale.iscsi_target: auto` (one process per usable core, --instance 0..N-1, one
+port, one state directory, as supervisord runs them). Then the cost of one owner per target (owners.py): our
+target again with `scale.iscsi_target: 3`, against the default and tgtd: logins per second
 (connect, login, INQUIRY, logout, close: one after the other, from this process), and 4 KiB QD1 read IOPS,
 each run labelled by whether the kernel gave its connection to the owner (direct) or to another process
 that handed it over (the debug log says so), so the steady-state data path of a handed-over connection is
@@ -32,6 +33,10 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+from shared.config.model import ScaleConfig  # noqa: E402
+
+DEFAULT_PROCESSES = ScaleConfig().processes("iscsi_target")
 IQN = "iqn.2026-11.org.bootfleet.bench:disk"
 
 # name, qemu-img bench arguments, unit, operations per run
@@ -83,14 +88,15 @@ def start_tgtd(tmp: Path, image: Path, port: int) -> subprocess.Popen:
     return proc
 
 
-def start_ours(tmp: Path, image: Path, port: int, busy_poll_us: int, scale: int = 1) -> list[subprocess.Popen]:
-    """Our target: `scale` processes sharing the port and a state directory (as supervisord runs them)."""
-    state = tmp / f"state-{scale}"
+def start_ours(tmp: Path, image: Path, port: int, busy_poll_us: int, scale: int | None = None) -> list[subprocess.Popen]:
+    """Our target: `scale` processes sharing the port and a state directory (as supervisord runs them);
+    None: the default (auto). Only an explicit scale logs at debug level (each hand-over logged, counted)."""
+    state = tmp / f"state-{scale or 'default'}"
     state.mkdir(exist_ok=True)
     cfg = state / "bootfleet.yaml"
     cfg.write_text(f"""version: 1
-logging: {{level: {"debug" if scale > 1 else "warning"}}}
-scale: {{iscsi_target: {scale}}}
+logging: {{level: {"warning" if scale is None else "debug"}}}
+{"" if scale is None else f"scale: {{iscsi_target: {scale}}}"}
 iscsi:
   portals: [{{ip: 127.0.0.1, port: {port}}}]
   busy_poll_us: {busy_poll_us}
@@ -100,6 +106,7 @@ iscsi:
       luns: [{{id: 1, backstore: {{type: file, path: {image}, create: false}}}}]
 """)
     procs = []
+    scale = DEFAULT_PROCESSES if scale is None else scale
     for i in range(scale):
         log = open(state / f"ours-{i}.log", "wb")
         procs.append(subprocess.Popen([sys.executable, "-m", "services.iscsi_target", "--config", str(cfg),
@@ -239,7 +246,7 @@ def main() -> None:
                 break  # stay within the time bound on a slow machine
         print(f"iSCSI target vs tgtd ({subprocess.run(['tgtd', '-V'], capture_output=True, text=True).stdout.strip()}), "
               f"qemu-img bench over loopback, {len(results[WORKLOADS[0][0]]['ours'])} interleaved rounds, median; "
-              f"ours with busy_poll_us={args.busy_poll_us}")
+              f"ours with busy_poll_us={args.busy_poll_us}, scale.iscsi_target auto ({DEFAULT_PROCESSES} processes)")
         print(f"{'workload':32} {'ours':>10} {'tgtd':>10} {'ratio':>7}")
         for name, *_ in WORKLOADS:
             ours = statistics.median(results[name]["ours"])
@@ -253,12 +260,13 @@ def main() -> None:
 
 
 def scaled(args, tmp: Path, image: Path, tport: int, oport: int, sport: int, procs: list) -> None:
-    """Scale 1 vs scale 3 vs tgtd: login rate, and 4 KiB QD1 reads split by direct / handed-over."""
+    """The default scale vs scale 3 vs tgtd: login rate, and 4 KiB QD1 reads split by direct / handed-over."""
     procs += start_ours(tmp, image, sport, args.busy_poll_us, scale=3)
     bench(sport, ["-d", "32", "-s", "64k"], 2000)  # claim and warm
-    servers = [("tgtd", tport), ("scale 1", oport), ("scale 3", sport)]
+    default = f"auto ({DEFAULT_PROCESSES})"
+    servers = [("tgtd", tport), (default, oport), ("scale 3", sport)]
     logins: dict[str, list[float]] = {name: [] for name, _ in servers}
-    qd1: dict[str, list[float]] = {"tgtd": [], "scale 1": [], "scale 3 direct": [], "scale 3 handed over": []}
+    qd1: dict[str, list[float]] = {"tgtd": [], default: [], "scale 3 direct": [], "scale 3 handed over": []}
     count = 8000
     handed_before = handed_overs(tmp, 3)
     for round_no in range(max(3, args.rounds)):
@@ -273,7 +281,7 @@ def scaled(args, tmp: Path, image: Path, tport: int, oport: int, sport: int, pro
                 qd1[name].append(iops)
     total = args.logins * len(logins["scale 3"])
     handed = handed_overs(tmp, 3) - handed_before
-    print(f"\nOne owner per target: scale.iscsi_target 1 vs 3 (3 processes, one port) vs tgtd; "
+    print(f"\nOne owner per target: scale.iscsi_target {default} vs 3 (3 processes, one port) vs tgtd; "
           f"{len(logins['tgtd'])} interleaved rounds, median; logins: {args.logins} sequential "
           f"connect+login+INQUIRY+logout from one Python client; {handed} of the scale-3 connections were "
           f"handed over ({total} logins + {len(qd1['scale 3 direct']) + len(qd1['scale 3 handed over'])} qemu-img runs)")

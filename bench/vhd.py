@@ -64,6 +64,7 @@ def start(tmp: Path, port: int) -> subprocess.Popen:
     cfg = tmp / "bootfleet.yaml"
     cfg.write_text(f"""version: 1
 logging: {{level: warning}}
+scale: {{iscsi_target: 1}}  # the process started here: its LUNs are one target's, one owner at any scale
 iscsi:
   portals: [{{ip: 127.0.0.1, port: {port}}}]
   io_stats_interval: 0

@@ -161,7 +161,7 @@ class ManagedRuntime:
                 self._failed(revision, str(exc))
                 return False
             setup_logging(config.logging.level, self.name, self.ctx.instance)
-            self.ctx.instances = getattr(config.scale, self.name, 1)
+            self.ctx.instances = config.scale.processes(self.name)
             self.sender.interval = config.bus.heartbeat_interval
             self.sender.queue.maxsize = config.bus.event_queue
             self.client.timeout = config.bus.heartbeat_timeout

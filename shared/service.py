@@ -145,7 +145,7 @@ async def stop_within_bound(service: BaseService) -> None:
 
 async def _run_standalone(service_cls: type[BaseService], config: BootfleetConfig, instance: int, state_dir: Path) -> int:
     ctx = ServiceContext(service_cls.name, instance, state_dir, lambda type, fields: None)
-    ctx.instances = getattr(config.scale, service_cls.name, 1)
+    ctx.instances = config.scale.processes(service_cls.name)
     service = service_cls(ctx)
     await service.start(config)
     await wait_for_signal()

@@ -56,7 +56,7 @@ def _applied_or_failed(ctl: Control, args) -> tuple[dict[str, Any], list[str]]:
             raise CliError(answer.get("text", "status-get failed"))
         status = answer["arguments"]
         revision = status["controller"]["revision"]
-        scale = ctl.call("config-get", path="scale")["arguments"]["value"]
+        scale = status["scale"]
         rows = {(p["service"], p["instance"]): p for p in status["processes"]}
         failed, waiting = [], []
         for service, count in scale.items():
@@ -269,6 +269,15 @@ def cmd_completion(ctl: Control, args) -> int:
     return 0
 
 
+def _process_count(text: str) -> int | str:
+    if text == "auto":
+        return text
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number or 'auto'") from None
+
+
 def cmd_service(ctl: Control, args) -> int:
     if args.action == "restart":
         return _answer(ctl.call("service-restart", service=args.name), args)
@@ -443,7 +452,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("name", choices=SERVICES)
     sc = add(svsub, "scale", summary("service-scale"))
     sc.add_argument("name", choices=SERVICES)
-    sc.add_argument("count", type=int)
+    sc.add_argument("count", type=_process_count, help="a whole number, or auto: one per usable core")
     sv.set_defaults(fn=cmd_service)
 
     add(sub, "clients", summary("client-list")).set_defaults(fn=cmd_clients)

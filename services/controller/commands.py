@@ -208,7 +208,8 @@ def status_get(ctl, envelope, args):
     text = f"revision {ctl.config.revision}, {len(processes)} service processes"
     if warning:
         text += f" (supervisord: {warning})"
-    return ok(text, controller=controller, processes=processes)
+    # `scale` with 'auto' resolved on the controller's host: the processes it starts
+    return ok(text, controller=controller, processes=processes, scale=ctl.running.scale.resolved())
 
 
 @command("events-list")
@@ -297,18 +298,21 @@ def service_restart(ctl, envelope, args):
 
 @command("service-scale")
 def service_scale(ctl, envelope, args):
-    """Run N processes of a service (recorded as scale.<service> in the configuration).
+    """Run N processes of a service (recorded as scale.<service> in the configuration); `auto`: one per
+    usable core of the controller's host.
 
-    Arguments: `service`, `count`."""
+    Arguments: `service`, `count` (a whole number or "auto")."""
     service = _supervised_service("service-scale", ctl, args)
+    value = args.get("count")
     try:
-        count = int(args.get("count"))
+        value = value if value == "auto" else int(value)
     except (TypeError, ValueError):
-        return error("service-scale: count must be a whole number")
-    answer = _commit(ctl, set_path(ctl.config.data, f"scale.{service}", count))
+        return error("service-scale: count must be a whole number or 'auto'")
+    answer = _commit(ctl, set_path(ctl.config.data, f"scale.{service}", value))
     if answer["result"] != SUCCESS:
         return answer
     revision = answer["arguments"]["revision"]
+    count = ctl.running.scale.processes(service)
     ctl.submit(
         envelope,
         lambda: ctl.supervisor.scale(service, count),

@@ -339,7 +339,7 @@ class Controller:
             return {}
         done = {}
         for service in SERVICES:
-            want = getattr(self.config.scale, service)
+            want = self.config.scale.processes(service)
             try:
                 done[service] = self.supervisor.scale(service, want)
             except SupervisorError as exc:

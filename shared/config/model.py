@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-from typing import Literal
+import os
+from typing import Annotated, Literal
 
-from pydantic import Field, model_validator
+from pydantic import BeforeValidator, Field, model_validator
 
 from shared.config.base import StrictModel
 from shared.config.boot import BootConfig, ClientAssignment
@@ -33,10 +34,44 @@ class LoggingConfig(StrictModel):
     level: Literal["debug", "info", "warning", "error"] = "info"
 
 
+MAX_PROCESSES = 8  # numprocs of each service in deploy/supervisord.conf
+
+
+def usable_cores() -> int:
+    """The CPUs this process may run on (its affinity mask: a cpuset or taskset narrows it)."""
+    return len(os.sched_getaffinity(0))
+
+
+def _process_count(value: object) -> object:
+    if value == "auto":
+        return value
+    if isinstance(value, str) and value.strip().isdigit():
+        value = int(value)  # from a form or a command line
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= MAX_PROCESSES:
+        raise ValueError(f"{value!r} is not a process count: a whole number 0-{MAX_PROCESSES} or 'auto' "
+                         "(one per usable core)")
+    return value
+
+
+ProcessCount = Annotated[int | Literal["auto"], BeforeValidator(_process_count)]
+
+
 class ScaleConfig(StrictModel):
-    dhcp: int = Field(1, ge=0, le=8, description="processes of the DHCP service")
-    tftp: int = Field(1, ge=0, le=8, description="processes of the TFTP service (share port 69)")
-    iscsi_target: int = Field(1, ge=0, le=8, description="processes of the iSCSI target (share port 3260)")
+    dhcp: ProcessCount = Field(1, description="processes of the DHCP service")
+    tftp: ProcessCount = Field(1, description="processes of the TFTP service (share port 69)")
+    # Python runs one thread of a process at a time: a target process per core is what lets the iSCSI data
+    # path use the machine (docs/iscsi.md, "How many processes").
+    iscsi_target: ProcessCount = Field("auto", description="processes of the iSCSI target (share port 3260); "
+                                                           "auto: one per usable core, at most 8")
+
+    def processes(self, service: str) -> int:
+        """How many processes of `service` this configuration runs on this host ('auto' resolved); 1 for a
+        process that is not one of SERVICES (a test's own service)."""
+        value = getattr(self, service, 1)
+        return min(MAX_PROCESSES, usable_cores()) if value == "auto" else value
+
+    def resolved(self) -> dict[str, int]:
+        return {service: self.processes(service) for service in SERVICES}
 
 
 class EventsConfig(StrictModel):

@@ -105,3 +105,25 @@ def test_root_path_and_script_per_client():
     none = config_from_dict({})
     assert root_path(none, "10.0.0.1", mac="52:54:00:00:00:01") is None
     assert "no iSCSI target" in ipxe_script(none, "10.0.0.1", mac="52:54:00:00:00:01")
+
+
+def test_scale_auto_is_one_target_process_per_usable_core(monkeypatch):
+    """The iSCSI target defaults to one process per core the host lets us use (Python runs one thread of a
+    process at a time), at most supervisord's 8 slots; DHCP and TFTP default to one; a number is taken as it is."""
+    import shared.config.model as model
+
+    scale = config_from_dict({}).scale
+    assert (scale.dhcp, scale.tftp, scale.iscsi_target) == (1, 1, "auto")
+    for cores, want in ((1, 1), (2, 2), (6, 6), (64, 8)):
+        monkeypatch.setattr(model, "usable_cores", lambda: cores)
+        assert scale.resolved() == {"dhcp": 1, "tftp": 1, "iscsi_target": want}
+    assert config_from_dict({"scale": {"iscsi_target": 3, "tftp": "auto"}}).scale.resolved() == {
+        "dhcp": 1, "tftp": 8, "iscsi_target": 3}
+    assert scale.processes("probe") == 1  # a test's own service
+    assert config_from_dict({"scale": {"dhcp": "2"}}).scale.dhcp == 2  # as a form sends it
+
+
+@pytest.mark.parametrize("value", [9, -1, "two", 1.5, True, None])
+def test_scale_refuses_what_is_not_a_process_count(value):
+    with pytest.raises(ConfigError, match=r"scale.iscsi_target: .*whole number 0-8 or 'auto'"):
+        config_from_dict({"scale": {"iscsi_target": value}})

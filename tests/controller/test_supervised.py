@@ -88,3 +88,14 @@ def test_scale_restart_and_supervisord_restarts_a_killed_service(stack):
     assert out.returncode == 0, out.stderr
     wait_for(lambda: stack.settled("dhcp", 1, 4), timeout=30, interval=0.3, what="back to one process")
     assert stack.cli("service", "scale", "dhcp", "9").returncode == 1  # above the ceiling (scale.dhcp <= 8)
+
+    # auto: one process per core the controller may use (the iSCSI target's default)
+    cores = min(8, len(os.sched_getaffinity(0)))
+    out = stack.cli("service", "scale", "dhcp", "auto")
+    assert out.returncode == 0, out.stderr
+    assert f"dhcp: {cores} process" in out.stdout, out.stdout
+    wait_for(lambda: stack.settled("dhcp", cores, 5), timeout=30, interval=0.3, what=f"{cores} dhcp processes")
+    assert stack.status()["scale"] == {"dhcp": cores, "tftp": 0, "iscsi_target": 0}
+    got = json.loads(stack.cli("--json", "config", "get", "scale.dhcp").stdout)
+    assert got["value"] == "auto"
+    assert stack.cli("service", "scale", "dhcp", "many").returncode == 2  # argparse: not a count

@@ -1,6 +1,7 @@
 """The web server over HTTP against a running controller: who may read and act, the JSON API, TLS, the stream."""
 
 import json
+import os
 import socket
 import ssl
 import threading
@@ -57,6 +58,8 @@ def test_api_mirrors_the_cli_and_pages_render_a_booted_pc(stack):
     for path, text in (("/services", b"iscsi_target"), ("/events?type=iscsi", b"iscsi.first_read"), ("/images", b"no images")):
         status, body = stack.get(path)
         assert status == 200 and text in body, path
+    cores = min(8, len(os.sched_getaffinity(0)))  # scale.iscsi_target's default, auto, as the controller resolves it
+    assert f'<td>iscsi_target</td><td>auto ({cores})</td>'.encode() in stack.get("/services")[1]
     status, body = stack.get("/events?type=tftp")
     assert b"tftp.transfer.finished" in body and b"iscsi.first_read" not in body
     status, body = stack.get("/metrics")

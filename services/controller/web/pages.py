@@ -230,10 +230,12 @@ def services(status: dict[str, Any], service_names: tuple[str, ...], scale: dict
             f'<td class="counters">{e(counters)}</td></tr>')
     body = "".join(rows) or '<tr><td colspan="9" class="empty">no service processes</td></tr>'
     controls = []
+    resolved = status.get("scale") or {}
     for name in service_names:
         running = sum(1 for p in procs if p["service"] == name and p.get("state") == "RUNNING")
+        shown = f"auto ({resolved[name]})" if scale.get(name) == "auto" and name in resolved else scale.get(name, "-")
         controls.append(
-            f'<tr data-service="{escape(name)}"><td>{escape(name)}</td><td>{scale.get(name, "-")}</td><td>{running}</td><td>'
+            f'<tr data-service="{escape(name)}"><td>{escape(name)}</td><td>{e(shown)}</td><td>{running}</td><td>'
             + action("Restart", "service-restart", {"service": name}, f"Restart every {name} process, one after the other?")
             + " "
             + action("Scale…", "service-scale", {"service": name}, f"Run how many {name} processes?", input_name="count",
