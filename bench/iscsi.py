@@ -90,14 +90,14 @@ def start_tgtd(tmp: Path, image: Path, port: int) -> subprocess.Popen:
 
 def start_ours(tmp: Path, image: Path, port: int, busy_poll_us: int, scale: int | None = None) -> list[subprocess.Popen]:
     """Our target: `scale` processes sharing the port and a state directory (as supervisord runs them);
-    None: the default (auto). Only an explicit scale logs at debug level (each hand-over logged, counted)."""
+    None: the defaults (auto, logging at info). An explicit scale logs at debug level (each hand-over logged,
+    counted)."""
     state = tmp / f"state-{scale or 'default'}"
     state.mkdir(exist_ok=True)
     cfg = state / "bootfleet.yaml"
+    explicit = "" if scale is None else f"logging: {{level: debug}}\nscale: {{iscsi_target: {scale}}}\n"
     cfg.write_text(f"""version: 1
-logging: {{level: {"warning" if scale is None else "debug"}}}
-{"" if scale is None else f"scale: {{iscsi_target: {scale}}}"}
-iscsi:
+{explicit}iscsi:
   portals: [{{ip: 127.0.0.1, port: {port}}}]
   busy_poll_us: {busy_poll_us}
   io_stats_interval: 0
