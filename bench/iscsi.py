@@ -114,13 +114,18 @@ def start_ours(tmp: Path, image: Path, port: int, busy_poll_us: int | None = Non
         procs.append(subprocess.Popen([sys.executable, "-m", "services.iscsi_target", "--config", str(cfg),
                                        "--state-dir", str(state), "--instance", str(i)], cwd=ROOT, stdout=log,
                                       stderr=subprocess.STDOUT))
-    for proc in procs:
-        wait_port(port, proc, "our target")
-    deadline = time.monotonic() + 15
-    while scale > 1 and not all("listening on" in (state / f"ours-{i}.log").read_text() for i in range(scale)):
-        if time.monotonic() > deadline:
-            raise SystemExit("our target processes did not all listen")
-        time.sleep(0.05)
+    try:
+        for proc in procs:
+            wait_port(port, proc, "our target")
+        deadline = time.monotonic() + 15
+        while scale > 1 and not all("listening on" in (state / f"ours-{i}.log").read_text() for i in range(scale)):
+            if time.monotonic() > deadline:
+                raise SystemExit("our target processes did not all listen")
+            time.sleep(0.05)
+    except BaseException:
+        for proc in procs:  # the caller never gets them: stop them here
+            stop(proc)
+        raise
     return procs
 
 
