@@ -61,7 +61,18 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start(tmp: Path, port: int, busy_poll_us: int) -> subprocess.Popen:
+FILE_LUNS = """\
+        - {id: 0, backstore: {type: file, path: single.img, create: false}}
+        - id: 1
+          backstore:
+            type: mirror
+            legs: [{type: file, path: leg0.img, create: false}, {type: file, path: leg1.img, create: false}]
+"""
+
+
+def start(tmp: Path, port: int, busy_poll_us: int, luns: str = FILE_LUNS, cgroup: Path | None = None
+          ) -> subprocess.Popen:
+    """The target serving LUN 0 (single) and LUN 1 (mirror); in the blkio cgroup `cgroup` from its start."""
     cfg = tmp / "bootfleet.yaml"
     cfg.write_text(f"""version: 1
 logging: {{level: warning}}
@@ -73,15 +84,12 @@ iscsi:
   targets:
     - name: {IQN}
       luns:
-        - {{id: 0, backstore: {{type: file, path: single.img, create: false}}}}
-        - id: 1
-          backstore:
-            type: mirror
-            legs: [{{type: file, path: leg0.img, create: false}}, {{type: file, path: leg1.img, create: false}}]
-""")
+{luns}""")
     log = open(tmp / "target.log", "wb")
-    proc = subprocess.Popen([sys.executable, "-m", "services.iscsi_target", "--config", str(cfg), "--state-dir",
-                             str(tmp)], cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
+    argv = [sys.executable, "-m", "services.iscsi_target", "--config", str(cfg), "--state-dir", str(tmp)]
+    if cgroup is not None:  # joins the cgroup, then becomes the target: every thread of it is throttled
+        argv = ["sh", "-c", f'echo $$ > {cgroup}/cgroup.procs && exec "$@"', "sh", *argv]
+    proc = subprocess.Popen(argv, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
     deadline = time.monotonic() + 15
     while True:
         if proc.poll() is not None:
@@ -160,61 +168,153 @@ def in_process(tmp: Path, rounds: int) -> None:
         store.close()
 
 
+def measure(proc: subprocess.Popen, port: int, rounds: int, scale: float = 1.0, limit: float = 120):
+    """Each workload on LUN 0 and LUN 1 in turn, order alternating by round: figures, CPU seconds, requests."""
+    results = {w[0]: {0: [], 1: []} for w in WORKLOADS}
+    cpu = {w[0]: {0: 0.0, 1: 0.0} for w in WORKLOADS}  # target CPU seconds per workload and LUN
+    ops = {w[0]: {0: 0, 1: 0} for w in WORKLOADS}
+    started = time.monotonic()
+    done = 0
+    for round_no in range(rounds):
+        for name, wargs, unit, count in WORKLOADS:
+            count = max(100, int(count * scale))
+            for lun in ((0, 1) if round_no % 2 == 0 else (1, 0)):
+                before = cpu_seconds(proc.pid)
+                results[name][lun].append(figure(unit, wargs, count, bench(port, lun, wargs, count)))
+                cpu[name][lun] += cpu_seconds(proc.pid) - before
+                ops[name][lun] += count
+        done += 1
+        if time.monotonic() - started > limit:
+            break
+    return done, results, cpu, ops
+
+
+def report(title: str, measured) -> None:
+    rounds, results, cpu, ops = measured
+    print(f"{title}; {rounds} interleaved rounds, median; load average {os.getloadavg()[0]:.1f} "
+          "(a shared machine: compare within one run)")
+    print(f"{'workload':32} {'mirror':>10} {'single':>10} {'ratio':>7} {'per-round median':>17} "
+          f"{'target CPU us/request mirror/single':>36}   rounds (mirror/single, each round's pair back to back)")
+    for name, *_ in WORKLOADS:
+        m, f = statistics.median(results[name][1]), statistics.median(results[name][0])
+        ratios = [a / b for a, b in zip(results[name][1], results[name][0])]
+        each = " ".join(f"{r:.2f}" for r in ratios)
+        cm, cf = (cpu[name][lun] / ops[name][lun] * 1e6 for lun in (1, 0))
+        print(f"{name:32} {m:10.0f} {f:10.0f} {m / f:6.2f}x {statistics.median(ratios):16.2f}x "
+              f"{cm:17.1f} {cf:6.1f} ({cm / cf:4.2f}x)   {each}")
+
+
+def stop(proc: subprocess.Popen | None) -> None:
+    if proc is not None and proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(5)
+
+
+def page_cache(tmp: Path, args) -> None:
+    """Two file legs and the single file on one file system, warm: the mirror's own cost."""
+    chunk = os.urandom(1 << 20)
+    with open(tmp / "single.img", "wb") as f:
+        for _ in range(args.size_mib):
+            f.write(chunk)
+    for leg in ("leg0.img", "leg1.img"):
+        shutil.copyfile(tmp / "single.img", tmp / leg)
+    port = free_port()
+    proc = start(tmp, port, args.busy_poll_us)
+    try:
+        for lun in (0, 1):  # warm the page cache and the target
+            bench(port, lun, ["-d", "32", "-s", "64k"], args.size_mib * 16)
+        report(f"mirror LUN (two file legs) vs file LUN, one page cache, one target, qemu-img bench over "
+               f"loopback; busy_poll_us={args.busy_poll_us}", measure(proc, port, args.rounds))
+    finally:
+        stop(proc)
+
+
+def devices(tmp: Path, args) -> None:
+    """Three devices alike (the single LUN's and the two legs), each a loop device on a file in memory
+    capped by the kernel's block throttle (cgroup v1 blkio) at --device-mbs and --device-iops for reads and
+    for writes, as a cloud volume's provisioned throughput or a SAN share caps a disk; LUNs opened O_DIRECT
+    (`direct: true`, both sides alike), so every request reaches its device. The cap is a budget, not a
+    service time: a leg's budget refills while the other leg serves."""
+    v1, v2 = Path("/sys/fs/cgroup/blkio"), Path("/sys/fs/cgroup")
+    if (v1 / "blkio.throttle.read_bps_device").exists():
+        cgroup = v1 / f"bootfleet-bench-mirror-{os.getpid()}"
+    elif "io" in (v2 / "cgroup.controllers").read_text().split() if (v2 / "cgroup.controllers").exists() else False:
+        cgroup = v2 / f"bootfleet-bench-mirror-{os.getpid()}"
+        (v2 / "cgroup.subtree_control").write_text("+io\n")
+    else:
+        raise SystemExit("two devices: no block throttle here (cgroup v1 blkio or cgroup v2 io)")
+    if os.geteuid() != 0:
+        raise SystemExit("two devices: loop devices and cgroups need root")
+    need("losetup")
+    shm = Path(tempfile.mkdtemp(prefix="bench-mirror-dev-", dir="/dev/shm"))
+    loops: list[str] = []
+    proc = None
+    try:
+        chunk = os.urandom(1 << 20)
+        with open(shm / "single.img", "wb") as f:
+            for _ in range(args.size_mib):
+                f.write(chunk)
+        for leg in ("leg0.img", "leg1.img"):
+            shutil.copyfile(shm / "single.img", shm / leg)
+        for name in ("single.img", "leg0.img", "leg1.img"):
+            loops.append(subprocess.run(["losetup", "--find", "--show", str(shm / name)], check=True,
+                                        capture_output=True, text=True).stdout.strip())
+        cgroup.mkdir()
+        for dev in loops:
+            rdev = os.stat(dev).st_rdev
+            number = f"{os.major(rdev)}:{os.minor(rdev)}"
+            bps, iops = args.device_mbs << 20, args.device_iops
+            if cgroup.parent == v1:
+                for knob, value in (("read_bps", bps), ("write_bps", bps), ("read_iops", iops), ("write_iops", iops)):
+                    (cgroup / f"blkio.throttle.{knob}_device").write_text(f"{number} {value}\n")
+            else:
+                (cgroup / "io.max").write_text(f"{number} rbps={bps} wbps={bps} riops={iops} wiops={iops}\n")
+        single, leg0, leg1 = loops
+        luns = f"""\
+        - {{id: 0, backstore: {{type: block, path: {single}, direct: true}}}}
+        - id: 1
+          backstore:
+            type: mirror
+            legs: [{{type: block, path: {leg0}, direct: true}}, {{type: block, path: {leg1}, direct: true}}]
+"""
+        port = free_port()
+        proc = start(tmp, port, args.busy_poll_us, luns, cgroup)
+        report(f"mirror LUN vs single LUN on devices alike (loop devices capped at {args.device_mbs} MiB/s and "
+               f"{args.device_iops} IOPS each, O_DIRECT); busy_poll_us={args.busy_poll_us}",
+               measure(proc, port, args.rounds, scale=0.25))
+    finally:
+        stop(proc)
+        for dev in loops:
+            subprocess.run(["losetup", "--detach", dev], check=False)
+        if cgroup.exists():
+            cgroup.rmdir()
+        shutil.rmtree(shm, ignore_errors=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--size-mib", type=int, default=128)
     parser.add_argument("--busy-poll-us", type=int, default=0, help="iscsi.busy_poll_us for the run")
+    parser.add_argument("--device-mbs", type=int, default=125, help="each device's cap, MiB/s (reads, writes)")
+    parser.add_argument("--device-iops", type=int, default=3000, help="each device's cap, IOPS (reads, writes)")
+    parser.add_argument("--only", choices=("in-process", "page-cache", "devices"), action="append",
+                        help="run only these parts (repeatable)")
     args = parser.parse_args()
+    parts = args.only or ["in-process", "page-cache", "devices"]
     tmp = Path(tempfile.mkdtemp(prefix="bench-mirror-"))
-    proc = None
     try:
-        in_process(tmp, args.rounds)
-        chunk = os.urandom(1 << 20)
-        with open(tmp / "single.img", "wb") as f:
-            for _ in range(args.size_mib):
-                f.write(chunk)
-        for leg in ("leg0.img", "leg1.img"):
-            shutil.copyfile(tmp / "single.img", tmp / leg)
-        port = free_port()
-        proc = start(tmp, port, args.busy_poll_us)
-        for lun in (0, 1):  # warm the page cache and the target
-            bench(port, lun, ["-d", "32", "-s", "64k"], args.size_mib * 16)
-        results = {w[0]: {0: [], 1: []} for w in WORKLOADS}
-        cpu = {w[0]: {0: 0.0, 1: 0.0} for w in WORKLOADS}  # target CPU seconds per workload and LUN
-        ops = {w[0]: {0: 0, 1: 0} for w in WORKLOADS}
-        started = time.monotonic()
-        rounds = 0
-        for round_no in range(args.rounds):
-            for name, wargs, unit, count in WORKLOADS:
-                for lun in ((0, 1) if round_no % 2 == 0 else (1, 0)):
-                    before = cpu_seconds(proc.pid)
-                    results[name][lun].append(figure(unit, wargs, count, bench(port, lun, wargs, count)))
-                    cpu[name][lun] += cpu_seconds(proc.pid) - before
-                    ops[name][lun] += count
-            rounds += 1
-            if time.monotonic() - started > 120:
-                break
-        print(f"mirror LUN (two file legs) vs file LUN, one target, qemu-img bench over loopback, {rounds} "
-              f"interleaved rounds, median; busy_poll_us={args.busy_poll_us}; load average "
-              f"{os.getloadavg()[0]:.1f} (a shared machine: compare within one run)")
-        print(f"{'workload':32} {'mirror':>10} {'file':>10} {'ratio':>7} {'per-round median':>17} "
-              f"{'target CPU us/request mirror/file':>34}   rounds (mirror/file, each round's pair back to back)")
-        for name, *_ in WORKLOADS:
-            m, f = statistics.median(results[name][1]), statistics.median(results[name][0])
-            ratios = [a / b for a, b in zip(results[name][1], results[name][0])]
-            each = " ".join(f"{r:.2f}" for r in ratios)
-            cm, cf = (cpu[name][lun] / ops[name][lun] * 1e6 for lun in (1, 0))
-            print(f"{name:32} {m:10.0f} {f:10.0f} {m / f:6.2f}x {statistics.median(ratios):16.2f}x "
-                  f"{cm:15.1f} {cf:6.1f} ({cm / cf:4.2f}x)   {each}")
+        if "in-process" in parts:
+            in_process(tmp, args.rounds)
+        if "page-cache" in parts:
+            page_cache(tmp, args)
+        if "devices" in parts:
+            devices(tmp, args)
     finally:
-        if proc is not None and proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(5)
         shutil.rmtree(tmp, ignore_errors=True)
 
 

@@ -1,14 +1,18 @@
 """RAID-1: one backing store over two legs of the same size.
 
-Theory of operation. A write goes to every leg that is in sync, one after the other on the caller's thread,
-and is acknowledged when each has it (or has failed and been dropped). Reads, while both legs are in sync: a
+Theory of operation. A write goes to every leg that is in sync and is acknowledged when each has it (or
+has failed and been dropped): one leg after the other on the caller's thread while a leg's write is quick
+(a copy into the page cache), both at once (leg 0 on a helper thread) once each leg's average write time
+reaches PARALLEL_WRITE_NS (the legs wait for their devices: O_DIRECT, write-through, a slow disk). Reads, while both legs are in sync: a
 read that continues a leg's last one stays on that leg (its readahead); else a leg whose pages of the read
 are in the page cache (legs are two files, each with pages of its own: after a restart, a resync or memory
 pressure one leg's cache can be warm and the other's cold); else, when neither has them, the leg whose reads
 from the disk have been faster (an average of each leg's uncached read times, each leg still given one
 uncached read in COLD_PROBE so that its average follows a disk that got faster), alternating while the two
 are within 25%: two equal disks share the load, an SSD beside a spinning disk takes the reads. Legs that
-cannot tell (block devices) alternate. A leg whose read, write or sync raises (an OSError: EIO, ENOSPC,
+keep nothing in the page cache (block devices opened O_DIRECT) have no readahead for a stream to keep and
+no cache to ask: every read is chosen as an uncached one. Other legs that cannot tell (buffered block
+devices) alternate. A leg whose read, write or sync raises (an OSError: EIO, ENOSPC,
 EBADF; or a ScsiError from a device backstore), or whose file is found removed or replaced on a sync, is
 dropped: the mirror records the drop in its state file (fsync'd, before the failing write is acknowledged,
 so a restart never serves the stale leg), calls `on_leg_failed(index, name, reason)` and serves from the
@@ -28,6 +32,7 @@ from __future__ import annotations
 
 import itertools
 import json
+from concurrent.futures import ThreadPoolExecutor
 import os
 import threading
 import time
@@ -39,6 +44,7 @@ IN_SYNC, FAILED, RESYNCING = "in_sync", "failed", "resyncing"
 RESYNC_CHUNK = 1 << 20
 COLD_PROBE = 16      # one uncached read in this many goes to the slower leg, to keep its average current
 COLD_WEIGHT = 0.125  # weight of a new uncached read time in a leg's average
+PARALLEL_WRITE_NS = 150_000  # legs whose writes take this long are written both at once (a handoff: ~50 us)
 LEG_ERRORS = (OSError, S.ScsiError, ValueError)  # ValueError: an fd closed under a write
 
 
@@ -97,6 +103,8 @@ class MirrorBackstore(Backstore):
         self._read_ends = [-1, -1]                    # where each leg's last read ended
         self._cold_ns = [0.0, 0.0]                    # each leg's average uncached read time (0: none yet)
         self._cold_reads = 0
+        self._write_ns = [0.0, 0.0]                   # each leg's average write time
+        self._helper: ThreadPoolExecutor | None = None  # writes leg 0 while the caller writes leg 1
         self._legs_changed()
 
     # ---------------------------------------------------------------- state
@@ -205,17 +213,46 @@ class MirrorBackstore(Backstore):
     def write(self, offset: int, data) -> None:
         token, targets = self._begin(offset, offset + len(data))
         try:
-            done = 0
-            for i, leg in targets:
-                try:
-                    leg.write(offset, data)
-                    done += 1
-                except LEG_ERRORS as exc:
-                    self._failed(i, leg, exc)
-            if not done:
+            if len(targets) == 2 and min(self._write_ns) >= PARALLEL_WRITE_NS:
+                failures = self._write_both(targets, offset, data)
+            else:
+                failures = []
+                for i, leg in targets:
+                    try:
+                        self._timed_write(i, leg, offset, data)
+                    except LEG_ERRORS as exc:
+                        failures.append((i, leg, exc))
+            for i, leg, exc in failures:
+                self._failed(i, leg, exc)  # the last leg in sync: MEDIUM ERROR
+            if len(failures) == len(targets):
                 raise S.ScsiError(S.MEDIUM_ERROR, S.WRITE_ERROR)
         finally:
             self._end(token)
+
+    def _timed_write(self, i: int, leg, offset: int, data) -> None:
+        started = time.perf_counter_ns()
+        leg.write(offset, data)
+        took = time.perf_counter_ns() - started
+        avg = self._write_ns
+        avg[i] = took if not avg[i] else avg[i] + COLD_WEIGHT * (took - avg[i])
+
+    def _write_both(self, targets, offset: int, data) -> list:
+        """Legs that wait for their devices (O_DIRECT, write-through, a slow disk): both written at once, so
+        a write takes the slower leg's time, not the sum of both (md writes its legs so)."""
+        (i, first), (j, second) = targets
+        if self._helper is None:
+            self._helper = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mirror-write")
+        pending = self._helper.submit(self._timed_write, i, first, offset, data)
+        failures = []
+        try:
+            self._timed_write(j, second, offset, data)
+        except LEG_ERRORS as exc:
+            failures.append((j, second, exc))
+        try:
+            pending.result()
+        except LEG_ERRORS as exc:
+            failures.insert(0, (i, first, exc))
+        return failures
 
     def unmap(self, offset: int, length: int) -> None:
         token, targets = self._begin(offset, offset + length)
@@ -236,6 +273,8 @@ class MirrorBackstore(Backstore):
         while True:
             state = self.state
             if state[0] == IN_SYNC and state[1] == IN_SYNC:
+                if self._uncached:  # every read reaches a device: timed, shared while the legs are alike
+                    return self._read_cold(offset, length)
                 ends = self._read_ends
                 if ends[0] == offset:  # a read that continues a leg's last one stays on that leg
                     i = 0
@@ -275,6 +314,8 @@ class MirrorBackstore(Backstore):
     def _legs_changed(self) -> None:
         readers = [getattr(leg, "read_warm", None) for leg in self.legs]
         self._warm_reads = readers if all(readers) else None
+        # legs that keep nothing in the page cache (O_DIRECT devices): no readahead for a stream to keep
+        self._uncached = all(getattr(leg, "direct", False) for leg in self.legs)
 
     def _read_cold(self, offset: int, length: int):
         """A read neither leg has in its cache: from the faster leg (the module's docstring)."""
@@ -326,6 +367,8 @@ class MirrorBackstore(Backstore):
         raise BackstoreError("a mirror cannot be resized while it serves")
 
     def close(self) -> None:
+        if self._helper is not None:
+            self._helper.shutdown(wait=True)
         for leg in self.legs:
             if leg is not None:
                 leg.close()

@@ -243,6 +243,96 @@ def test_uncached_reads_go_to_the_faster_leg_which_the_slower_is_still_timed_aga
     assert a.reads >= 12 and b.reads >= 12
 
 
+class _DirectLeg(_ColdLeg):
+    """A device opened O_DIRECT: nothing of it in the page cache, so no mincore and no trusted regions."""
+
+    direct = True
+    read_warm = cached = None
+
+
+def test_legs_opened_o_direct_share_even_a_sequential_stream(monkeypatch):
+    """No readahead to keep: a stream alternates between alike devices (each serves half) and goes to the
+    faster of two unlike ones; buffered legs keep a stream on one leg (the test above)."""
+    from services.iscsi_target.scsi import mirror
+
+    clock = _Clock()
+    monkeypatch.setattr(mirror, "time", clock)
+    a, b = _DirectLeg(MiB, 0.001, clock), _DirectLeg(MiB, 0.001, clock)
+    m = MirrorBackstore([a, b])
+    for k in range(64):
+        assert bytes(m.read(k * 4096, 4096)) == bytes(4096)
+    assert a.reads == b.reads == 32
+    fast, slow = _DirectLeg(MiB, 0.0001, clock), _DirectLeg(MiB, 0.002, clock)
+    m = MirrorBackstore([slow, fast])
+    for k in range(64):
+        m.read(k * 4096, 4096)
+    assert fast.reads >= 56 and slow.reads <= 8
+
+
+class _SlowWrites(FaultyLeg):
+    """A leg whose writes take `delay` seconds; with `meet` set, a write returns only once the other leg's
+    write has reached the same barrier: it passes only when the two legs are written at the same time."""
+
+    def __init__(self, inner, delay=0.002):
+        super().__init__(inner)
+        self.delay, self.meet, self.threads = delay, None, []
+
+    def write(self, offset, data):
+        self.threads.append(threading.current_thread().name)
+        if self.meet is not None:
+            self.meet.wait()
+        else:
+            time.sleep(self.delay)
+        super().write(offset, data)
+
+
+def test_legs_whose_writes_wait_for_a_device_are_written_both_at_once():
+    a, b = _SlowWrites(RamBackstore(MiB)), _SlowWrites(RamBackstore(MiB))
+    m = MirrorBackstore([a, b])
+    m.write(0, b"1" * 512)  # both legs timed: slower than PARALLEL_WRITE_NS
+    a.meet = b.meet = threading.Barrier(2, timeout=5)  # written in turn, a write would break the barrier
+    for k in range(1, 20):
+        m.write(k * 512, bytes([k]) * 512)
+    for leg in (a, b):
+        assert bytes(leg.inner.read(0, 20 * 512)) == b"1" * 512 + b"".join(bytes([k]) * 512 for k in range(1, 20))
+    assert a.threads[-1].startswith("mirror-write") and b.threads[-1] == threading.current_thread().name
+    m.close()
+
+
+def test_quick_legs_are_written_in_turn_on_the_callers_thread():
+    """A copy into the page cache costs less than a handoff to another thread."""
+    a, b = _SlowWrites(RamBackstore(MiB), delay=0), _SlowWrites(RamBackstore(MiB), delay=0)
+    m = MirrorBackstore([a, b])
+    for k in range(50):
+        m.write(k * 512, b"q" * 512)
+    me = threading.current_thread().name
+    assert set(a.threads) == set(b.threads) == {me} and m._helper is None
+
+
+def test_a_leg_failing_in_a_write_to_both_at_once_is_dropped_and_the_last_fails_the_command():
+    a, b = _SlowWrites(RamBackstore(MiB)), _SlowWrites(RamBackstore(MiB))
+    dropped, cb = events()
+    m = MirrorBackstore([a, b], names=["a", "b"], on_leg_failed=cb)
+    t = ready_target(m)
+    assert t.execute(NX, 0, write10(0, 1), b"1" * 512).status == 0
+    a.fail_writes = True  # leg 0: the one the helper thread writes
+    assert t.execute(NX, 0, write10(1, 1), b"2" * 512).status == 0
+    assert m.state == [FAILED, IN_SYNC] and dropped == [(0, "a", "injected write error (errno 5)")]
+    assert bytes(b.inner.read(512, 512)) == b"2" * 512 and bytes(m.read(512, 512)) == b"2" * 512
+    b.fail_writes = True
+    assert key_asc(t.execute(NX, 0, write10(2, 1), b"3" * 512)) == (S.MEDIUM_ERROR, 0x0C, 0x00)
+    assert m.state == [FAILED, IN_SYNC]
+    a2, b2 = _SlowWrites(RamBackstore(MiB)), _SlowWrites(RamBackstore(MiB))
+    m2 = MirrorBackstore([a2, b2])
+    m2.write(0, b"1" * 512)
+    a2.fail_writes = b2.fail_writes = True  # both at once: one dropped, the other the last (MEDIUM ERROR)
+    with pytest.raises(S.ScsiError):
+        m2.write(512, b"x" * 512)
+    assert sorted(m2.state) == [FAILED, IN_SYNC]
+    m.close()
+    m2.close()
+
+
 def test_legs_of_different_sizes_are_refused():
     with pytest.raises(BackstoreError, match="legs differ"):
         MirrorBackstore([RamBackstore(MiB), RamBackstore(2 * MiB)])
