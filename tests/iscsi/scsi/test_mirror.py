@@ -281,8 +281,7 @@ class _SlowWrites(FaultyLeg):
         self.threads.append(threading.current_thread().name)
         if self.meet is not None:
             self.meet.wait()
-        else:
-            time.sleep(self.delay)
+        time.sleep(self.delay)
         super().write(offset, data)
 
 
