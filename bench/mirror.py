@@ -1,19 +1,26 @@
-"""RAID-1 LUN against a single file LUN of the same target, same client, interleaved runs.
+"""RAID-1 LUN against a single LUN of the same target, same client, interleaved runs.
 
     .venv/bin/python bench/mirror.py [--rounds 5] [--size-mib 128] [--busy-poll-us 0]
+                                     [--device-mbs 125] [--device-iops 3000] [--only PART ...]
 
-One `python -m services.iscsi_target` serves LUN 0 (a file) and LUN 1 (a mirror of two files), all of the
-same size and content on the same file system; `qemu-img bench` over iscsi:// runs each workload against
-each LUN in turn (order alternating by round) and the report gives medians and the ratio mirror/file.
-The issue's bar: reads >= 1.0x, writes >= 0.7x. Bounded: about two minutes.
+Three parts. `qemu-img bench` over iscsi:// runs each workload against each LUN in turn (order alternating
+by round) and the report gives medians and the ratio mirror/single. The issue's bar: reads >= 1.0x,
+writes >= 0.7x. Bounded: about three minutes.
 
-First, in this process, the SCSI layer alone (no transport): microseconds per `execute` of a 64 KiB
-READ(10) and WRITE(10) on a file LU and on a mirror LU, in short interleaved windows: the mirror's own
-cost without the network's noise.
+in-process: the SCSI layer alone (no transport): microseconds per `execute` of a 64 KiB READ(10) and
+WRITE(10) on a file LU and on a mirror LU, in short interleaved windows: the mirror's own cost without
+the network's noise.
 
-On one machine both legs sit in the same page cache, so a mirror cannot read faster than a file here; what
-the figures show is the mirror's own cost (pread's copy where the file LUN sends a slice of its mapping,
-the range lock, the second pwrite).
+page-cache: one `python -m services.iscsi_target` serves LUN 0 (a file) and LUN 1 (a mirror of two
+files), all of the same size and content on the same file system, warm. Both legs sit in the same page
+cache, so a mirror cannot read faster than a file here; what the figures show is the mirror's own cost
+(the leg choice, the range lock, the second pwrite).
+
+devices: the same on three devices alike, what a mirror is for: loop devices on files in memory, each
+capped by the kernel's block throttle at --device-mbs and --device-iops (reads and writes alike, a cloud
+volume's baseline by default), LUN 0 on one, the mirror's legs on the other two, all opened O_DIRECT so
+that every request reaches its device. Needs root and a block throttle (cgroup v1 blkio or v2 io). The
+cap is a budget, not a service time: a leg's budget refills while the other leg serves.
 
 Beside each throughput, the target process's CPU time per request (utime + stime from /proc, its
 threads' total, over each qemu-img run): what the mirror costs the target, which the machine's load
