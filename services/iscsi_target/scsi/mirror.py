@@ -3,7 +3,8 @@
 Theory of operation. A write goes to every leg that is in sync and is acknowledged when each has it (or
 has failed and been dropped): one leg after the other on the caller's thread while a leg's write is quick
 (a copy into the page cache), both at once (leg 0 on a helper thread) once each leg's average write time
-reaches PARALLEL_WRITE_NS (the legs wait for their devices: O_DIRECT, write-through, a slow disk). Reads, while both legs are in sync: a
+reaches PARALLEL_NS (the legs wait for their devices: O_DIRECT, write-through, a slow disk); unmaps and
+syncs (SYNCHRONIZE CACHE: fdatasync of each leg) likewise, each with averages of their own. Reads, while both legs are in sync: a
 read that continues a leg's last one stays on that leg (its readahead); else a leg whose pages of the read
 are in the page cache (legs are two files, each with pages of its own: after a restart, a resync or memory
 pressure one leg's cache can be warm and the other's cold); else, when neither has them, the leg whose reads
@@ -44,9 +45,9 @@ IN_SYNC, FAILED, RESYNCING = "in_sync", "failed", "resyncing"
 RESYNC_CHUNK = 1 << 20
 COLD_PROBE = 16      # one uncached read in this many goes to the slower leg, to keep its average current
 COLD_WEIGHT = 0.125  # weight of a new uncached read time in a leg's average
-# legs whose writes take this long are written both at once: a round trip to a helper thread costs 80-95 us
-# on these VMs (waking an idle vCPU), more than a 64 KiB copy into the page cache (13 us)
-PARALLEL_WRITE_NS = 250_000
+# legs whose writes (unmaps, syncs) take this long are written both at once: a round trip to a helper thread
+# costs 80-95 us on these VMs (waking an idle vCPU), more than a 64 KiB copy into the page cache (13 us)
+PARALLEL_NS = 250_000
 LEG_ERRORS = (OSError, S.ScsiError, ValueError)  # ValueError: an fd closed under a write
 
 
@@ -105,7 +106,9 @@ class MirrorBackstore(Backstore):
         self._read_ends = [-1, -1]                    # where each leg's last read ended
         self._cold_ns = [0.0, 0.0]                    # each leg's average uncached read time (0: none yet)
         self._cold_reads = 0
-        self._write_ns = [0.0, 0.0]                   # each leg's average write time
+        self._write_ns = [0.0, 0.0]                   # each leg's average write, unmap and sync times
+        self._unmap_ns = [0.0, 0.0]
+        self._sync_ns = [0.0, 0.0]
         self._helper: ThreadPoolExecutor | None = None  # writes leg 0 while the caller writes leg 1
         self._legs_changed()
 
@@ -213,17 +216,16 @@ class MirrorBackstore(Backstore):
         self._drop(i, leg, failure)  # raises MEDIUM ERROR if it was the last leg in sync
 
     def write(self, offset: int, data) -> None:
-        token, targets = self._begin(offset, offset + len(data))
+        self._change(offset, offset + len(data), lambda leg: leg.write(offset, data), self._write_ns)
+
+    def unmap(self, offset: int, length: int) -> None:
+        self._change(offset, offset + length, lambda leg: leg.unmap(offset, length), self._unmap_ns)
+
+    def _change(self, start: int, end: int, op, avg) -> None:
+        """A write or an unmap of [start, end): on every leg it goes to, under the range lock."""
+        token, targets = self._begin(start, end)
         try:
-            if len(targets) == 2 and min(self._write_ns) >= PARALLEL_WRITE_NS:
-                failures = self._write_both(targets, offset, data)
-            else:
-                failures = []
-                for i, leg in targets:
-                    try:
-                        self._timed_write(i, leg, offset, data)
-                    except LEG_ERRORS as exc:
-                        failures.append((i, leg, exc))
+            failures = self._on_legs(targets, op, avg)
             for i, leg, exc in failures:
                 self._failed(i, leg, exc)  # the last leg in sync: MEDIUM ERROR
             if len(failures) == len(targets):
@@ -231,45 +233,32 @@ class MirrorBackstore(Backstore):
         finally:
             self._end(token)
 
-    def _timed_write(self, i: int, leg, offset: int, data) -> None:
-        started = time.perf_counter_ns()
-        leg.write(offset, data)
-        took = time.perf_counter_ns() - started
-        avg = self._write_ns
-        avg[i] = took if not avg[i] else avg[i] + COLD_WEIGHT * (took - avg[i])
-
-    def _write_both(self, targets, offset: int, data) -> list:
-        """Legs that wait for their devices (O_DIRECT, write-through, a slow disk): both written at once, so
-        a write takes the slower leg's time, not the sum of both (md writes its legs so)."""
-        (i, first), (j, second) = targets
-        if self._helper is None:
-            self._helper = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mirror-write")
-        pending = self._helper.submit(self._timed_write, i, first, offset, data)
+    def _on_legs(self, targets, op, avg) -> list:
+        """op(leg) on each of `targets`, each timed into `avg`: one after the other, or, once each leg's
+        average reaches PARALLEL_NS (legs that wait for their devices: O_DIRECT, write-through, a slow disk),
+        both at once with leg 0 on a helper thread, so that it takes the slower leg's time, not the sum (md
+        writes its legs so). The failures, as (index, leg, exception)."""
         failures = []
-        try:
-            self._timed_write(j, second, offset, data)
-        except LEG_ERRORS as exc:
-            failures.append((j, second, exc))
-        try:
-            pending.result()
-        except LEG_ERRORS as exc:
-            failures.insert(0, (i, first, exc))
+        if len(targets) == 2 and min(avg) >= PARALLEL_NS:
+            (i, first), (j, second) = targets
+            if self._helper is None:
+                self._helper = ThreadPoolExecutor(max_workers=4, thread_name_prefix="mirror-leg")
+            pending = self._helper.submit(_timed, avg, i, first, op)
+            try:
+                _timed(avg, j, second, op)
+            except LEG_ERRORS as exc:
+                failures.append((j, second, exc))
+            try:
+                pending.result()
+            except LEG_ERRORS as exc:
+                failures.insert(0, (i, first, exc))
+            return failures
+        for i, leg in targets:
+            try:
+                _timed(avg, i, leg, op)
+            except LEG_ERRORS as exc:
+                failures.append((i, leg, exc))
         return failures
-
-    def unmap(self, offset: int, length: int) -> None:
-        token, targets = self._begin(offset, offset + length)
-        try:
-            done = 0
-            for i, leg in targets:
-                try:
-                    leg.unmap(offset, length)
-                    done += 1
-                except LEG_ERRORS as exc:
-                    self._failed(i, leg, exc)
-            if not done:
-                raise S.ScsiError(S.MEDIUM_ERROR, S.WRITE_ERROR)
-        finally:
-            self._end(token)
 
     def read(self, offset: int, length: int):
         while True:
@@ -343,19 +332,11 @@ class MirrorBackstore(Backstore):
         return data
 
     def sync(self) -> None:
-        for i in (0, 1):
-            leg = self.legs[i]
-            if leg is None or self.state[i] == FAILED:
-                continue
-            try:
-                why = leg.gone() if hasattr(leg, "gone") else None
-                if why:
-                    raise OSError(0, why)
-                leg.sync()
-            except LEG_ERRORS as exc:
-                failure = _WriteFailure(_reason(exc))
-                failure.__cause__ = exc
-                self._drop(i, leg, failure)
+        targets = [(i, leg) for i, leg in enumerate(self.legs) if leg is not None and self.state[i] != FAILED]
+        for i, leg, exc in self._on_legs(targets, _sync_leg, self._sync_ns):
+            failure = _WriteFailure(_reason(exc))
+            failure.__cause__ = exc
+            self._drop(i, leg, failure)
 
     def check(self) -> None:
         """Drop legs whose file was removed or replaced (also done on every sync)."""
@@ -467,6 +448,21 @@ class MirrorBackstore(Backstore):
                 self._cond.notify_all()
         if self.on_resync_done is not None:
             self.on_resync_done(index, self.names[index])
+
+
+def _timed(avg: list, i: int, leg, op) -> None:
+    """op(leg), its time folded into leg i's average in `avg`."""
+    started = time.perf_counter_ns()
+    op(leg)
+    took = time.perf_counter_ns() - started
+    avg[i] = took if not avg[i] else avg[i] + COLD_WEIGHT * (took - avg[i])
+
+
+def _sync_leg(leg) -> None:
+    why = leg.gone() if hasattr(leg, "gone") else None
+    if why:
+        raise OSError(0, why)
+    leg.sync()
 
 
 class _WriteFailure(Exception):

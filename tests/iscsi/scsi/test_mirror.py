@@ -269,38 +269,51 @@ def test_legs_opened_o_direct_share_even_a_sequential_stream(monkeypatch):
     assert fast.reads >= 56 and slow.reads <= 8
 
 
-class _SlowWrites(FaultyLeg):
-    """A leg whose writes take `delay` seconds; with `meet` set, a write returns only once the other leg's
-    write has reached the same barrier: it passes only when the two legs are written at the same time."""
+class _SlowLeg(FaultyLeg):
+    """A leg whose writes and syncs take `delay` seconds; with `meet` set, each returns only once the other
+    leg's has reached the same barrier: it passes only when the two legs are written (synced) at once."""
 
     def __init__(self, inner, delay=0.002):
         super().__init__(inner)
         self.delay, self.meet, self.threads = delay, None, []
 
-    def write(self, offset, data):
+    def _wait(self):
         self.threads.append(threading.current_thread().name)
         if self.meet is not None:
             self.meet.wait()
         time.sleep(self.delay)
+
+    def write(self, offset, data):
+        self._wait()
         super().write(offset, data)
+
+    def sync(self):
+        self._wait()
+        super().sync()
 
 
 def test_legs_whose_writes_wait_for_a_device_are_written_both_at_once():
-    a, b = _SlowWrites(RamBackstore(MiB)), _SlowWrites(RamBackstore(MiB))
+    a, b = _SlowLeg(RamBackstore(MiB)), _SlowLeg(RamBackstore(MiB))
     m = MirrorBackstore([a, b])
-    m.write(0, b"1" * 512)  # both legs timed: slower than PARALLEL_WRITE_NS
+    m.write(0, b"1" * 512)  # both legs timed: slower than PARALLEL_NS
     a.meet = b.meet = threading.Barrier(2, timeout=5)  # written in turn, a write would break the barrier
     for k in range(1, 20):
         m.write(k * 512, bytes([k]) * 512)
     for leg in (a, b):
         assert bytes(leg.inner.read(0, 20 * 512)) == b"1" * 512 + b"".join(bytes([k]) * 512 for k in range(1, 20))
-    assert a.threads[-1].startswith("mirror-write") and b.threads[-1] == threading.current_thread().name
+    assert a.threads[-1].startswith("mirror-leg") and b.threads[-1] == threading.current_thread().name
+    a.meet = b.meet = None
+    m.sync()  # SYNCHRONIZE CACHE likewise, on averages of its own
+    a.meet = b.meet = threading.Barrier(2, timeout=5)
+    for _ in range(5):
+        m.sync()
+    assert m.state == [IN_SYNC, IN_SYNC]
     m.close()
 
 
 def test_quick_legs_are_written_in_turn_on_the_callers_thread():
     """A copy into the page cache costs less than a handoff to another thread."""
-    a, b = _SlowWrites(RamBackstore(MiB), delay=0), _SlowWrites(RamBackstore(MiB), delay=0)
+    a, b = _SlowLeg(RamBackstore(MiB), delay=0), _SlowLeg(RamBackstore(MiB), delay=0)
     m = MirrorBackstore([a, b])
     for k in range(50):
         m.write(k * 512, b"q" * 512)
@@ -309,7 +322,7 @@ def test_quick_legs_are_written_in_turn_on_the_callers_thread():
 
 
 def test_a_leg_failing_in_a_write_to_both_at_once_is_dropped_and_the_last_fails_the_command():
-    a, b = _SlowWrites(RamBackstore(MiB)), _SlowWrites(RamBackstore(MiB))
+    a, b = _SlowLeg(RamBackstore(MiB)), _SlowLeg(RamBackstore(MiB))
     dropped, cb = events()
     m = MirrorBackstore([a, b], names=["a", "b"], on_leg_failed=cb)
     t = ready_target(m)
@@ -321,7 +334,7 @@ def test_a_leg_failing_in_a_write_to_both_at_once_is_dropped_and_the_last_fails_
     b.fail_writes = True
     assert key_asc(t.execute(NX, 0, write10(2, 1), b"3" * 512)) == (S.MEDIUM_ERROR, 0x0C, 0x00)
     assert m.state == [FAILED, IN_SYNC]
-    a2, b2 = _SlowWrites(RamBackstore(MiB)), _SlowWrites(RamBackstore(MiB))
+    a2, b2 = _SlowLeg(RamBackstore(MiB)), _SlowLeg(RamBackstore(MiB))
     m2 = MirrorBackstore([a2, b2])
     m2.write(0, b"1" * 512)
     a2.fail_writes = b2.fail_writes = True  # both at once: one dropped, the other the last (MEDIUM ERROR)
