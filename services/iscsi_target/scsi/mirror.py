@@ -4,20 +4,21 @@ Theory of operation. A write goes to every leg that is in sync and is acknowledg
 has failed and been dropped): one leg after the other on the caller's thread while a leg's write is quick
 (a copy into the page cache), both at once (leg 0 on a helper thread) once each leg's average write time
 reaches PARALLEL_NS (the legs wait for their devices: O_DIRECT, write-through, a slow disk); unmaps and
-syncs (SYNCHRONIZE CACHE: fdatasync of each leg) likewise, each with averages of their own. Reads, while both legs are in sync: a
-read that continues a leg's last one stays on that leg (its readahead); else a leg whose pages of the read
-are in the page cache (legs are two files, each with pages of its own: after a restart, a resync or memory
-pressure one leg's cache can be warm and the other's cold); else, when neither has them, the leg whose reads
-from the disk have been faster (an average of each leg's uncached read times, each leg still given one
-uncached read in COLD_PROBE so that its average follows a disk that got faster), alternating while the two
-are within 25%: two equal disks share the load, an SSD beside a spinning disk takes the reads. Legs that
-keep nothing in the page cache (block devices opened O_DIRECT) have no readahead for a stream to keep and
-no cache to ask: every read is chosen as an uncached one. Other legs that cannot tell (buffered block
-devices) alternate. A leg whose read, write or sync raises (an OSError: EIO, ENOSPC,
-EBADF; or a ScsiError from a device backstore), or whose file is found removed or replaced on a sync, is
-dropped: the mirror records the drop in its state file (fsync'd, before the failing write is acknowledged,
-so a restart never serves the stale leg), calls `on_leg_failed(index, name, reason)` and serves from the
-other leg. The last leg in sync is never dropped: its errors fail the command (MEDIUM ERROR).
+syncs (SYNCHRONIZE CACHE: fdatasync of each leg) likewise, each with averages of their own.
+
+Reads, while both legs are in sync: a read that continues a leg's last one stays on that leg (its readahead);
+else a leg whose pages of the read are in the page cache (legs are two files, each with pages of its own:
+after a restart, a resync or memory pressure one leg's cache can be warm and the other's cold); else, when
+neither has them, the leg whose reads from the disk have been faster (an average of each leg's uncached read
+times, each leg still given one uncached read in COLD_PROBE so that its average follows a disk that got
+faster), alternating while the two are within 25%: two equal disks share the load, an SSD beside a spinning
+disk takes the reads. Legs that keep nothing in the page cache (block devices opened O_DIRECT) have no
+readahead for a stream to keep and no cache to ask: every read is chosen as an uncached one. Other legs that
+cannot tell (buffered block devices) alternate. A leg whose read, write or sync raises (an OSError: EIO,
+ENOSPC, EBADF; or a ScsiError from a device backstore), or whose file is found removed or replaced on a sync,
+is dropped: the mirror records the drop in its state file (fsync'd, before the failing write is acknowledged,
+so a restart never serves the stale leg), calls `on_leg_failed(index, name, reason)` and serves from the other
+leg. The last leg in sync is never dropped: its errors fail the command (MEDIUM ERROR).
 
 Writes hold a range lock while they run: two overlapping writes never interleave their leg writes (the
 legs would end up disagreeing) and the resync's chunk copy waits for overlapping writes and they for it.
@@ -33,10 +34,10 @@ from __future__ import annotations
 
 import itertools
 import json
-from concurrent.futures import ThreadPoolExecutor
 import os
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 from services.iscsi_target.scsi import sense as S
 from services.iscsi_target.scsi.backstore import Backstore, BackstoreError
