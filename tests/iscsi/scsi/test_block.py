@@ -158,6 +158,38 @@ def test_o_direct_reads_and_writes_through_aligned_buffers(image):
             assert f.read(3 * 512) == payload
 
 
+def test_a_mirror_of_two_o_direct_devices_shares_a_stream_and_writes_both(tmp_path):
+    """Two loop devices opened O_DIRECT as a mirror's legs: a sequential stream read through the SCSI layer
+    is served by both devices (no readahead to keep on one), and every write lands on both devices."""
+    from services.iscsi_target.scsi.mirror import MirrorBackstore
+
+    images = [tmp_path / f"leg{i}.img" for i in (0, 1)]
+    content = os.urandom(8 * MiB)
+    for path in images:
+        path.write_bytes(content)
+    with loop_device(images[0]) as dev0, loop_device(images[1]) as dev1:
+        legs = [BlockBackstore(dev, direct=True) for dev in (dev0, dev1)]
+        served = [0, 0]
+        for i, leg in enumerate(legs):
+            leg.read = lambda o, n, r=leg.read, i=i: (served.__setitem__(i, served[i] + 1), r(o, n))[1]
+        m = MirrorBackstore(legs)
+        t = ready_target(m)
+        try:
+            for k in range(64):  # 64 KiB reads, one after the other
+                r = t.execute(NX, 0, read10(k * 128, 128), None)
+                assert r.status == 0 and data(r) == content[k * 65536:(k + 1) * 65536]
+            assert min(served) >= 16, served  # alike devices share the stream
+            payload = os.urandom(32 * 512)
+            assert t.execute(NX, 0, write10(2048, 32), payload).status == 0
+            m.sync()
+        finally:
+            m.close()
+    for path in images:
+        with open(path, "rb") as f:
+            f.seek(2048 * 512)
+            assert f.read(32 * 512) == payload
+
+
 def test_a_mounted_device_is_refused(image, tmp_path):
     with loop_device(image) as dev:
         run("mkfs.ext2", "-q", "-F", dev)  # (this kernel has no vfat)
