@@ -33,7 +33,6 @@ import argparse
 import os
 import re
 import shutil
-import signal
 import socket
 import statistics
 import subprocess
@@ -41,6 +40,8 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+
+from support.procs import stop  # bench/support/ (this file's folder is first on sys.path)
 
 ROOT = Path(__file__).resolve().parents[1]
 IQN = "iqn.2026-11.org.bootfleet.bench:mirror"
@@ -211,24 +212,20 @@ def report(title: str, measured) -> None:
               f"{cm:17.1f} {cf:6.1f} ({cm / cf:4.2f}x)   {each}")
 
 
-def stop(proc: subprocess.Popen | None) -> None:
-    if proc is not None and proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(5)
+def make_images(directory: Path, size_mib: int) -> list[Path]:
+    """single.img, leg0.img and leg1.img of the same size and content."""
+    chunk = os.urandom(1 << 20)
+    with open(directory / "single.img", "wb") as f:
+        for _ in range(size_mib):
+            f.write(chunk)
+    for leg in ("leg0.img", "leg1.img"):
+        shutil.copyfile(directory / "single.img", directory / leg)
+    return [directory / name for name in ("single.img", "leg0.img", "leg1.img")]
 
 
 def page_cache(tmp: Path, args) -> None:
     """Two file legs and the single file on one file system, warm: the mirror's own cost."""
-    chunk = os.urandom(1 << 20)
-    with open(tmp / "single.img", "wb") as f:
-        for _ in range(args.size_mib):
-            f.write(chunk)
-    for leg in ("leg0.img", "leg1.img"):
-        shutil.copyfile(tmp / "single.img", tmp / leg)
+    make_images(tmp, args.size_mib)
     port = free_port()
     proc = start(tmp, port, args.busy_poll_us)
     try:
@@ -261,14 +258,8 @@ def devices(tmp: Path, args) -> None:
     loops: list[str] = []
     proc = None
     try:
-        chunk = os.urandom(1 << 20)
-        with open(shm / "single.img", "wb") as f:
-            for _ in range(args.size_mib):
-                f.write(chunk)
-        for leg in ("leg0.img", "leg1.img"):
-            shutil.copyfile(shm / "single.img", shm / leg)
-        for name in ("single.img", "leg0.img", "leg1.img"):
-            loops.append(subprocess.run(["losetup", "--find", "--show", str(shm / name)], check=True,
+        for image in make_images(shm, args.size_mib):
+            loops.append(subprocess.run(["losetup", "--find", "--show", str(image)], check=True,
                                         capture_output=True, text=True).stdout.strip())
         cgroup.mkdir()
         for dev in loops:

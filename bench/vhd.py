@@ -21,7 +21,6 @@ import argparse
 import os
 import re
 import shutil
-import signal
 import socket
 import statistics
 import subprocess
@@ -29,6 +28,8 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+
+from support.procs import stop  # bench/support/ (this file's folder is first on sys.path)
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -164,13 +165,7 @@ def main() -> None:
             print(f"{name:38} {raw:8.1f} {vhd:8.1f} {vhd / raw:6.2f}x   {braw:8.1f} {bvhd:8.1f} {bvhd / braw:6.2f}x   "
                   f"{craw:6.1f} {cvhd:6.1f} ({cvhd / craw:4.2f}x)")
     finally:
-        if proc is not None and proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(15)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(5)
+        stop(proc, wait=15)
         shutil.rmtree(tmp, ignore_errors=True)
 
 
