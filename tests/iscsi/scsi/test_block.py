@@ -160,7 +160,8 @@ def test_o_direct_reads_and_writes_through_aligned_buffers(image):
 
 def test_a_mirror_of_two_o_direct_devices_shares_a_stream_and_writes_both(tmp_path):
     """Two loop devices opened O_DIRECT as a mirror's legs: a sequential stream read through the SCSI layer
-    is served by both devices (no readahead to keep on one), and every write lands on both devices."""
+    is served by both devices (no readahead to keep on one), and every write lands on both devices. Real
+    devices' times decide the share (two alike here, but a loaded machine can time one slower)."""
     from services.iscsi_target.scsi.mirror import MirrorBackstore
 
     images = [tmp_path / f"leg{i}.img" for i in (0, 1)]
@@ -178,7 +179,9 @@ def test_a_mirror_of_two_o_direct_devices_shares_a_stream_and_writes_both(tmp_pa
             for k in range(64):  # 64 KiB reads, one after the other
                 r = t.execute(NX, 0, read10(k * 128, 128), None)
                 assert r.status == 0 and data(r) == content[k * 65536:(k + 1) * 65536]
-            assert min(served) >= 16, served  # alike devices share the stream
+            # both devices serve the stream (kept on one leg, one would serve all 64): shared while their
+            # timed reads are alike, else the slower still gets its first read and 1 in COLD_PROBE
+            assert min(served) >= 3, served
             payload = os.urandom(32 * 512)
             assert t.execute(NX, 0, write10(2048, 32), payload).status == 0
             m.sync()
